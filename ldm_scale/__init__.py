@@ -1,0 +1,1 @@
+"""ldm_scale: latent diffusion training at scale."""
