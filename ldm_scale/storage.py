@@ -1,0 +1,565 @@
+"""The one module that knows what a URL means: local paths, ``file://``, ``s3://``, ``gs://``, ``http(s)://``.
+
+Everything else in ldm_scale (data pipeline, checkpoints, sampling, eval) calls these functions with
+plain strings. Filesystems come from fsspec; S3 goes through s3fs with a configurable endpoint so
+S3-compatible stores (MinIO, SeaweedFS, Ceph, moto in tests) work the same as AWS.
+
+Retries: every call is retried with exponential backoff on transient errors (connection refused or
+reset, timeouts, 5xx), as configured by :class:`StorageConfig`. s3fs's and botocore's own retry loops
+are switched off so the configured number is the real number. Reads through :func:`open_url` are
+resumable: a stream that breaks mid-way is reopened at the byte it had reached, so a long tar shard
+survives a short outage. A missing object or a denied request is not retried.
+
+Credentials never come from the config: s3fs/botocore read the environment (``AWS_ACCESS_KEY_ID``,
+``AWS_PROFILE``, ...) or the instance role; gcsfs uses Google's default credentials. :func:`redact`
+strips secrets from any text before it is logged or raised.
+
+Filesystem objects are created lazily per process (fsspec drops its instance cache when the PID
+changes), so DataLoader workers never share an s3fs client with their parent: s3fs is not fork-safe.
+"""
+from __future__ import annotations
+
+import glob as _pyglob
+import io
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, List, Optional, Sequence, TypeVar, Union
+
+import fsspec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class StorageConfig:
+    """How to reach object storage. Never holds credentials."""
+
+    endpoint_url: Optional[str] = None  # S3-compatible endpoint; None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS
+    retries: int = 3  # extra attempts after the first failure of one call (0 = fail at once)
+    backoff_s: float = 0.5  # first sleep; doubles per attempt, with +-25% jitter
+    max_backoff_s: float = 20.0
+    timeout_s: float = 60.0  # connect and read timeout of one request
+    anon: bool = False  # unsigned requests (public buckets)
+    region: Optional[str] = None
+
+
+class StorageError(OSError):
+    """A storage call failed after its retries; the message names the (redacted) URL."""
+
+
+_default_cfg = StorageConfig()
+_cfg_lock = threading.Lock()
+
+
+def configure(cfg: StorageConfig) -> None:
+    """Set the process-wide default used when a call passes no ``cfg`` (the launcher calls this once)."""
+    global _default_cfg
+    with _cfg_lock:
+        _default_cfg = cfg
+
+
+def get_config() -> StorageConfig:
+    return _default_cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Redaction
+# ---------------------------------------------------------------------------------------------
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@")
+_SECRET_QUERY = re.compile(
+    r"(?i)(?P<k>(?:x-amz-(?:signature|credential|security-token)|signature|awsaccesskeyid|"
+    r"sig|token|access_token|secret|password|key)=)[^&\s\"']+"
+)
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "GOOGLE_OAUTH_ACCESS_TOKEN")
+
+
+def redact(text: Any) -> str:
+    """``text`` with credentials removed: URL user:password, signed-URL query secrets, and the values
+    of AWS/GCS secret environment variables wherever they appear."""
+    text = str(text)
+    text = _USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
+    text = _SECRET_QUERY.sub(lambda m: m.group("k") + "***", text)
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# URL helpers and filesystems
+# ---------------------------------------------------------------------------------------------
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def protocol(url: str) -> str:
+    """``"file"`` for local paths, else the URL scheme (``s3``, ``gs``, ``http``, ...)."""
+    m = _SCHEME.match(url)
+    if not m:
+        return "file"
+    scheme = m.group(1).lower()
+    return {"s3a": "s3", "gcs": "gs", "local": "file"}.get(scheme, scheme)
+
+
+def is_local(url: str) -> bool:
+    return protocol(url) == "file"
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a local URL (``file:///x`` or ``/x``)."""
+    if not is_local(url):
+        raise ValueError(f"not a local path: {redact(url)}")
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path components onto a URL or path with ``/`` (no normalisation of the scheme part)."""
+    out = base
+    for part in parts:
+        if not part:
+            continue
+        out = out.rstrip("/") + "/" + part.lstrip("/")
+    return out
+
+
+def parent(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[0]
+
+
+def _s3_options(cfg: StorageConfig) -> dict:
+    endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    # botocore's own retry loop would multiply ours; one attempt per call, bounded timeouts.
+    config_kwargs = {
+        "connect_timeout": cfg.timeout_s,
+        "read_timeout": cfg.timeout_s,
+        "retries": {"max_attempts": 1, "mode": "standard"},
+    }
+    opts: dict = {"anon": cfg.anon, "config_kwargs": config_kwargs}
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    client_kwargs = {}
+    if cfg.region:
+        client_kwargs["region_name"] = cfg.region
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    return opts
+
+
+def _fs_options(proto: str, cfg: StorageConfig) -> dict:
+    if proto == "s3":
+        return _s3_options(cfg)
+    if proto in ("http", "https"):
+        import aiohttp  # fsspec's http implementation depends on it
+
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=cfg.timeout_s,
+                                                                   sock_read=cfg.timeout_s)}}
+    if proto == "gs":
+        return {"token": "anon"} if cfg.anon else {}
+    return {}
+
+
+def filesystem(url: str, cfg: Optional[StorageConfig] = None) -> "fsspec.AbstractFileSystem":
+    """The fsspec filesystem for ``url``'s scheme, built in (and cached for) the calling process."""
+    cfg = cfg or _default_cfg
+    proto = protocol(url)
+    try:
+        fs = fsspec.filesystem(proto, **_fs_options(proto, cfg))
+    except ImportError as e:
+        extra = {"gs": "gcsfs", "s3": "s3fs", "http": "aiohttp", "https": "aiohttp"}.get(proto, proto)
+        raise StorageError(f"no filesystem for {proto}:// URLs ({e}); install `{extra}`") from e
+    except ValueError as e:
+        raise StorageError(f"unsupported URL scheme {proto}:// in {redact(url)}: {e}") from e
+    if proto == "s3":
+        fs.retries = 1  # s3fs's internal loop: one try, ours does the retrying
+    return fs
+
+
+def _fs_path(url: str) -> str:
+    return local_path(url) if is_local(url) else url
+
+
+# ---------------------------------------------------------------------------------------------
+# Retry
+# ---------------------------------------------------------------------------------------------
+def _is_permanent(exc: BaseException) -> bool:
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                        FileExistsError, ValueError, TypeError, StorageError)):
+        return True
+    name = type(exc).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError", "ParamValidationError"):
+        return True
+    msg = str(exc)
+    return any(s in msg for s in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                  "NoSuchBucket", "NoSuchKey", " 404", "403 Forbidden"))
+
+
+def _sleep_for(attempt: int, cfg: StorageConfig) -> float:
+    base = min(cfg.max_backoff_s, cfg.backoff_s * (2 ** attempt))
+    return base * random.uniform(0.75, 1.25)
+
+
+def with_retries(fn: Callable[[], T], what: str, url: str, cfg: Optional[StorageConfig] = None) -> T:
+    """Call ``fn`` with the configured retries; a final failure raises :class:`StorageError`
+    naming ``what`` and the redacted URL (the original exception is chained)."""
+    cfg = cfg or _default_cfg
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if _is_permanent(exc):
+                if isinstance(exc, FileNotFoundError):
+                    raise FileNotFoundError(f"{what}: not found: {redact(url)}") from exc
+                if isinstance(exc, StorageError):
+                    raise
+                if isinstance(exc, (ValueError, TypeError)):
+                    raise
+                raise StorageError(f"{what} failed for {redact(url)}: {redact(exc)}") from exc
+            if attempt >= cfg.retries:
+                raise StorageError(
+                    f"{what} failed for {redact(url)} after {attempt + 1} attempt(s) "
+                    f"(storage.retries={cfg.retries}): {type(exc).__name__}: {redact(exc)}. "
+                    "Check that the endpoint is reachable and the credentials in the environment."
+                ) from exc
+            delay = _sleep_for(attempt, cfg)
+            log.warning("%s failed for %s (%s: %s); retry %d/%d in %.2fs", what, redact(url),
+                        type(exc).__name__, redact(exc), attempt + 1, cfg.retries, delay)
+            time.sleep(delay)
+            attempt += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable reads
+# ---------------------------------------------------------------------------------------------
+class _ResumableReader(io.RawIOBase):
+    """A read-only raw stream that reopens the object at its current offset after a transient
+    failure, up to ``cfg.retries`` consecutive times, then raises :class:`StorageError`."""
+
+    def __init__(self, url: str, cfg: StorageConfig, block_size: int):
+        self._url = url
+        self._cfg = cfg
+        self._block_size = block_size
+        self._pos = 0
+        self._fh = None
+        self.reopens = 0
+        self._open()
+
+    def _open(self) -> None:
+        def op():
+            fs = filesystem(self._url, self._cfg)
+            fh = fs.open(_fs_path(self._url), "rb", block_size=self._block_size) if not is_local(self._url) \
+                else open(local_path(self._url), "rb")
+            if self._pos:
+                fh.seek(self._pos)
+            return fh
+
+        self._fh = with_retries(op, "open", self._url, self._cfg)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = self._fh.seek(offset, whence)
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        attempt = 0
+        while True:
+            try:
+                n = self._fh.readinto(buf) if hasattr(self._fh, "readinto") else None
+                if n is None:
+                    data = self._fh.read(len(buf))
+                    n = len(data)
+                    buf[:n] = data
+                self._pos += n
+                return n
+            except Exception as exc:  # noqa: BLE001
+                if _is_permanent(exc) or attempt >= self._cfg.retries:
+                    raise StorageError(
+                        f"read failed for {redact(self._url)} at byte {self._pos} after {attempt + 1} "
+                        f"attempt(s) (storage.retries={self._cfg.retries}): {type(exc).__name__}: {redact(exc)}"
+                    ) from exc
+                delay = _sleep_for(attempt, self._cfg)
+                log.warning("read of %s broke at byte %d (%s); reopening in %.2fs (%d/%d)",
+                            redact(self._url), self._pos, type(exc).__name__, delay, attempt + 1, self._cfg.retries)
+                time.sleep(delay)
+                attempt += 1
+                self.reopens += 1
+                try:
+                    self._fh.close()
+                except Exception:  # noqa: BLE001 - the broken handle may fail to close too
+                    pass
+                try:
+                    self._open()
+                except StorageError as open_exc:
+                    raise StorageError(
+                        f"read failed for {redact(self._url)} at byte {self._pos}: could not reopen "
+                        f"({open_exc})") from exc
+
+    def close(self) -> None:
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            finally:
+                self._fh = None
+        super().close()
+
+
+def open_url(url: str, mode: str = "rb", cfg: Optional[StorageConfig] = None, *,
+             block_size: int = 8 << 20) -> Any:
+    """Open ``url`` like ``open()``. Reads (``rb``/``r``) return a buffered, seekable, resumable
+    stream; writes (``wb``/``w``) go to fsspec's writer (local parents are created)."""
+    cfg = cfg or _default_cfg
+    if "r" in mode and "+" not in mode:
+        raw = _ResumableReader(url, cfg, block_size)
+        buffered = io.BufferedReader(raw, buffer_size=1 << 20)
+        return buffered if "b" in mode else io.TextIOWrapper(buffered, encoding="utf-8")
+    if is_local(url):
+        path = local_path(url)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+    fs = filesystem(url, cfg)
+    return with_retries(lambda: fs.open(url, mode), "open for write", url, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-object operations
+# ---------------------------------------------------------------------------------------------
+def read_bytes(url: str, cfg: Optional[StorageConfig] = None) -> bytes:
+    def op():
+        if is_local(url):
+            with open(local_path(url), "rb") as f:
+                return f.read()
+        return filesystem(url, cfg).cat_file(url)
+
+    return with_retries(op, "read", url, cfg)
+
+
+def read_text(url: str, cfg: Optional[StorageConfig] = None) -> str:
+    return read_bytes(url, cfg).decode("utf-8")
+
+
+def write_bytes(url: str, data: bytes, cfg: Optional[StorageConfig] = None) -> None:
+    """Write ``data`` to ``url``. Local writes are atomic (temp file + rename); S3 PUTs are atomic."""
+    if is_local(url):
+        path = local_path(url)
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return
+    with_retries(lambda: filesystem(url, cfg).pipe_file(url, data), "write", url, cfg)
+
+
+def write_text(url: str, text: str, cfg: Optional[StorageConfig] = None) -> None:
+    write_bytes(url, text.encode("utf-8"), cfg)
+
+
+def exists(url: str, cfg: Optional[StorageConfig] = None) -> bool:
+    if is_local(url):
+        return os.path.exists(local_path(url))
+    fs = filesystem(url, cfg)
+    return with_retries(lambda: fs.exists(url), "exists", url, cfg)
+
+
+def size(url: str, cfg: Optional[StorageConfig] = None) -> int:
+    if is_local(url):
+        return os.path.getsize(local_path(url))
+    fs = filesystem(url, cfg)
+    return int(with_retries(lambda: fs.size(url), "size", url, cfg))
+
+
+def _to_url(like: str, path: str, fs) -> str:
+    """Turn a filesystem path returned by fsspec back into a URL of the same style as ``like``."""
+    if is_local(like):
+        return ("file://" + path) if like.startswith("file://") else path
+    return fs.unstrip_protocol(path)
+
+
+def listdir(url: str, cfg: Optional[StorageConfig] = None) -> List[str]:
+    """Sorted URLs of the direct children of ``url``."""
+    if is_local(url):
+        path = local_path(url)
+        return sorted(join(url, name) for name in os.listdir(path))
+    fs = filesystem(url, cfg)
+    names = with_retries(lambda: fs.ls(url, detail=False, refresh=True), "list", url, cfg)
+    return sorted(_to_url(url, n, fs) for n in names)
+
+
+def glob(pattern: str, cfg: Optional[StorageConfig] = None) -> List[str]:
+    """Sorted URLs matching a glob pattern (``*``, ``?``, ``[..]``, ``**``)."""
+    if is_local(pattern):
+        return sorted(_to_url(pattern, p, None) for p in _pyglob.glob(local_path(pattern), recursive=True))
+    fs = filesystem(pattern, cfg)
+
+    def op():
+        fs.invalidate_cache()
+        return fs.glob(pattern)
+
+    return sorted(_to_url(pattern, p, fs) for p in with_retries(op, "glob", pattern, cfg))
+
+
+def makedirs(url: str, cfg: Optional[StorageConfig] = None) -> None:
+    """Create a local directory (object stores have no directories: a no-op there)."""
+    if is_local(url):
+        os.makedirs(local_path(url), exist_ok=True)
+
+
+def rm(url: str, recursive: bool = False, cfg: Optional[StorageConfig] = None) -> None:
+    """Delete ``url`` (a directory/prefix needs ``recursive=True``). Missing objects raise FileNotFoundError."""
+    if is_local(url):
+        path = local_path(url)
+        if os.path.isdir(path) and not os.path.islink(path):
+            if not recursive:
+                raise IsADirectoryError(f"{path} is a directory; pass recursive=True")
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+        return
+    fs = filesystem(url, cfg)
+    with_retries(lambda: fs.rm(url, recursive=recursive), "rm", url, cfg)
+
+
+def put_file(local: str, url: str, cfg: Optional[StorageConfig] = None) -> None:
+    """Upload (or copy) the local file ``local`` to ``url``."""
+    if not os.path.isfile(local):
+        raise FileNotFoundError(f"put_file: no local file {local}")
+    if is_local(url):
+        dst = local_path(url)
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        tmp = dst + ".tmp-put"
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dst)
+        return
+    fs = filesystem(url, cfg)
+    with_retries(lambda: fs.put_file(local, url), "upload", url, cfg)
+
+
+def get_file(url: str, local: str, cfg: Optional[StorageConfig] = None) -> None:
+    """Download ``url`` to the local path ``local`` (parents created; atomic rename at the end)."""
+    os.makedirs(os.path.dirname(os.path.abspath(local)) or ".", exist_ok=True)
+    tmp = local + ".tmp-get"
+    if is_local(url):
+        src = local_path(url)
+        if not os.path.exists(src):
+            raise FileNotFoundError(f"get_file: not found: {src}")
+        shutil.copyfile(src, tmp)
+    else:
+        fs = filesystem(url, cfg)
+        with_retries(lambda: fs.get_file(url, tmp), "download", url, cfg)
+    os.replace(tmp, local)
+
+
+def put_dir(local_dir: str, url: str, cfg: Optional[StorageConfig] = None) -> List[str]:
+    """Upload every file under ``local_dir`` to ``url`` keeping relative paths; returns the URLs written."""
+    if not os.path.isdir(local_dir):
+        raise NotADirectoryError(f"put_dir: {local_dir} is not a directory")
+    written = []
+    for root, _, files in os.walk(local_dir):
+        for name in sorted(files):
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            dst = join(url, rel)
+            put_file(src, dst, cfg)
+            written.append(dst)
+    return written
+
+
+def get_dir(url: str, local_dir: str, cfg: Optional[StorageConfig] = None) -> List[str]:
+    """Download every object under the prefix ``url`` into ``local_dir``; returns the local paths."""
+    base = url.rstrip("/")
+    if is_local(url):
+        files = [os.path.join(r, f) for r, _, fs_ in os.walk(local_path(base)) for f in fs_]
+        rels = [os.path.relpath(f, local_path(base)) for f in files]
+        srcs = files
+    else:
+        fs = filesystem(url, cfg)
+        found = with_retries(lambda: fs.find(base), "list", url, cfg)
+        root = fs._strip_protocol(base)
+        srcs = [fs.unstrip_protocol(p) for p in found]
+        rels = [p[len(root):].lstrip("/") for p in found]
+    out = []
+    for src, rel in zip(srcs, rels):
+        dst = os.path.join(local_dir, rel)
+        get_file(src, dst, cfg)
+        out.append(dst)
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard lists
+# ---------------------------------------------------------------------------------------------
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def expand_braces(pattern: str) -> List[str]:
+    """Expand ``{a,b}`` alternatives and ``{000..041}`` zero-padded ranges (as in webdataset/bash)."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)(?:\.\.(\d+))?", body)
+    if rng:
+        lo_s, hi_s, step_s = rng.groups()
+        lo, hi, step = int(lo_s), int(hi_s), int(step_s or 1)
+        if hi < lo:
+            raise ValueError(f"brace range {{{body}}} is descending in {redact(pattern)}")
+        width = len(lo_s) if lo_s.startswith("0") and len(lo_s) > 1 else 0
+        items = [str(i).zfill(width) for i in range(lo, hi + 1, step)]
+    else:
+        items = body.split(",")
+    out: List[str] = []
+    for item in items:
+        out.extend(expand_braces(head + item + tail))
+    return out
+
+
+def expand_urls(pattern_or_list: Union[str, Sequence[str]], cfg: Optional[StorageConfig] = None) -> List[str]:
+    """Shard URLs from a brace pattern, a ``::``-separated string, a list of either, or globs.
+
+    Brace patterns expand without touching storage (41k shard names cost nothing); entries with
+    glob characters are listed on their filesystem and must match at least one object.
+    Order is preserved (no sorting of brace expansions), duplicates are kept.
+    """
+    if isinstance(pattern_or_list, str):
+        items: Iterable[str] = pattern_or_list.split("::")
+    else:
+        items = list(pattern_or_list)
+    urls: List[str] = []
+    for item in items:
+        item = str(item).strip()
+        if not item:
+            continue
+        for url in expand_braces(item):
+            if _GLOB_CHARS.search(url.split("://", 1)[-1]):
+                matched = glob(url, cfg)
+                if not matched:
+                    raise FileNotFoundError(f"no objects match {redact(url)}")
+                urls.extend(matched)
+            else:
+                urls.append(url)
+    if not urls:
+        raise ValueError(f"no shard URLs in {redact(pattern_or_list)!r}")
+    return urls
