@@ -1,0 +1,372 @@
+"""DDIM, PLMS and DDPM ancestral samplers: pure functions of a denoiser callable.
+
+A denoiser is ``model_fn(x, t) -> prediction`` with ``t`` a ``LongTensor[B]`` of training
+timesteps and the prediction in the network's native ``parameterization`` (eps / v / x0, see
+``prediction.py``); conditioning and classifier-free guidance are bound into it beforehand
+(``guidance.py``). All randomness comes from the explicit ``generator``. The sampler state stays in
+the dtype of ``x_T`` (float32 recommended) whatever the network computes in; per-step coefficients
+are computed in float64 from the schedule.
+
+Timestep conventions (``sampling_timesteps``), with T training steps and S sampling steps:
+
+* ``uniform``: t_i = i * (T // S) + 1, i = 0..S-1. This is CompVis' ``make_ddim_timesteps``
+  ("uniform", which adds 1 so that the last step is t = 1 and the first is T - T/S + 1) and equals
+  diffusers' ``timestep_spacing="leading", steps_offset=1``. CompVis takes ``range(0, T, T // S)``,
+  which has one entry more than S when S does not divide T; we always take exactly S steps.
+* ``quadratic``: t_i = floor((i * sqrt(0.8 T) / (S - 1))^2) + 1 (CompVis "quad"). Dense near
+  t = 0; for large S the floor repeats small timesteps, and repeats are removed (a repeated DDIM
+  step is the identity, a repeated PLMS step would corrupt its history), so fewer than S steps may run.
+* ``trailing``: t_i = round(T - i T / S) - 1, ending the plan at t = T - 1 (Lin et al. 2024,
+  "Common Diffusion Noise Schedules and Sample Steps are Flawed", Table 2; diffusers "trailing").
+
+Going down the plan, step i moves from abar_{t_i} to the next timestep's abar; the last step goes
+to ``alphas_cumprod[0]`` (not 1), like CompVis and diffusers' ``set_alpha_to_one=False``, so DDIM
+and PLMS return x at noise level 1 - abar_0 = beta_0 (~8.5e-4 for the LDM schedule) rather than the
+predicted x_0. The DDPM sampler ends at abar = 1, i.e. at x_0 itself (Ho et al. Algorithm 2).
+
+img2img (SDEdit, Meng et al. 2022) and inpainting are options of every sampler: with ``init_latent``
+and ``strength`` s < 1 only the last floor(s S) steps run, starting from ``init_latent`` noised to
+the first of them with ``x_T`` as the noise (diffusers' convention; CompVis' img2img script noises to
+one DDIM step beyond the first step it runs). With ``inpaint_mask`` (1 = keep ``init_latent``,
+0 = generate; latent resolution) the known region is re-noised to the current level and pasted in
+before every step (CompVis ``p_sample_ddim`` ``mask``/``x0``), and pasted clean at the end.
+Models trained with the mask concatenated to their input (9-channel SD inpainting) instead use
+``guidance.concat_conditioning``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+from ldm_scale.diffusion.noise import randn_like
+from ldm_scale.diffusion.prediction import check_parameterization, x0_and_eps
+from ldm_scale.diffusion.schedule import NoiseSchedule
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+SAMPLERS = ("ddim", "plms", "ddpm")
+SPACINGS = ("uniform", "quadratic", "trailing")
+
+
+@dataclass
+class SamplerConfig:
+    """How to sample an LDM (the ``sampler`` slice used by launch/sample.py and eval)."""
+
+    sampler: str = "ddim"  # ddim | plms | ddpm
+    steps: int = 50  # ddpm: 0 or >= num_timesteps runs every training timestep
+    eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 ~ DDPM posterior variance
+    spacing: str = "uniform"  # uniform (CompVis/SD) | quadratic | trailing (ddim/plms)
+    guidance_scale: float = 5.0  # 1.0 disables classifier-free guidance
+
+    def validate(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {self.spacing!r}; choose one of {SPACINGS}")
+        if self.sampler != "ddpm" and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 for {self.sampler}, got {self.steps}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.sampler == "plms" and self.eta != 0:
+            raise ValueError(f"PLMS is deterministic: eta must be 0, got {self.eta}")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Descending timesteps with the noise levels each step moves between."""
+
+    timesteps: List[int]  # model timestep of step i
+    alphas: List[float]  # abar at timesteps[i]
+    alphas_prev: List[float]  # abar after step i
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def last(self, n: int) -> "StepPlan":
+        return StepPlan(self.timesteps[-n:], self.alphas[-n:], self.alphas_prev[-n:])
+
+
+def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> torch.Tensor:
+    """Ascending, distinct model timesteps of a DDIM/PLMS plan (conventions in the module docstring)."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in [1, {num_timesteps}] (the training timesteps), got {steps}")
+    if spacing == "uniform":
+        ts = torch.arange(steps, dtype=torch.long) * (num_timesteps // steps) + 1
+    elif spacing == "quadratic":
+        ts = (torch.linspace(0, math.sqrt(num_timesteps * 0.8), steps, dtype=torch.float64) ** 2).long() + 1
+    elif spacing == "trailing":
+        ts = torch.round(torch.arange(num_timesteps, 0, -num_timesteps / steps, dtype=torch.float64)).long() - 1
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
+    return torch.unique(ts.clamp(0, num_timesteps - 1))
+
+
+def ddim_plan(schedule: NoiseSchedule, steps: int, spacing: str = "uniform") -> StepPlan:
+    """DDIM/PLMS plan: each step goes to the next lower plan timestep, the last to abar_0."""
+    ts = sampling_timesteps(schedule.num_timesteps, steps, spacing).tolist()[::-1]
+    ac = schedule.alphas_cumprod.double().cpu()
+    alphas = [float(ac[t]) for t in ts]
+    return StepPlan(ts, alphas, alphas[1:] + [float(ac[0])])
+
+
+def ddpm_plan(schedule: NoiseSchedule, steps: Optional[int] = None) -> StepPlan:
+    """Ancestral plan over every training timestep T-1..0, or S respaced ones i * (T // S).
+
+    Respacing follows diffusers' DDPMScheduler ("leading"): step i uses the effective
+    beta = 1 - abar_t / abar_prev between consecutive plan timesteps; the last step goes to abar = 1.
+    """
+    T = schedule.num_timesteps
+    if not steps or steps >= T:
+        ts = list(range(T - 1, -1, -1))
+    else:
+        ts = (torch.arange(steps, dtype=torch.long) * (T // steps)).tolist()[::-1]
+    ac = schedule.alphas_cumprod.double().cpu()
+    alphas = [float(ac[t]) for t in ts]
+    return StepPlan(ts, alphas, alphas[1:] + [1.0])
+
+
+def ddim_update(x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, a: float, a_prev: float,
+                eta: float = 0.0, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One DDIM step abar=a -> a_prev (Song et al. 2021, Eq. 12 with sigma from Eq. 16).
+
+    x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
+    sigma = eta sqrt((1 - a_prev) / (1 - a)) sqrt(1 - a / a_prev).
+    """
+    sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+    out = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+    if sigma > 0:
+        if noise is None:
+            raise ValueError("eta > 0 needs noise for the DDIM step")
+        out = out + sigma * noise
+    return out
+
+
+def _t(x: torch.Tensor, t: int) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+
+
+class _Inpaint:
+    """Start state and known-region pasting shared by all samplers (see the module docstring)."""
+
+    def __init__(self, x_T: torch.Tensor, plan: StepPlan, init_latent: Optional[torch.Tensor],
+                 strength: float, mask: Optional[torch.Tensor], generator: Optional[torch.Generator]):
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if (strength < 1.0 or mask is not None) and init_latent is None:
+            raise ValueError("strength < 1 and inpaint_mask need init_latent (the encoded init image)")
+        if init_latent is not None and init_latent.shape != x_T.shape:
+            raise ValueError(f"init_latent shape {tuple(init_latent.shape)} != x_T shape {tuple(x_T.shape)}")
+        n = int(len(plan) * strength)
+        if n < 1:
+            raise ValueError(f"strength {strength} x {len(plan)} steps leaves no denoising step; raise either")
+        self.plan = plan.last(n) if n < len(plan) else plan
+        self.init = None if init_latent is None else init_latent.to(x_T.dtype)
+        self.mask = None if mask is None else mask.to(device=x_T.device, dtype=x_T.dtype)
+        self.generator = generator
+        if strength < 1.0:
+            a = self.plan.alphas[0]
+            self.x_start = math.sqrt(a) * self.init + math.sqrt(1 - a) * x_T
+        else:
+            self.x_start = x_T
+
+    def paste(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        if self.mask is None:
+            return x
+        known = math.sqrt(alpha) * self.init + math.sqrt(1 - alpha) * randn_like(x, self.generator)
+        return self.mask * known + (1 - self.mask) * x
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.mask is None else self.mask * self.init + (1 - self.mask) * x
+
+
+@torch.no_grad()
+def ddim_sample(
+    model_fn: ModelFn,
+    x_T: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    steps: int = 50,
+    eta: float = 0.0,
+    spacing: str = "uniform",
+    parameterization: str = "eps",
+    generator: Optional[torch.Generator] = None,
+    init_latent: Optional[torch.Tensor] = None,
+    strength: float = 1.0,
+    inpaint_mask: Optional[torch.Tensor] = None,
+    on_step: Optional[StepCallback] = None,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, Eq. 12): deterministic for eta = 0; one model call per step.
+
+    ``on_step(i, n, x, x0_pred)`` is called after each step. Noise for eta > 0 is drawn once per step.
+    """
+    check_parameterization(parameterization)
+    state = _Inpaint(x_T, ddim_plan(schedule, steps, spacing), init_latent, strength, inpaint_mask, generator)
+    plan, x = state.plan, state.x_start
+    for i, (t, a, a_prev) in enumerate(zip(plan.timesteps, plan.alphas, plan.alphas_prev)):
+        x = state.paste(x, a)
+        x0, eps = x0_and_eps(model_fn(x, _t(x, t)).to(x.dtype), x, a, parameterization)
+        noise = randn_like(x, generator) if eta > 0 else None
+        x = ddim_update(x, x0, eps, a, a_prev, eta, noise)
+        if on_step is not None:
+            on_step(i, len(plan), x, x0)
+    return state.finish(x)
+
+
+@torch.no_grad()
+def ddim_invert(
+    model_fn: ModelFn,
+    x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    steps: int = 50,
+    spacing: str = "uniform",
+    parameterization: str = "eps",
+    on_step: Optional[StepCallback] = None,
+) -> torch.Tensor:
+    """Deterministic DDIM inversion: run the eta = 0 update upwards in noise level.
+
+    Maps a sample at abar_0 (what ``ddim_sample`` returns) back to the x_T that ``ddim_sample``
+    with the same plan maps to it, up to the O(1/S) error of evaluating the model at the start
+    rather than the end of each step (Song et al. 2021, Sec. 5.4; Dhariwal & Nichol 2021, App. F).
+    """
+    check_parameterization(parameterization)
+    plan = ddim_plan(schedule, steps, spacing)
+    x = x0
+    timesteps_prev = plan.timesteps[1:] + [0]  # the timestep whose abar is alphas_prev[i]
+    n = len(plan)
+    for k, i in enumerate(range(n - 1, -1, -1)):
+        a, a_prev, t_prev = plan.alphas[i], plan.alphas_prev[i], timesteps_prev[i]
+        x0_pred, eps = x0_and_eps(model_fn(x, _t(x, t_prev)).to(x.dtype), x, a_prev, parameterization)
+        x = ddim_update(x, x0_pred, eps, a_prev, a)
+        if on_step is not None:
+            on_step(k, n, x, x0_pred)
+    return x
+
+
+@torch.no_grad()
+def plms_sample(
+    model_fn: ModelFn,
+    x_T: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    steps: int = 50,
+    eta: float = 0.0,
+    spacing: str = "uniform",
+    parameterization: str = "eps",
+    generator: Optional[torch.Generator] = None,
+    init_latent: Optional[torch.Tensor] = None,
+    strength: float = 1.0,
+    inpaint_mask: Optional[torch.Tensor] = None,
+    on_step: Optional[StepCallback] = None,
+) -> torch.Tensor:
+    """Pseudo linear multistep (Liu et al. 2022, PNDM, Eq. 12 with the DDIM transfer of Eq. 9).
+
+    eps' is the 4th-order Adams-Bashforth combination of the current and up to three previous eps
+    (2nd and 3rd order while the history fills); the first step uses the pseudo improved Euler
+    average of eps at x_t and at its DDIM-predicted successor (one extra model call), as CompVis'
+    ``PLMSSampler`` and diffusers' ``PNDMScheduler(skip_prk_steps=True)`` do. S steps cost S + 1 calls.
+    ``generator`` is only used for inpainting re-noising.
+    """
+    if eta != 0:
+        raise ValueError(f"PLMS is deterministic: eta must be 0, got {eta}")
+    check_parameterization(parameterization)
+    state = _Inpaint(x_T, ddim_plan(schedule, steps, spacing), init_latent, strength, inpaint_mask, generator)
+    plan, x = state.plan, state.x_start
+    n = len(plan)
+    history: List[torch.Tensor] = []
+    for i, (t, a, a_prev) in enumerate(zip(plan.timesteps, plan.alphas, plan.alphas_prev)):
+        x = state.paste(x, a)
+        eps = x0_and_eps(model_fn(x, _t(x, t)).to(x.dtype), x, a, parameterization)[1]
+        if not history:
+            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+            x_next = ddim_update(x, x0, eps, a, a_prev)
+            j = min(i + 1, n - 1)
+            a_next = plan.alphas[j] if j > i else a
+            eps_next = x0_and_eps(model_fn(x_next, _t(x, plan.timesteps[j])).to(x.dtype), x_next, a_next,
+                                  parameterization)[1]
+            eps_prime = (eps + eps_next) / 2
+        elif len(history) == 1:
+            eps_prime = (3 * eps - history[-1]) / 2
+        elif len(history) == 2:
+            eps_prime = (23 * eps - 16 * history[-1] + 5 * history[-2]) / 12
+        else:
+            eps_prime = (55 * eps - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+        x0 = (x - math.sqrt(1 - a) * eps_prime) / math.sqrt(a)
+        x = ddim_update(x, x0, eps_prime, a, a_prev)
+        history = (history + [eps])[-3:]
+        if on_step is not None:
+            on_step(i, n, x, x0)
+    return state.finish(x)
+
+
+@torch.no_grad()
+def ddpm_sample(
+    model_fn: ModelFn,
+    x_T: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    steps: Optional[int] = None,
+    parameterization: str = "eps",
+    generator: Optional[torch.Generator] = None,
+    init_latent: Optional[torch.Tensor] = None,
+    strength: float = 1.0,
+    inpaint_mask: Optional[torch.Tensor] = None,
+    on_step: Optional[StepCallback] = None,
+) -> torch.Tensor:
+    """Ancestral sampling from p(x_{t-1} | x_t) = q(x_{t-1} | x_t, x0_pred) (Ho et al. 2020, Algorithm 2,
+    posterior of Eq. 6-7 with the "fixed small" variance beta-tilde), all T steps unless ``steps`` respaces.
+
+    Noise is drawn at every step whose timestep is > 0 (none at the final t = 0 step).
+    """
+    check_parameterization(parameterization)
+    state = _Inpaint(x_T, ddpm_plan(schedule, steps), init_latent, strength, inpaint_mask, generator)
+    plan, x = state.plan, state.x_start
+    for i, (t, a, a_prev) in enumerate(zip(plan.timesteps, plan.alphas, plan.alphas_prev)):
+        x = state.paste(x, a)
+        x0, _ = x0_and_eps(model_fn(x, _t(x, t)).to(x.dtype), x, a, parameterization)
+        beta = 1 - a / a_prev
+        coef_x0 = math.sqrt(a_prev) * beta / (1 - a)
+        coef_xt = math.sqrt(1 - beta) * (1 - a_prev) / (1 - a)
+        x_mean = coef_x0 * x0 + coef_xt * x
+        if t > 0:
+            variance = max((1 - a_prev) / (1 - a) * beta, 1e-20)
+            x = x_mean + math.sqrt(variance) * randn_like(x, generator)
+        else:
+            x = x_mean
+        if on_step is not None:
+            on_step(i, len(plan), x, x0)
+    return state.finish(x)
+
+
+def sample(
+    model_fn: ModelFn,
+    x_T: torch.Tensor,
+    schedule: NoiseSchedule,
+    cfg: SamplerConfig,
+    *,
+    parameterization: str = "eps",
+    generator: Optional[torch.Generator] = None,
+    init_latent: Optional[torch.Tensor] = None,
+    strength: float = 1.0,
+    inpaint_mask: Optional[torch.Tensor] = None,
+    on_step: Optional[StepCallback] = None,
+) -> torch.Tensor:
+    """Dispatch to the sampler ``cfg.sampler`` names (guidance is already bound into ``model_fn``)."""
+    cfg.validate()
+    common = dict(parameterization=parameterization, generator=generator, init_latent=init_latent,
+                  strength=strength, inpaint_mask=inpaint_mask, on_step=on_step)
+    if cfg.sampler == "ddim":
+        return ddim_sample(model_fn, x_T, schedule, steps=cfg.steps, eta=cfg.eta, spacing=cfg.spacing, **common)
+    if cfg.sampler == "plms":
+        return plms_sample(model_fn, x_T, schedule, steps=cfg.steps, spacing=cfg.spacing, **common)
+    return ddpm_sample(model_fn, x_T, schedule, steps=cfg.steps or None, **common)
+
+
+def num_model_calls(cfg: SamplerConfig, schedule: NoiseSchedule, strength: float = 1.0) -> int:
+    """Denoiser calls ``sample`` will make (for progress bars and cost estimates)."""
+    plan = ddpm_plan(schedule, cfg.steps or None) if cfg.sampler == "ddpm" else ddim_plan(schedule, cfg.steps, cfg.spacing)
+    n = max(int(len(plan) * strength), 1)
+    return n + 1 if cfg.sampler == "plms" else n
