@@ -1,0 +1,307 @@
+"""DeepSpeed, applied from outside the single-device model code.
+
+This is the only training module that imports ``deepspeed``. It turns the typed Hydra slices
+(:class:`DeepSpeedConfig`, :class:`OptimConfig`) and the derived batch plan into a DeepSpeed config
+dict, builds AdamW with decoupled weight decay (Loshchilov & Hutter 2019) and a warmup + decay
+schedule, and initialises the engine.
+
+Order of application (see STYLE.md, principle 2):
+  1. trainable modules are built inside :func:`model_init_context` (``deepspeed.zero.Init`` under
+     ZeRO-3, so a 1.45B model is partitioned as it is constructed and never exists whole on a rank);
+  2. activation checkpointing is switched on by the model's own ``set_activation_checkpointing``;
+  3. :func:`initialize_engine` wraps the trainable module (never the frozen autoencoder / frozen
+     text encoder: those stay plain modules, unsharded, outside the optimizer and the checkpoint).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional
+
+import deepspeed
+import torch
+from torch import nn
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass
+class ZeroConfig:
+    """ZeRO partitioning (Rajbhandari et al. 2020): 1 = optimizer states, 2 = + gradients, 3 = + parameters."""
+
+    stage: int = 2
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_scatter: bool = True
+    reduce_bucket_size: int = 200_000_000
+    allgather_bucket_size: int = 200_000_000
+    offload_optimizer: bool = False  # optimizer states + step on the CPU (DeepSpeedCPUAdam)
+    offload_param: bool = False  # stage 3 only: parameter shards live in pinned CPU memory
+    pin_memory: bool = True
+    # Stage-3 knobs. Parameters smaller than the persistence threshold stay unpartitioned (cheap to
+    # keep, expensive to gather every layer); tests that check partitioning set it to 0.
+    stage3_param_persistence_threshold: int = 100_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_max_live_parameters: int = 1_000_000_000
+    stage3_max_reuse_distance: int = 1_000_000_000
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    precision: str = "bf16"  # fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)
+    # Always explicit: DeepSpeed's own default changed from off to 1.0 in 0.19.3.
+    gradient_clipping: float = 1.0
+    fp16_initial_scale_power: int = 16
+    fp16_loss_scale_window: int = 1000
+    fp16_hysteresis: int = 2
+    fp16_min_loss_scale: float = 1.0
+    # Reduce gradients in fp32 even when training in bf16/fp16 (slower, more exact). None = DeepSpeed's choice.
+    communication_data_type: Optional[str] = None
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then a constant / cosine / linear decay of the learning rate."""
+
+    lr: float = 1.0e-4
+    # CompVis scaled base_learning_rate by the global batch; set to use lr * global_batch / lr_reference_batch.
+    scale_lr: bool = False
+    lr_reference_batch: int = 1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1.0e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of the peak lr
+    decay_steps: Optional[int] = None  # steps over which the decay runs; None = train.max_steps
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The batch arithmetic DeepSpeed checks: global = micro x accumulation x data-parallel world."""
+
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+
+
+def peak_lr(optim: OptimConfig, plan: BatchPlan) -> float:
+    if optim.scale_lr:
+        return optim.lr * plan.global_batch_size / optim.lr_reference_batch
+    return optim.lr
+
+
+def build_ds_config(ds: DeepSpeedConfig, plan: BatchPlan) -> Dict[str, Any]:
+    """The DeepSpeed JSON config for one run, derived from the typed Hydra slice."""
+    if ds.precision not in PRECISIONS:
+        raise ValueError(f"deepspeed.precision={ds.precision!r}: expected one of {PRECISIONS}")
+    z = ds.zero
+    zero: Dict[str, Any] = {
+        "stage": z.stage,
+        "overlap_comm": z.overlap_comm,
+        "contiguous_gradients": z.contiguous_gradients,
+        "reduce_scatter": z.reduce_scatter,
+        "reduce_bucket_size": z.reduce_bucket_size,
+        "allgather_bucket_size": z.allgather_bucket_size,
+    }
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": z.pin_memory}
+    if z.stage == 3:
+        zero.update({
+            "stage3_param_persistence_threshold": z.stage3_param_persistence_threshold,
+            "stage3_prefetch_bucket_size": z.stage3_prefetch_bucket_size,
+            "stage3_max_live_parameters": z.stage3_max_live_parameters,
+            "stage3_max_reuse_distance": z.stage3_max_reuse_distance,
+            # Consolidated 16-bit weights are produced by our export path, not on every save.
+            "stage3_gather_16bit_weights_on_model_save": False,
+        })
+        if z.offload_param:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": z.pin_memory}
+    config: Dict[str, Any] = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {
+            "enabled": ds.precision == "fp16",
+            "loss_scale": 0,  # 0 = dynamic
+            "initial_scale_power": ds.fp16_initial_scale_power,
+            "loss_scale_window": ds.fp16_loss_scale_window,
+            "hysteresis": ds.fp16_hysteresis,
+            "min_loss_scale": ds.fp16_min_loss_scale,
+        },
+        # Our logger reports progress; DeepSpeed's own periodic prints stay off.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if ds.communication_data_type is not None:
+        config["communication_data_type"] = ds.communication_data_type
+    return config
+
+
+def model_init_context(ds_config: Dict[str, Any]) -> contextlib.AbstractContextManager:
+    """Context to construct *trainable* modules in: ``zero.Init`` under ZeRO-3, else a no-op.
+
+    Under ZeRO-3 each parameter is partitioned right after its module's ``__init__`` so no rank ever
+    holds the whole model. Build frozen modules outside this context.
+    """
+    zero = ds_config["zero_optimization"]
+    if zero["stage"] != 3:
+        return contextlib.nullcontext()
+    remote_device = "cpu" if "offload_param" in zero else None
+    return deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=remote_device,
+                               pin_memory=bool(zero.get("offload_param", {}).get("pin_memory", False)))
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """Trainable parameters split so that biases and norm gains (ndim <= 1) get no weight decay."""
+    decay, no_decay = [], []
+    for _, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        # Under ZeRO-3 the local tensor is a flat shard; the original shape is in ds_shape.
+        ndim = len(getattr(param, "ds_shape", param.shape))
+        (decay if ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("the module given to the engine has no trainable parameters")
+    return groups
+
+
+def lr_multiplier(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Multiplier of the peak lr after `step` optimizer steps: linear warmup, then the decay."""
+    if optim.warmup_steps > 0 and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    decay_steps = optim.decay_steps or max(total_steps - optim.warmup_steps, 1)
+    progress = min(max(step - optim.warmup_steps, 0) / decay_steps, 1.0)
+    if optim.schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif optim.schedule == "linear":
+        shape = 1.0 - progress
+    else:
+        raise ValueError(f"optim.schedule={optim.schedule!r}: expected one of {LR_SCHEDULES}")
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape
+
+
+def _optimizer_section(optim: OptimConfig, plan: BatchPlan, offload: bool) -> Dict[str, Any]:
+    params: Dict[str, Any] = {
+        "lr": peak_lr(optim, plan), "betas": list(optim.betas), "eps": optim.eps,
+        "weight_decay": optim.weight_decay,
+    }
+    if not offload:
+        # torch.optim.AdamW: no JIT-built fused kernel needed; DeepSpeedCPUAdam is used with offload.
+        params["torch_adam"] = True
+    return {"type": "AdamW", "params": params}
+
+
+def initialize_engine(module: nn.Module, ds_config: Dict[str, Any], optim: OptimConfig,
+                      plan: BatchPlan, total_steps: int):
+    """Wrap the trainable `module` in a DeepSpeed engine with AdamW and the lr schedule.
+
+    Returns the ``deepspeed.DeepSpeedEngine``; its ``optimizer`` and ``lr_scheduler`` are attached.
+    The schedule is stepped by DeepSpeed on each applied optimizer step (not on fp16 overflow skips).
+    """
+    config = dict(ds_config)
+    offload = "offload_optimizer" in config["zero_optimization"]
+    config["optimizer"] = _optimizer_section(optim, plan, offload)
+
+    def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, optim, total_steps))
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, model_parameters=param_groups(module, optim.weight_decay), config=config,
+        lr_scheduler=make_scheduler)
+    return engine
+
+
+def autocast(ds_config: Dict[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for forward passes of an engine's module.
+
+    DeepSpeed keeps bf16/fp16 weights; autocast makes fp32 inputs (latents, timestep embeddings)
+    meet them in the right dtype and keeps reductions such as normalisation in fp32.
+    """
+    if ds_config["bf16"]["enabled"]:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if ds_config["fp16"]["enabled"]:
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def engine_stats(engine) -> Dict[str, float]:
+    """lr, global grad norm (after clipping is decided) and the fp16 loss scale of the last step."""
+    stats: Dict[str, float] = {"lr": float(engine.get_lr()[0])}
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        stats["grad_norm"] = float(grad_norm)
+    if engine.fp16_enabled():
+        optimizer = engine.optimizer
+        scale = getattr(optimizer, "cur_scale", None)
+        if scale is None:
+            scale = getattr(getattr(optimizer, "loss_scaler", None), "cur_scale", None)
+        if scale is not None:
+            stats["loss_scale"] = float(scale)
+    stats["overflow_skipped_steps"] = float(engine.skipped_steps)
+    return stats
+
+
+def iter_local_param_bytes(engine) -> Iterator[int]:
+    """Bytes of parameter storage held by this rank (the local shard under ZeRO-3)."""
+    for param in engine.module.parameters():
+        local = getattr(param, "ds_tensor", None)
+        tensor = local if local is not None else param.data
+        yield tensor.numel() * tensor.element_size()
+
+
+def optimizer_state_bytes(engine) -> int:
+    """Bytes held by this rank for the optimizer: fp32 master weights and Adam moments."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: Any) -> None:
+        nonlocal total
+        if torch.is_tensor(t) and t.data_ptr() not in seen and t.numel() > 0:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    optimizer = engine.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        for value in state.values():
+            add(value)
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
+                 "fp32_groups_flat_partition"):
+        for t in getattr(optimizer, name, None) or []:
+            add(t)
+    return total
+
+
+def local_param_and_optimizer_bytes(engine) -> int:
+    return sum(iter_local_param_bytes(engine)) + optimizer_state_bytes(engine)
+
+
+def destroy() -> None:
+    """Tear down DeepSpeed's communication state at the end of a run."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+__all__: List[str] = [
+    "ZeroConfig", "DeepSpeedConfig", "OptimConfig", "BatchPlan", "build_ds_config",
+    "model_init_context", "param_groups", "lr_multiplier", "initialize_engine", "autocast",
+    "engine_stats", "local_param_and_optimizer_bytes", "peak_lr", "destroy",
+]
