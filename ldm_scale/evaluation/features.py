@@ -1,0 +1,166 @@
+"""Feature extractors behind one interface, identified by name in every result.
+
+An extractor takes a batch of images (uint8 [B, 3, H, W], or float in [-1, 1] which is quantised
+first, see ``preprocess``) and returns a dict of float32 feature tensors:
+
+- ``pool``: the features FID, precision/recall and KID use (always present);
+- ``logits``: class logits for the Inception Score (Inception only);
+- ``spatial``: sFID features (Inception only);
+- ``embedding``: the L2-comparable image embedding for the CLIP score (CLIP only).
+
+Names (``get_extractor(name, ...)``):
+
+- ``inception`` (alias ``inception-v3-fid``): the pinned FID Inception-v3 weights (see ``inception``);
+  the only extractor whose FID is comparable with published numbers.
+- ``random-inception``: the same architecture with seeded random weights; needs nothing on disk.
+  Its results are labelled ``random-inception-seed<S> (NOT comparable to published FID)``.
+- ``clip:<arch>[@<pretrained>]``: an open_clip image tower (e.g. ``clip:ViT-B-32@openai``);
+  without ``@pretrained`` the weights are random (seeded) and labelled so.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ldm_scale.evaluation import inception as inc
+from ldm_scale.evaluation.preprocess import RESIZE_MODES, quantize_to_uint8, resize_for_extractor
+
+NOT_COMPARABLE = "(NOT comparable to published FID)"
+
+
+class FeatureExtractor(nn.Module):
+    """Base: subclasses set ``name``, ``input_size``, ``feature_dims`` and implement ``_features``."""
+
+    name: str = ""
+    input_size: int = 0
+    comparable_to_published: bool = False
+    feature_dims: Dict[str, int] = {}
+
+    def __init__(self, resize: str = "pil_bicubic") -> None:
+        super().__init__()
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {resize!r}; choose one of {RESIZE_MODES}")
+        self.resize = resize
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def describe(self) -> Dict[str, object]:
+        """What a result file records about the extractor (name, resize rule, comparability)."""
+        return {"name": self.name, "resize": self.resize, "input_size": self.input_size,
+                "comparable_to_published": self.comparable_to_published,
+                "feature_dims": dict(self.feature_dims)}
+
+    def _features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must implement _features")
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        x = resize_for_extractor(quantize_to_uint8(images).cpu(), self.input_size, self.resize)
+        out = self._features(x.to(self.device))
+        return {k: v.float().cpu() for k, v in out.items()}
+
+
+class InceptionExtractor(FeatureExtractor):
+    input_size = inc.INPUT_SIZE
+    feature_dims = {"pool": inc.POOL_DIM, "logits": inc.NUM_LOGITS, "spatial": inc.SPATIAL_DIM}
+
+    def __init__(self, net: inc.FIDInceptionV3, name: str, comparable: bool, resize: str = "pil_bicubic"):
+        super().__init__(resize)
+        self.net = net
+        self.name = name
+        self.comparable_to_published = comparable
+
+    def _features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out = self.net(x)
+        return {"pool": out["pool"], "logits": out["logits_unbiased"], "spatial": out["spatial"]}
+
+
+class CLIPExtractor(FeatureExtractor):
+    """An open_clip model: ``pool`` and ``embedding`` are the image embedding; ``encode_text`` embeds
+    captions for the CLIP score. Images are resized by the same rule and normalised with the
+    model's own mean/std (what its preprocessing transform does after the resize)."""
+
+    def __init__(self, model: nn.Module, tokenizer, name: str, comparable: bool, resize: str = "pil_bicubic"):
+        super().__init__(resize)
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.comparable_to_published = comparable
+        size = model.visual.image_size
+        self.input_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        mean = getattr(model.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+        std = getattr(model.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        dim = int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") else None
+        with torch.no_grad():
+            probe = model.encode_image(torch.zeros(1, 3, self.input_size, self.input_size))
+        dim = int(probe.shape[-1]) if dim is None else dim
+        self.feature_dims = {"pool": dim, "embedding": dim}
+
+    def _features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        emb = self.model.encode_image((x - self.mean) / self.std)
+        return {"pool": emb, "embedding": emb}
+
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(captions)).to(self.device)
+        return self.model.encode_text(tokens).float().cpu()
+
+
+def extractor_names() -> List[str]:
+    return ["inception", "inception-v3-fid", "random-inception", "clip:<arch>[@<pretrained>]"]
+
+
+def get_extractor(name: str = "inception", *, device: Optional[torch.device | str] = None,
+                  weights: Optional[str] = None, sha256: str = inc.FID_WEIGHTS_SHA256,
+                  allow_download: bool = True, resize: str = "pil_bicubic", seed: int = 0) -> FeatureExtractor:
+    """Build a feature extractor by name (see the module docstring), in eval mode on ``device``.
+
+    ``weights``/``sha256``/``allow_download`` apply to the real Inception; ``seed`` to random weights.
+    """
+    device = torch.device(device or "cpu")
+    if name in ("inception", "inception-v3-fid"):
+        net = inc.load_fid_inception(weights, sha256=sha256, allow_download=allow_download)
+        return InceptionExtractor(net, "inception-v3-fid", True, resize).to(device)
+    if name == "random-inception" or name.startswith("random-inception-seed"):
+        if name != "random-inception":
+            seed = int(name[len("random-inception-seed"):])
+        net = inc.random_fid_inception(seed)
+        return InceptionExtractor(net, f"random-inception-seed{seed} {NOT_COMPARABLE}", False, resize).to(device)
+    if name.startswith("clip:"):
+        return _build_clip(name[len("clip:"):], device=device, resize=resize, seed=seed)
+    raise ValueError(f"unknown feature extractor {name!r}; known: {extractor_names()}")
+
+
+def _build_clip(spec: str, *, device: torch.device, resize: str, seed: int) -> CLIPExtractor:
+    import open_clip  # lazy: only CLIP users need it
+
+    arch, _, pretrained = spec.partition("@")
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+    if pretrained:
+        model = open_clip.create_model(arch, pretrained=pretrained)
+        name, comparable = f"clip:{arch}@{pretrained}", True
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(arch, pretrained=None)
+        name, comparable = f"clip:{arch}@random-seed{seed} {NOT_COMPARABLE}", False
+    return CLIPExtractor(model, open_clip.get_tokenizer(arch), name, comparable, resize).to(device)
+
+
+@torch.no_grad()
+def extract_features(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int = 50) -> Dict[str, torch.Tensor]:
+    """Run ``extractor`` over ``images`` in batches and concatenate each feature kind."""
+    parts: Dict[str, List[torch.Tensor]] = {}
+    for start in range(0, len(images), batch_size):
+        for key, value in extractor(images[start:start + batch_size]).items():
+            parts.setdefault(key, []).append(value)
+    return {k: torch.cat(v) for k, v in parts.items()}
