@@ -1,0 +1,339 @@
+"""Condition encoders tau_theta(y) of the LDM paper (Sec. 3.3).
+
+Every conditioner has the same interface (docs/architecture.md):
+
+- ``forward(raw) -> dict`` of UNet keyword arguments: ``{"context": [B, L, D]}`` for cross-attention,
+  ``{"y": LongTensor[B]}`` for label embeddings, ``{"concat": [B, C, h, w]}`` for channel
+  concatenation (concatenated to the noisy latent by ``LatentDiffusion.apply_model``), ``{}``
+  for unconditional models;
+- ``null_raw(n)``: the raw "empty" condition for classifier-free guidance (n empty prompts, n null
+  class labels, ``None``);
+- ``output_dim``: width of ``context`` (UNet ``context_dim``), 0 when there is no context;
+- ``trainable``: whether the conditioner is optimised jointly with the UNet (the paper trains its
+  text transformer and class embedding jointly; pretrained CLIP text towers stay frozen).
+
+Raw conditions: ``list[str]`` for text, ``LongTensor[B]`` for classes, ``None`` for unconditional,
+a tensor for concat.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .attention import CrossAttention, FeedForward
+from .tokenizers import TokenizerConfig, build_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TextEmbedderConfig:
+    """The paper's text transformer (CompVis ``BERTEmbedder`` / ``TransformerEmbedder``)."""
+
+    vocab_size: int = 49408
+    width: int = 1280  # n_embed
+    depth: int = 32  # n_layer
+    heads: int = 8  # x-transformers defaults: 8 heads of 64 channels (inner width 512)
+    dim_head: int = 64
+    ff_mult: int = 4
+    max_length: int = 77
+    embedding_dropout: float = 0.0
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class OpenCLIPConfig:
+    """Frozen OpenCLIP text tower (Stable Diffusion 2: ViT-H-14, penultimate layer)."""
+
+    arch: str = "ViT-H-14"
+    # Local checkpoint file of the full CLIP model; None = RANDOM weights (a warning is logged).
+    pretrained: Optional[str] = None
+    layer: str = "penultimate"  # "penultimate" | "last"
+    max_length: int = 77
+    # Optional open_clip model-config JSON (registered under its file stem) for custom archs.
+    model_config_path: Optional[str] = None
+
+
+@dataclass
+class ClassEmbedderConfig:
+    n_classes: int = 1000
+    embed_dim: int = 512
+
+
+@dataclass
+class ConditionerConfig:
+    """Which conditioner to build: kind in {"text", "openclip", "class", "label", "none", "concat"}.
+
+    ``label`` passes class indices as ``y`` to a UNet with ``num_classes = n_classes + 1``;
+    ``concat_channels`` is the channel count of a ``concat`` condition.
+    """
+
+    kind: str = "text"
+    text: TextEmbedderConfig = field(default_factory=TextEmbedderConfig)
+    openclip: OpenCLIPConfig = field(default_factory=OpenCLIPConfig)
+    classes: ClassEmbedderConfig = field(default_factory=ClassEmbedderConfig)
+    concat_channels: int = 0
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer encoder block (x-transformers ``Encoder`` layer pair 'a', 'f')."""
+
+    def __init__(self, width: int, heads: int, dim_head: int, ff_mult: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = CrossAttention(width, None, heads, dim_head)
+        self.norm2 = nn.LayerNorm(width)
+        self.ff = FeedForward(width, mult=ff_mult, glu=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ff(self.norm2(x))
+
+
+class TransformerEmbedder(nn.Module):
+    """tau_theta for text (paper Sec. 3.3 / Appendix E.2): token + learned absolute position
+    embedding, ``depth`` pre-LN transformer blocks, final LayerNorm -> context [B, 77, width].
+
+    As in CompVis, padding tokens are not masked (the model learns to ignore them) and the empty
+    prompt "" is the null condition for classifier-free guidance.
+    """
+
+    trainable = True
+
+    def __init__(self, cfg: TextEmbedderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_emb = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_emb = nn.Embedding(cfg.max_length, cfg.width)
+        self.emb_dropout = nn.Dropout(cfg.embedding_dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg.width, cfg.heads, cfg.dim_head, cfg.ff_mult)
+                                    for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(cfg.width)
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        self._tokenizer = None  # built on first use: needs files, and big flavours build on meta
+
+    @property
+    def output_dim(self) -> int:
+        return self.cfg.width
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            tok_cfg = self.cfg.tokenizer
+            if tok_cfg.max_length != self.cfg.max_length:
+                raise ValueError(f"tokenizer.max_length={tok_cfg.max_length} != text max_length={self.cfg.max_length}")
+            self._tokenizer = build_tokenizer(tok_cfg)
+            if self._tokenizer.vocab_size > self.cfg.vocab_size:
+                raise ValueError(f"tokenizer vocab ({self._tokenizer.vocab_size}) is larger than the embedding "
+                                 f"table (vocab_size={self.cfg.vocab_size})")
+        return self._tokenizer
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.token_emb(tokens) + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device))[None]
+        x = self.emb_dropout(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.final_norm(x)
+
+    def forward(self, raw: List[str]) -> Dict[str, torch.Tensor]:
+        tokens = self.tokenizer(list(raw)).to(self.token_emb.weight.device)
+        return {"context": self.encode_tokens(tokens)}
+
+    def null_raw(self, n: int) -> List[str]:
+        return [""] * n
+
+
+class FrozenOpenCLIPEmbedder(nn.Module):
+    """Frozen OpenCLIP text transformer (Stable Diffusion 2's text encoder): token states of the
+    penultimate (or last) residual block after ``ln_final`` -> context [B, 77, width]."""
+
+    trainable = False
+
+    def __init__(self, cfg: OpenCLIPConfig):
+        super().__init__()
+        import open_clip  # lazy: models import with torch alone
+
+        if cfg.layer not in ("penultimate", "last"):
+            raise ValueError(f"openclip.layer must be 'penultimate' or 'last', got {cfg.layer!r}")
+        if cfg.model_config_path is not None:
+            open_clip.add_model_config(cfg.model_config_path)
+        if cfg.pretrained is None:
+            log.warning("FrozenOpenCLIPEmbedder(arch=%s): no pretrained checkpoint given, the text encoder "
+                        "has RANDOM weights. Set cond_stage.openclip.pretrained to a local checkpoint file "
+                        "for real conditioning.", cfg.arch)
+        elif not os.path.isfile(cfg.pretrained):
+            raise FileNotFoundError(f"OpenCLIP checkpoint not found: {cfg.pretrained!r} (openclip.pretrained must "
+                                    "be a local file; download it before training)")
+        model = open_clip.create_model(cfg.arch, pretrained=cfg.pretrained, device="cpu")
+        if not hasattr(model, "transformer") or not hasattr(model, "token_embedding"):
+            raise ValueError(f"open_clip arch {cfg.arch!r} has no built-in CLIP text transformer "
+                             "(custom/HF text towers are not supported)")
+        del model.visual  # only the text tower is used
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = open_clip.get_tokenizer(cfg.arch)
+        self.layer_idx = 1 if cfg.layer == "penultimate" else 0
+        self.freeze()
+
+    def freeze(self) -> None:
+        self.model.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenOpenCLIPEmbedder":
+        # Always stays in eval mode: it is never trained, whatever the parent module does.
+        return super().train(False)
+
+    @property
+    def output_dim(self) -> int:
+        return self.model.transformer.width
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        x = model.token_embedding(tokens) + model.positional_embedding
+        transformer = model.transformer
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        for block in transformer.resblocks[: len(transformer.resblocks) - self.layer_idx]:
+            x = block(x, attn_mask=model.attn_mask)
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        return model.ln_final(x)
+
+    def forward(self, raw: List[str]) -> Dict[str, torch.Tensor]:
+        tokens = self.tokenizer(list(raw), context_length=self.cfg.max_length)
+        with torch.no_grad():
+            return {"context": self.encode_tokens(tokens.to(self.model.token_embedding.weight.device))}
+
+    def null_raw(self, n: int) -> List[str]:
+        return [""] * n
+
+
+class ClassEmbedder(nn.Module):
+    """Learned class embedding used as a one-token context [B, 1, D] (CompVis cin models).
+
+    The table has ``n_classes + 1`` rows: index ``n_classes`` is the null class used for
+    classifier-free guidance.
+    """
+
+    trainable = True
+
+    def __init__(self, cfg: ClassEmbedderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.n_classes + 1, cfg.embed_dim)
+
+    @property
+    def output_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    @property
+    def null_class(self) -> int:
+        return self.cfg.n_classes
+
+    def forward(self, raw: torch.Tensor) -> Dict[str, torch.Tensor]:
+        labels = _check_labels(raw, self.cfg.n_classes).to(self.embedding.weight.device)
+        return {"context": self.embedding(labels)[:, None, :]}
+
+    def null_raw(self, n: int) -> torch.Tensor:
+        return torch.full((n,), self.null_class, dtype=torch.long)
+
+
+class ClassLabelConditioner(nn.Module):
+    """Class labels passed as ``y`` to a UNet with ``num_classes = n_classes + 1`` (label_emb
+    added to the timestep embedding); label ``n_classes`` is the null class."""
+
+    trainable = False  # no parameters of its own: the embedding lives in the UNet
+
+    def __init__(self, cfg: ClassEmbedderConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    @property
+    def output_dim(self) -> int:
+        return 0
+
+    def forward(self, raw: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {"y": _check_labels(raw, self.cfg.n_classes)}
+
+    def null_raw(self, n: int) -> torch.Tensor:
+        return torch.full((n,), self.cfg.n_classes, dtype=torch.long)
+
+
+class NullConditioner(nn.Module):
+    """Unconditional models: no UNet kwargs; the raw condition is ``None``."""
+
+    trainable = False
+
+    @property
+    def output_dim(self) -> int:
+        return 0
+
+    def forward(self, raw: Any = None) -> Dict[str, torch.Tensor]:
+        if raw is not None:
+            raise ValueError("unconditional model: the raw condition must be None")
+        return {}
+
+    def null_raw(self, n: int) -> None:
+        return None
+
+
+class ConcatConditioner(nn.Module):
+    """Spatial conditions concatenated to the noisy latent along channels (inpainting: masked-image
+    latent + mask; super-resolution: low-resolution image). Returns ``{"concat": raw}``;
+    ``LatentDiffusion.apply_model`` does ``unet(cat([z_t, concat], 1), ...)``, so the UNet's
+    ``in_channels`` = latent channels + ``channels``."""
+
+    trainable = False
+
+    def __init__(self, channels: int):
+        super().__init__()
+        if channels <= 0:
+            raise ValueError("ConcatConditioner needs concat_channels > 0")
+        self.channels = channels
+
+    @property
+    def output_dim(self) -> int:
+        return 0
+
+    def forward(self, raw: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if raw.ndim != 4 or raw.shape[1] != self.channels:
+            raise ValueError(f"concat condition must be [B, {self.channels}, h, w], got {tuple(raw.shape)}")
+        return {"concat": raw}
+
+    def null_raw(self, n: int) -> torch.Tensor:
+        raise ValueError("a concat condition has no null value: classifier-free guidance keeps the same "
+                         "concat input in both branches (drop only the text/class condition)")
+
+
+def _check_labels(raw: torch.Tensor, n_classes: int) -> torch.Tensor:
+    labels = torch.as_tensor(raw, dtype=torch.long)
+    if labels.ndim != 1:
+        raise ValueError(f"class labels must be a 1-D LongTensor [B], got shape {tuple(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() > n_classes):
+        raise ValueError(f"class labels must lie in [0, {n_classes}] ({n_classes} = null class)")
+    return labels
+
+
+def build_conditioner(cfg: ConditionerConfig) -> nn.Module:
+    if cfg.kind == "text":
+        return TransformerEmbedder(cfg.text)
+    if cfg.kind == "openclip":
+        return FrozenOpenCLIPEmbedder(cfg.openclip)
+    if cfg.kind == "class":
+        return ClassEmbedder(cfg.classes)
+    if cfg.kind == "label":
+        return ClassLabelConditioner(cfg.classes)
+    if cfg.kind == "none":
+        return NullConditioner()
+    if cfg.kind == "concat":
+        return ConcatConditioner(cfg.concat_channels)
+    raise ValueError(f"unknown conditioner kind {cfg.kind!r}; expected one of "
+                     "text, openclip, class, label, none, concat")
