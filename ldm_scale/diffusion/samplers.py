@@ -135,7 +135,8 @@ def ddim_update(x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, a: float, 
     x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
     sigma = eta sqrt((1 - a_prev) / (1 - a)) sqrt(1 - a / a_prev).
     """
-    sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+    # eta = 0 skips the square root: inversion calls this with a_prev < a.
+    sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)) if eta > 0 else 0.0
     out = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
     if sigma > 0:
         if noise is None:
