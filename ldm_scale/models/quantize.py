@@ -18,7 +18,9 @@ def codebook_statistics(indices: torch.Tensor, n_embed: int) -> Tuple[torch.Tens
     perplexity = exp(H(p)) with p the empirical code frequencies (1 = one code used, n_embed = all
     codes used uniformly); usage = fraction of codebook entries hit at least once in the batch.
     """
-    counts = torch.bincount(indices.reshape(-1), minlength=n_embed).float()
+    flat = indices.reshape(-1)
+    # scatter_add rather than bincount: also runs on the meta device.
+    counts = torch.zeros(n_embed, device=flat.device).scatter_add_(0, flat, torch.ones(flat.shape, device=flat.device))
     probs = counts / counts.sum()
     perplexity = torch.exp(-torch.sum(probs * torch.log(probs + 1e-10)))
     usage = (counts > 0).float().mean()
