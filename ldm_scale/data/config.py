@@ -1,0 +1,84 @@
+"""Configuration of the shard pipeline (an OmegaConf-compatible structured config; no hydra here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from ldm_scale.storage import StorageConfig
+
+
+@dataclass
+class FilterConfig:
+    """Metadata filters applied to each sample's ``.json`` before decoding (None = off).
+
+    Sizes are the original image size (``original_width``/``original_height``, falling back to
+    ``width``/``height``), as LAION filters are. A filter whose field is absent from a sample's
+    metadata lets the sample through: synthetic or class datasets have no aesthetic score.
+    """
+
+    min_width: Optional[int] = None
+    min_height: Optional[int] = None
+    min_aesthetic: Optional[float] = None  # "aesthetic" / "AESTHETIC_SCORE"
+    max_punsafe: Optional[float] = None
+    max_pwatermark: Optional[float] = None
+    min_similarity: Optional[float] = None
+    min_caption_length: int = 0  # characters after cleanup
+    max_caption_length: Optional[int] = None
+
+
+@dataclass
+class DataConfig:
+    """Where shards are and how samples become batches.
+
+    ``urls``: one entry per dataset; each entry is a brace pattern (``s3://b/laion/{00000..41407}.tar``),
+    a ``::``-separated list, or a glob. ``mode="epoch"`` visits every shard once per epoch in an order
+    fixed by (seed, epoch); ``mode="resampled"`` draws shards with replacement, dataset ``i`` with
+    probability ``weights[i]`` (a weighted mixture), for ``samples_per_epoch`` samples per epoch.
+    """
+
+    urls: List[str] = field(default_factory=list)
+    mode: str = "epoch"  # "epoch" | "resampled"
+    weights: List[float] = field(default_factory=list)  # resampled mode: one per urls entry (default equal)
+    samples_per_epoch: Optional[int] = None  # default: total of sizes.json / _stats.json counts
+    input: str = "image"  # "image" (jpg/png/webp members) | "latent" (pre-encoded .latent.npy members)
+    conditioning: str = "text"  # "text" (.txt captions) | "class" (.cls labels) | "none"
+    resolution: int = 256
+    crop: str = "center"  # "center" | "random"
+    flip: bool = False  # random horizontal flip (p=0.5)
+    decoder: str = "auto"  # "auto" (PIL with DCT-domain downscaling for JPEG) | "pil" (full decode)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    num_workers: int = 2
+    shuffle_buffer: int = 1000  # samples; 0 disables sample shuffling
+    shards_per_block: int = 2  # shards read interleaved by one worker; the buffer drains at block ends
+    prefetch_factor: int = 2
+    pin_memory: bool = False
+    multiprocessing_context: Optional[str] = None  # None: platform default ("fork" on Linux)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and the fix."""
+        if not self.urls:
+            raise ValueError("data.urls is empty: give at least one shard pattern, e.g. 's3://bucket/set/{00000..00099}.tar'")
+        if self.mode not in ("epoch", "resampled"):
+            raise ValueError(f"data.mode={self.mode!r}; expected 'epoch' or 'resampled'")
+        if self.weights:
+            if len(self.weights) != len(self.urls):
+                raise ValueError(f"data.weights has {len(self.weights)} entries for {len(self.urls)} urls entries")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError("data.weights must be non-negative with a positive sum")
+            if self.mode == "epoch" and len(set(self.weights)) > 1:
+                raise ValueError("unequal data.weights need data.mode=resampled (epoch mode visits every shard once)")
+        if self.input not in ("image", "latent"):
+            raise ValueError(f"data.input={self.input!r}; expected 'image' or 'latent'")
+        if self.conditioning not in ("text", "class", "none"):
+            raise ValueError(f"data.conditioning={self.conditioning!r}; expected 'text', 'class' or 'none'")
+        if self.crop not in ("center", "random"):
+            raise ValueError(f"data.crop={self.crop!r}; expected 'center' or 'random'")
+        if self.decoder not in ("auto", "pil"):
+            raise ValueError(f"data.decoder={self.decoder!r}; expected 'auto' or 'pil'")
+        if self.resolution <= 0:
+            raise ValueError("data.resolution must be positive")
+        if self.num_workers < 0 or self.shuffle_buffer < 0 or self.shards_per_block < 1:
+            raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0, data.shards_per_block >= 1")
+        if self.samples_per_epoch is not None and self.samples_per_epoch <= 0:
+            raise ValueError("data.samples_per_epoch must be positive")

@@ -1,0 +1,453 @@
+"""The streaming shard loader with exact resume: ``build_loader(cfg, dist_info, batch_size=, seed=)``.
+
+How a batch is made (each step a pure function of (seed, epoch, position)):
+
+1. Shards are ordered by (seed, epoch) (epoch mode) or drawn with replacement by dataset weight
+   (resampled mode), split round-robin by rank and then by DataLoader worker (``shards.py``).
+2. A worker reads its shard sequence in *blocks* of ``shards_per_block`` shards, interleaving their
+   samples; samples that fail metadata checks are dropped and counted before buffering.
+3. Surviving raw samples (still undecoded bytes) pass through a shuffle buffer seeded by
+   (seed, epoch, rank, worker, block). The buffer drains at each block's end, so a position is just
+   (block, samples popped in that block).
+4. Popped samples are decoded and cropped/flipped (seeded per sample; a failure is counted and
+   skipped) and batched inside the worker. Each batch travels with its worker's position and skip
+   counters.
+5. The main process hands batches out in DataLoader's strict round-robin worker order and records a
+   worker's position only when its batch is handed out: prefetched batches never count.
+
+Exact resume (same world size and workers): a worker restarts at its recorded block, replays the
+block's raw bytes through the same buffer without decoding the samples already consumed, and goes
+on; the DataLoader's worker rotation is offset so the next batch comes from the right worker.
+Different world size or worker count: the shards every old rank had fully finished this epoch
+(gathered from all ranks by :meth:`ShardLoader.state_dict`) are removed and the rest of the epoch
+is re-split over the new topology: no whole shard is repeated or skipped (partly read shards are read
+again from the start).
+
+Every rank yields exactly :attr:`ShardLoader.batches_per_epoch` batches: a worker that runs out of
+shards early (heavy filtering, uneven shards) continues with further passes over its own shards,
+so no rank waits for another at the end of an epoch.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ldm_scale import dist, storage
+from ldm_scale.data import shards as shard_lib
+from ldm_scale.data.config import DataConfig
+from ldm_scale.data.filters import check_sample, image_member
+from ldm_scale.data.tar_stream import iter_tar_samples
+from ldm_scale.data.transforms import decode_image, decode_latent, resize_crop_flip, sample_rng
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass
+class _Plan:
+    """Everything a worker needs for one epoch (picklable; no open handles)."""
+
+    cfg: DataConfig
+    urls: List[str]
+    shard_set: shard_lib.ShardSet
+    epoch_shards: List[int]  # epoch mode: the shards of this epoch (all, or the remainder after an elastic resume)
+    seed: int
+    epoch: int
+    salt: int  # changes when an elastic resume re-splits an epoch, so refill/resampled draws are fresh
+    rank: int
+    world_size: int
+    num_workers: int
+    batch_size: int
+    worker_offset: int  # physical DataLoader worker i plays logical worker (i + offset) % num_workers
+    start: Dict[int, Dict[str, Any]] = field(default_factory=dict)
+
+    def assigned(self, worker: int) -> List[int]:
+        return shard_lib.split(self.epoch_shards, self.rank, self.world_size, worker, self.num_workers)
+
+    def shard_sequence(self, worker: int) -> Iterator[int]:
+        if self.cfg.mode == "epoch":
+            return shard_lib.epoch_sequence(self.assigned(worker), self.epoch_shards, self.seed, self.epoch,
+                                            self.salt, self.rank, worker)
+        return shard_lib.resampled_sequence(self.shard_set, self.cfg.weights, self.seed, self.epoch, self.salt,
+                                            self.rank, worker)
+
+
+def _interleave(iterators: List[Iterator[Dict]]) -> Iterator[Dict]:
+    active = list(iterators)
+    while active:
+        for it in list(active):
+            try:
+                yield next(it)
+            except StopIteration:
+                active.remove(it)
+
+
+def _shuffle(samples: Iterator[Dict], size: int, rng: np.random.Generator) -> Iterator[Dict]:
+    """Classic reservoir-style shuffle buffer, drained completely when the input ends."""
+    if size <= 1:
+        yield from samples
+        return
+    buf: List[Dict] = []
+    for s in samples:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        i = int(rng.integers(len(buf)))
+        out, buf[i] = buf[i], s
+        yield out
+    while buf:
+        i = int(rng.integers(len(buf)))
+        buf[i], buf[-1] = buf[-1], buf[i]
+        yield buf.pop()
+
+
+class _Counters:
+    """Counter proxy: counts go to the live counter, or to a scratch one while a resumed worker
+    replays the part of a block it had already counted before the restart."""
+
+    def __init__(self, live: Counter):
+        self.live = live
+        self.current = live
+
+    def __getitem__(self, key: str) -> int:
+        return self.current[key]
+
+    def __setitem__(self, key: str, value: int) -> None:
+        self.current[key] = value
+
+
+def _collate(samples: List[Dict], cfg: DataConfig) -> Dict[str, Any]:
+    batch: Dict[str, Any] = {"key": [s["__key__"] for s in samples]}
+    if cfg.input == "image":
+        batch["image"] = torch.stack([s["image"] for s in samples])
+    else:
+        batch["latent_mean"] = torch.stack([s["latent_mean"] for s in samples])
+        batch["latent_logvar"] = torch.stack([s["latent_logvar"] for s in samples])
+    if cfg.conditioning == "text":
+        batch["caption"] = [s["caption"] for s in samples]
+    elif cfg.conditioning == "class":
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+    return batch
+
+
+def _process(raw: Dict, plan: _Plan, block: int, counters: "_Counters") -> Optional[Dict]:
+    """Decode one popped raw sample; None (counted) if its bytes do not decode."""
+    cfg = plan.cfg
+    try:
+        if cfg.input == "image":
+            img = decode_image(raw[image_member(raw)], cfg.resolution, cfg.decoder)
+            rng = sample_rng(plan.seed, plan.epoch, raw["__shard__"], raw["__index__"], block) \
+                if (cfg.crop == "random" or cfg.flip) else None
+            raw["image"] = resize_crop_flip(img, cfg.resolution, cfg.crop, cfg.flip, rng)
+        else:
+            raw["latent_mean"], raw["latent_logvar"] = decode_latent(raw["latent.npy"])
+    except Exception as exc:  # noqa: BLE001 - any undecodable payload is a skipped sample, by design
+        counters["skip/decode_error"] += 1
+        log.debug("undecodable sample %s in %s: %s", raw.get("__key__"), storage.redact(raw.get("__url__")), exc)
+        return None
+    return raw
+
+
+def _worker_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any], Dict[str, Any]]]:
+    """Batches of one logical worker, forever, each with the worker's position after it."""
+    cfg = plan.cfg
+    start = plan.start.get(worker)
+    counters = _Counters(Counter(start["counters"]) if start else Counter())
+    block = start["block"] if start else 0
+    skip = start["emitted"] if start else 0
+    sequence = plan.shard_sequence(worker)
+    for _ in range(block * cfg.shards_per_block):
+        next(sequence)
+    pending: List[Dict] = []
+    fruitless_blocks = 0
+    guard = max(2, 2 * len(plan.urls) // cfg.shards_per_block + 2)
+    while True:
+        shard_ids = [next(sequence) for _ in range(cfg.shards_per_block)]
+        if skip:
+            counters.current = Counter()  # replaying already-counted reads
+        produced = 0
+
+        def checked(shard_id: int) -> Iterator[Dict]:
+            for raw in iter_tar_samples(plan.urls[shard_id], shard_id, counters, cfg.storage):
+                counters["samples_read"] += 1
+                reason = check_sample(raw, cfg)
+                if reason is not None:
+                    counters["skip/" + reason if not reason.startswith("filter/") else reason] += 1
+                    continue
+                yield raw
+
+        rng = np.random.default_rng([plan.seed, plan.epoch, plan.salt, plan.rank, worker, block, 0x5B0F])
+        stream = _shuffle(_interleave([checked(s) for s in shard_ids]), cfg.shuffle_buffer, rng)
+        emitted = 0
+        for raw in stream:
+            emitted += 1
+            if emitted <= skip:
+                if emitted == skip:
+                    counters.current = counters.live  # caught up with the recorded position
+                continue
+            sample = _process(raw, plan, block, counters)
+            if sample is None:
+                continue
+            produced += 1
+            counters["samples_yielded"] += 1
+            pending.append(sample)
+            if len(pending) == plan.batch_size:
+                batch = _collate(pending, cfg)
+                pending = []
+                yield batch, {"block": block, "emitted": emitted, "counters": dict(counters.live)}
+        if skip and emitted < skip:
+            raise RuntimeError(f"cannot resume worker {worker}: block {block} now has {emitted} samples, "
+                               f"the saved position says {skip}; were the shards changed?")
+        counters.current = counters.live
+        skip = 0
+        block += 1
+        fruitless_blocks = 0 if produced else fruitless_blocks + 1
+        if fruitless_blocks >= guard:
+            raise RuntimeError(
+                f"rank {plan.rank} worker {worker} read {fruitless_blocks * cfg.shards_per_block} shards without one "
+                f"usable sample (counts: {dict(counters.live)}); check data.urls, data.input / "
+                f"data.conditioning and data.filters")
+
+
+class _EpochDataset(torch.utils.data.IterableDataset):
+    def __init__(self, plan: _Plan):
+        super().__init__()
+        self.plan = plan
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        physical = info.id if info is not None else 0
+        worker = (physical + self.plan.worker_offset) % self.plan.num_workers
+        for batch, state in _worker_stream(self.plan, worker):
+            yield batch, worker, state
+
+
+class ShardLoader:
+    """Iterating yields the rest of the current epoch (``batches_per_epoch`` batches in all), then
+    moves to the next epoch; :meth:`infinite` chains epochs. See the module docstring."""
+
+    def __init__(self, cfg: DataConfig, dist_info: dist.DistInfo, *, batch_size: int, seed: int):
+        cfg.validate()
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        self.cfg = cfg
+        self.dist_info = dist_info
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = max(1, cfg.num_workers)
+        need_sizes = cfg.samples_per_epoch is None or cfg.mode == "epoch"
+        self.shard_set = shard_lib.resolve_shards(cfg.urls, cfg.storage, need_sizes=need_sizes)
+        if cfg.samples_per_epoch is None and self.shard_set.sizes is None:
+            raise ValueError(
+                f"no sizes.json or _stats.json next to the shards of {storage.redact(cfg.urls)}: run "
+                "`python data_tools/inspect.py <urls>` (writes sizes.json) or set data.samples_per_epoch")
+        needed = dist_info.world_size * self.num_workers
+        if cfg.mode == "epoch" and len(self.shard_set.urls) < needed:
+            raise ValueError(
+                f"{len(self.shard_set.urls)} shards cannot feed {dist_info.world_size} ranks x {self.num_workers} "
+                f"workers = {needed} readers in epoch mode: use more (smaller) shards, fewer data.num_workers, "
+                "or data.mode=resampled")
+        self.epoch = 0
+        self.batches_done = 0  # handed out in the current epoch
+        self._salt = 0
+        self._epoch_shards: Optional[List[int]] = None  # remainder of an epoch after an elastic resume
+        self._remaining_samples: Optional[int] = None
+        self._worker_states: Dict[int, Dict[str, Any]] = {}
+        self._metrics_base: Counter = Counter()
+
+    # ------------------------------------------------------------------ epoch bookkeeping
+    def _current_epoch_shards(self) -> List[int]:
+        if self._epoch_shards is not None:
+            return self._epoch_shards
+        return shard_lib.epoch_order(len(self.shard_set.urls), self.seed, self.epoch)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches every rank yields in the current epoch (all ranks agree)."""
+        per_step = self.dist_info.world_size * self.batch_size
+        if self._remaining_samples is not None:
+            samples = self._remaining_samples
+        elif self.cfg.samples_per_epoch is not None:
+            samples = self.cfg.samples_per_epoch
+            if self.cfg.mode == "epoch" and self._epoch_shards is not None:
+                samples = samples * len(self._epoch_shards) // len(self.shard_set.urls)
+        elif self.cfg.mode == "epoch":
+            samples = self.shard_set.total(self._current_epoch_shards())
+        else:
+            samples = self.shard_set.total(range(len(self.shard_set.urls)))
+        n = int(samples) // per_step
+        if n < 1 and self._epoch_shards is None:
+            raise ValueError(f"an epoch of {samples} samples is less than one global batch of {per_step} "
+                             f"({self.dist_info.world_size} ranks x batch {self.batch_size})")
+        return max(n, 1)
+
+    def _roll_epoch_if_done(self) -> None:
+        if self.batches_done >= self.batches_per_epoch:
+            for state in self._worker_states.values():
+                self._metrics_base.update(state["counters"])
+            self.epoch += 1
+            self.batches_done = 0
+            self._worker_states = {}
+            self._epoch_shards = None
+            self._remaining_samples = None
+
+    def _plan(self) -> _Plan:
+        return _Plan(
+            cfg=self.cfg, urls=self.shard_set.urls, shard_set=self.shard_set,
+            epoch_shards=self._current_epoch_shards() if self.cfg.mode == "epoch" else [],
+            seed=self.seed, epoch=self.epoch, salt=self._salt, rank=self.dist_info.rank,
+            world_size=self.dist_info.world_size, num_workers=self.num_workers, batch_size=self.batch_size,
+            worker_offset=self.batches_done % self.num_workers, start=copy.deepcopy(self._worker_states),
+        )
+
+    # ------------------------------------------------------------------ iteration
+    def _source(self, plan: _Plan) -> Iterator[Tuple[Dict[str, Any], int, Dict[str, Any]]]:
+        if self.cfg.num_workers == 0:
+            return iter(_EpochDataset(plan))
+        loader = torch.utils.data.DataLoader(
+            _EpochDataset(plan), batch_size=None, num_workers=self.cfg.num_workers,
+            prefetch_factor=self.cfg.prefetch_factor, pin_memory=self.cfg.pin_memory,
+            multiprocessing_context=self.cfg.multiprocessing_context, persistent_workers=False)
+        return iter(loader)
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        self._roll_epoch_if_done()
+        total = self.batches_per_epoch
+        source = self._source(self._plan())
+        try:
+            while self.batches_done < total:
+                batch, worker, state = next(source)
+                # Record the position before handing the batch out: from now on it counts as consumed.
+                self._worker_states[worker] = state
+                self.batches_done += 1
+                yield batch
+        finally:
+            del source  # shuts DataLoader workers down
+        self._roll_epoch_if_done()
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def infinite(self) -> Iterator[Dict[str, Any]]:
+        """Batches across epochs without end (the training loop's usual view)."""
+        while True:
+            yield from self
+
+    # ------------------------------------------------------------------ metrics
+    def metrics(self) -> Dict[str, float]:
+        """Cumulative counts for this rank: ``samples_read``, ``samples_yielded``, ``skip/<reason>``
+        (corrupt_tar, truncated_member, decode_error, missing_*, bad_metadata), ``filter/<name>``,
+        plus ``epoch`` and ``batches_in_epoch``. Counts cover batches handed out so far."""
+        self._roll_epoch_if_done()
+        total = Counter(self._metrics_base)
+        for state in self._worker_states.values():
+            total.update(state["counters"])
+        out = {k: float(v) for k, v in sorted(total.items())}
+        out["epoch"] = float(self.epoch)
+        out["batches_in_epoch"] = float(self.batches_done)
+        return out
+
+    # ------------------------------------------------------------------ state
+    def _done_shards(self) -> List[int]:
+        """Shards of the current epoch this rank has finished completely (epoch mode)."""
+        if self.cfg.mode != "epoch":
+            return []
+        plan = self._plan()
+        done: List[int] = []
+        for worker, state in self._worker_states.items():
+            assigned = plan.assigned(worker)
+            done.extend(assigned[: min(len(assigned), state["block"] * self.cfg.shards_per_block)])
+        return done
+
+    def state_dict(self) -> Dict[str, Any]:
+        """This rank's exact position, plus what all ranks finished (for an elastic resume).
+
+        Collective when torch.distributed is initialised: every rank must call it (as every rank
+        does when saving a checkpoint)."""
+        self._roll_epoch_if_done()
+        epoch_shards = self._current_epoch_shards() if self.cfg.mode == "epoch" else []
+        removed = sorted(set(shard_lib.epoch_order(len(self.shard_set.urls), self.seed, self.epoch))
+                         - set(epoch_shards)) if self._epoch_shards is not None else []
+        local = {"done": self._done_shards(), "batches": self.batches_done}
+        gathered = dist.all_gather_object(local)
+        done_global = sorted(set(removed).union(*[set(g["done"]) for g in gathered]))
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "mode": self.cfg.mode,
+            "num_shards": len(self.shard_set.urls),
+            "rank": self.dist_info.rank,
+            "world_size": self.dist_info.world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+            "shards_per_block": self.cfg.shards_per_block,
+            "shuffle_buffer": self.cfg.shuffle_buffer,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_done,
+            "salt": self._salt,
+            "epoch_shards": self._epoch_shards,
+            "remaining_samples": self._remaining_samples,
+            "workers": {str(k): v for k, v in self._worker_states.items()},
+            "metrics_base": dict(self._metrics_base),
+            "done_shards_global": done_global,
+            "samples_consumed_global": int(self.batches_done) * self.dist_info.world_size * self.batch_size,
+            "batches_per_epoch": self.batches_per_epoch,
+        }
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        """Restore a position saved by :meth:`state_dict` (of any rank when the topology changed)."""
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {sd.get('version')} is not {STATE_VERSION}")
+        for key, mine in (("seed", self.seed), ("mode", self.cfg.mode), ("num_shards", len(self.shard_set.urls))):
+            if sd[key] != mine:
+                raise ValueError(f"loader state was saved with {key}={sd[key]!r} but this loader has {mine!r}; "
+                                 "resume with the same data.urls / data.mode / seed (or start a fresh run)")
+        self.epoch = int(sd["epoch"])
+        self._metrics_base = Counter(sd["metrics_base"])
+        same = all(sd[k] == v for k, v in (
+            ("world_size", self.dist_info.world_size), ("rank", self.dist_info.rank),
+            ("num_workers", self.num_workers), ("batch_size", self.batch_size),
+            ("shards_per_block", self.cfg.shards_per_block), ("shuffle_buffer", self.cfg.shuffle_buffer)))
+        if same:
+            self.batches_done = int(sd["batches_in_epoch"])
+            self._salt = int(sd["salt"])
+            self._epoch_shards = sd["epoch_shards"]
+            self._remaining_samples = sd["remaining_samples"]
+            self._worker_states = {int(k): v for k, v in sd["workers"].items()}
+            return
+        # Elastic resume: re-split what is left of this epoch over the new topology.
+        log.warning("data loader resumed on a different topology (world %s -> %s, workers %s -> %s): "
+                    "continuing epoch %d at shard granularity", sd["world_size"], self.dist_info.world_size,
+                    sd["num_workers"], self.num_workers, self.epoch)
+        self.batches_done = 0
+        self._worker_states = {}
+        self._salt = int(sd["salt"]) + 1
+        if self.cfg.mode == "epoch":
+            done = set(sd["done_shards_global"])
+            order = shard_lib.epoch_order(len(self.shard_set.urls), self.seed, self.epoch)
+            self._epoch_shards = [s for s in order if s not in done]
+            self._remaining_samples = None
+            if not self._epoch_shards:
+                self._epoch_shards = None
+                self.epoch += 1
+        else:
+            spent = int(sd["samples_consumed_global"])
+            total = int(sd["batches_per_epoch"]) * int(sd["world_size"]) * int(sd["batch_size"])
+            left = total - spent
+            self._epoch_shards = None
+            self._remaining_samples = left if left > 0 else None
+            if left <= 0:
+                self.epoch += 1
+
+
+def build_loader(cfg: DataConfig, dist_info: Optional[dist.DistInfo] = None, *, batch_size: int,
+                 seed: int) -> ShardLoader:
+    """The training data loader for this rank (see :class:`ShardLoader`)."""
+    return ShardLoader(cfg, dist_info or dist.get_dist_info(), batch_size=batch_size, seed=seed)

@@ -1,0 +1,136 @@
+"""Shard lists and their order: expand URL patterns, know shard sizes, order by (seed, epoch), split
+by rank then by worker, and the per-worker shard sequences of both modes.
+
+Everything here is a pure function of its arguments (no hidden RNG state): the same (seed, epoch,
+rank, worker) always gives the same shards, which is what makes the loader's exact resume possible.
+"""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from ldm_scale import storage
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """All shards of a data config. Shard ``i`` is ``urls[i]`` from dataset ``dataset_of[i]``."""
+
+    urls: List[str]
+    dataset_of: List[int]
+    sizes: Optional[List[int]]  # samples per shard, when sizes.json / _stats.json exist
+
+    @property
+    def num_datasets(self) -> int:
+        return max(self.dataset_of) + 1
+
+    def of_dataset(self, d: int) -> List[int]:
+        return [i for i, ds in enumerate(self.dataset_of) if ds == d]
+
+    def total(self, shards: Sequence[int]) -> Optional[int]:
+        return None if self.sizes is None else int(sum(self.sizes[i] for i in shards))
+
+
+def _stats_url(shard_url: str) -> str:
+    base = shard_url
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return base + "_stats.json"
+
+
+def load_sizes(urls: Sequence[str], cfg: Optional[storage.StorageConfig] = None) -> Optional[List[int]]:
+    """Samples per shard from ``sizes.json`` in each shard directory (written by make_synthetic,
+    precompute_latents and inspect), else each shard's img2dataset ``_stats.json`` ("successes").
+    None when neither exists for some shard."""
+    by_dir: Dict[str, Optional[dict]] = {}
+    for url in urls:
+        d = storage.parent(url)
+        if d not in by_dir:
+            sizes_url = storage.join(d, "sizes.json")
+            by_dir[d] = json.loads(storage.read_text(sizes_url, cfg)) if storage.exists(sizes_url, cfg) else None
+    out: List[Optional[int]] = []
+    missing = []
+    for i, url in enumerate(urls):
+        table = by_dir[storage.parent(url)]
+        name = url.rsplit("/", 1)[-1]
+        if table is not None and name in table:
+            out.append(int(table[name]))
+        else:
+            out.append(None)
+            missing.append(i)
+    if missing:
+        def stats(i: int) -> Optional[int]:
+            su = _stats_url(urls[i])
+            if not storage.exists(su, cfg):
+                return None
+            s = json.loads(storage.read_text(su, cfg))
+            return int(s.get("successes", s.get("count", 0)))
+
+        with ThreadPoolExecutor(16) as pool:
+            for i, n in zip(missing, pool.map(stats, missing)):
+                if n is None:
+                    return None
+                out[i] = n
+    return [int(n) for n in out]  # type: ignore[arg-type]
+
+
+def resolve_shards(url_patterns: Sequence[str], cfg: Optional[storage.StorageConfig] = None,
+                   need_sizes: bool = True) -> ShardSet:
+    """Expand every dataset's pattern; check the first shard of each exists (a clear error naming the
+    URL when a bucket is unreachable or a pattern matches nothing)."""
+    urls: List[str] = []
+    dataset_of: List[int] = []
+    for d, pattern in enumerate(url_patterns):
+        expanded = storage.expand_urls(pattern, cfg)
+        if not storage.exists(expanded[0], cfg):
+            raise FileNotFoundError(f"shard {storage.redact(expanded[0])} (first of data.urls[{d}] = "
+                                    f"{storage.redact(pattern)!r}) does not exist")
+        urls.extend(expanded)
+        dataset_of.extend([d] * len(expanded))
+    sizes = load_sizes(urls, cfg) if need_sizes else None
+    return ShardSet(urls, dataset_of, sizes)
+
+
+def epoch_order(num_shards: int, seed: int, epoch: int) -> List[int]:
+    """All shard indices in the order of ``epoch`` (a permutation seeded by (seed, epoch))."""
+    return [int(i) for i in np.random.default_rng([seed, epoch, 0x5A4D]).permutation(num_shards)]
+
+
+def split(order: Sequence[int], rank: int, world_size: int, worker: int, num_workers: int) -> List[int]:
+    """This (rank, worker)'s slice: round-robin over ranks first, then over the rank's workers."""
+    return list(order[rank::world_size][worker::num_workers])
+
+
+def epoch_sequence(assigned: Sequence[int], fallback: Sequence[int], seed: int, epoch: int, salt: int,
+                   rank: int, worker: int) -> Iterator[int]:
+    """A worker's shards in epoch mode: its assigned shards once, then (only if the epoch needs more
+    batches than the worker's shards hold, e.g. after heavy filtering) further passes over them in
+    fresh orders, so every rank produces the same number of batches and none waits at the epoch end."""
+    first = list(assigned)
+    yield from first
+    pool = first or list(fallback)
+    p = 1
+    while True:
+        rng = np.random.default_rng([seed, epoch, salt, rank, worker, p, 0x9A55])
+        for i in rng.permutation(len(pool)):
+            yield pool[int(i)]
+        p += 1
+
+
+def resampled_sequence(shards: ShardSet, weights: Sequence[float], seed: int, epoch: int, salt: int,
+                       rank: int, worker: int) -> Iterator[int]:
+    """A worker's shards in resampled mode: dataset ``d`` drawn with probability ``weights[d]``, then
+    a shard of it uniformly, with replacement, forever (a weighted mixture)."""
+    per_dataset = [shards.of_dataset(d) for d in range(shards.num_datasets)]
+    w = np.asarray(weights if weights else [1.0] * len(per_dataset), dtype=np.float64)
+    w = w / w.sum()
+    rng = np.random.default_rng([seed, epoch, salt, rank, worker, 0x4E5A])
+    while True:
+        d = int(rng.choice(len(per_dataset), p=w))
+        yield per_dataset[d][int(rng.integers(len(per_dataset[d])))]
