@@ -1,6 +1,7 @@
 """DeepSpeed, applied from outside the single-device model code.
 
-This is the only training module that imports ``deepspeed``. It turns the typed Hydra slices
+This is the only training module that imports ``deepspeed`` (lazily, inside the functions that
+need it, so the config dataclasses here can be composed without loading DeepSpeed). It turns the typed Hydra slices
 (:class:`DeepSpeedConfig`, :class:`OptimConfig`) and the derived batch plan into a DeepSpeed config
 dict, builds AdamW with decoupled weight decay (Loshchilov & Hutter 2019) and a warmup + decay
 schedule, and initialises the engine.
@@ -19,7 +20,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional
 
-import deepspeed
 import torch
 from torch import nn
 
@@ -158,6 +158,8 @@ def model_init_context(ds_config: Dict[str, Any]) -> contextlib.AbstractContextM
     zero = ds_config["zero_optimization"]
     if zero["stage"] != 3:
         return contextlib.nullcontext()
+    import deepspeed
+
     remote_device = "cpu" if "offload_param" in zero else None
     return deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=remote_device,
                                pin_memory=bool(zero.get("offload_param", {}).get("pin_memory", False)))
@@ -215,6 +217,8 @@ def initialize_engine(module: nn.Module, ds_config: Dict[str, Any], optim: Optim
     Returns the ``deepspeed.DeepSpeedEngine``; its ``optimizer`` and ``lr_scheduler`` are attached.
     The schedule is stepped by DeepSpeed on each applied optimizer step (not on fp16 overflow skips).
     """
+    import deepspeed
+
     config = dict(ds_config)
     offload = "offload_optimizer" in config["zero_optimization"]
     config["optimizer"] = _optimizer_section(optim, plan, offload)

@@ -1,0 +1,467 @@
+"""The training configuration: typed Hydra schemas, composition, and one ``validate()``.
+
+Every component owns its dataclass next to its code; this module composes them into
+:class:`Config`, registers it in Hydra's ConfigStore as ``schema`` (``conf/config.yaml`` lists it
+first in its defaults), so an unknown key or a wrong type fails at compose time.
+
+:func:`validate` is the single place for derived arithmetic and cross-field checks (global batch =
+micro-batch x accumulation x world, image/latent sizes, conditioning vs model, required URLs). It
+runs before any model is built and reports *all* problems at once, each naming the key and the fix.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldm_scale import dist
+from ldm_scale.data.config import DataConfig
+from ldm_scale.diffusion import DiffusionConfig, SamplerConfig
+from ldm_scale.losses.autoencoder import AutoencoderLossConfig
+from ldm_scale.models.registry import AUTOENCODERS, FLAVOURS, FirstStageConfig, LDMSpec
+from ldm_scale.preemption import PreemptionConfig
+from ldm_scale.storage import StorageConfig
+from ldm_scale.train.engine import BatchPlan, DeepSpeedConfig, OptimConfig, peak_lr
+
+TASKS = ("ldm", "autoencoder")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+RUN_ID_ENV = "LDM_SCALE_RUN_ID"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem with its fix."""
+
+
+# ------------------------------------------------------------------------------------------
+# Slices owned here (the others live next to their components and are imported above).
+
+@dataclass
+class ModelConfig:
+    """Which network to train.
+
+    task=ldm: ``flavour`` names an :class:`LDMSpec` in ``models.registry.FLAVOURS``;
+    task=autoencoder: ``autoencoder`` names a :class:`FirstStageConfig` in ``AUTOENCODERS``.
+    ``overrides`` is a nested dict merged (typed) into that spec, e.g.
+    ``+model.overrides.unet.model_channels=64``.
+    """
+
+    flavour: str = "tiny"
+    autoencoder: Optional[str] = None
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    # Exported autoencoder checkpoint (ldm_scale/autoencoder-v1) for the frozen first stage.
+    first_stage_ckpt: Optional[str] = None
+    # A randomly initialised first stage is only useful for tests and benchmarks: opt in explicitly.
+    allow_random_first_stage: bool = False
+    activation_checkpointing: bool = False
+    # Latent scale: "spec" uses the flavour's factor (or `scale_factor` when set); "estimate"
+    # computes 1/std of the first batch's latents over all ranks (paper Sec. 4.3.2).
+    scale_factor_mode: str = "spec"
+    scale_factor: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch arithmetic, length, cadence, failure policy."""
+
+    micro_batch_size: int = 4
+    # None: derived from global_batch_size (or 1 when that is unset too).
+    gradient_accumulation_steps: Optional[int] = None
+    # None: micro x accumulation x world. Set it to pin the paper's batch whatever the world size.
+    global_batch_size: Optional[int] = None
+    max_steps: int = 1000
+    log_every: int = 10
+    # Stop with an error after this many consecutive micro-batches with a non-finite loss.
+    max_consecutive_nonfinite: int = 5
+    # Loss by timestep bucket: T is split into this many equal ranges.
+    timestep_buckets: int = 4
+    progress_bar: bool = True
+
+
+@dataclass
+class EmaConfig:
+    """Exponential moving average of the trained weights, kept in fp32 on the CPU."""
+
+    enabled: bool = True
+    decay: float = 0.9999
+    # Decay warmup min(decay, (1 + n) / (10 + n)) as CompVis LitEma (n = updates so far).
+    use_num_updates: bool = True
+    update_every: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often training checkpoints are written (see docs/architecture.md)."""
+
+    # Local path or URL; checkpoints go to <root>/<run_id>/step_<N>/. Required: the group sets it.
+    root: str = "???"
+    local_dir: Optional[str] = None  # staging directory before upload; None: <run_dir>/ckpt_staging
+    every_steps: int = 1000
+    keep_last: int = 3
+    keep_every: Optional[int] = None  # also keep every N-th step forever
+    resume: str = "auto"  # auto (latest of this run id if any) | never | <checkpoint URL>
+    async_upload: bool = True
+    save_final: bool = True
+    export_final: bool = True  # also write a single-file exported checkpoint at the end
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking (W&B on rank 0) and console output."""
+
+    backend: str = "wandb"  # wandb | none
+    mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
+    project: str = "ldm_scale"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    dir: Optional[str] = None  # None: the run directory
+
+
+@dataclass
+class EvalConfig:
+    """Periodic sample grids with fixed prompts/labels and seeds, and the final adherence score."""
+
+    sample_every: int = 0  # optimizer steps; 0 = only at the end
+    sample_at_end: bool = True
+    prompts: List[str] = field(default_factory=list)  # text models
+    class_labels: List[int] = field(default_factory=list)  # class-conditional models
+    num_unconditional: int = 8  # unconditional models
+    seed: int = 1234
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    # Images generated at the end to score prompt adherence (synthetic shapes data); 0 = off.
+    prompt_adherence_samples: int = 0
+
+
+@dataclass
+class Config:
+    """Top-level schema (``conf/config.yaml``). Components receive only their own slice."""
+
+    task: str = "ldm"  # ldm | autoencoder
+    name: str = "default"  # experiment name (W&B run name prefix, run id prefix)
+    run_id: Optional[str] = None  # None: $LDM_SCALE_RUN_ID, else generated on rank 0 and broadcast
+    output_dir: str = "runs"  # local run directories: <output_dir>/<run_id>
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    autoencoder_loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+# ------------------------------------------------------------------------------------------
+# Registration and composition
+
+def register_configs() -> None:
+    """Register the schema so ``conf/config.yaml``'s first default (``schema``) types the tree."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def compose(overrides: Sequence[str] = (), config_dir: Optional[Path] = None) -> DictConfig:
+    """Compose ``conf/config.yaml`` with command-line style overrides (tests and tools).
+
+    ``launch/train.py`` goes through ``@hydra.main`` instead; both paths give the same tree.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str((config_dir or CONF_DIR).resolve()), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def to_object(cfg: DictConfig) -> Config:
+    """The composed tree as typed dataclasses (``Config``); unset required values (``???``) raise."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            "required values are not set: " + ", ".join(missing) + ". Set them on the command line, e.g. "
+            "data.urls=\"['s3://bucket/laion/{00000..41407}.tar']\" model.first_stage_ckpt=s3://bucket/ae/kl_f8.pt "
+            "checkpoint.root=s3://bucket/checkpoints")
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, Config):
+        raise ConfigError("the composed config is not typed by the schema: conf/config.yaml must list "
+                          "'schema' first in its defaults")
+    return obj
+
+
+# ------------------------------------------------------------------------------------------
+# validate(): derived plan + cross-field checks, before anything is allocated
+
+@dataclass(frozen=True)
+class Plan:
+    """What validate() derived; builders take their numbers from here, not from re-computation."""
+
+    batch: BatchPlan
+    image_size: int
+    latent_size: int
+    latent_channels: int
+    peak_lr: float
+    spec: Optional[LDMSpec] = None  # task=ldm: the resolved flavour (+ overrides, + diffusion slice)
+    autoencoder: Optional[FirstStageConfig] = None  # task=autoencoder: the resolved first stage
+
+    def describe(self) -> str:
+        b = self.batch
+        return (f"global batch {b.global_batch_size} = micro {b.micro_batch_size} x accumulation "
+                f"{b.gradient_accumulation_steps} x world {b.world_size}; images {self.image_size}px -> "
+                f"latents {self.latent_channels}x{self.latent_size}x{self.latent_size}; peak lr {self.peak_lr:g}")
+
+
+def _merge_overrides(base: Any, overrides: Dict[str, Any], key: str, problems: List[str]) -> Any:
+    if not overrides:
+        return base
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.create(overrides))
+        return OmegaConf.to_object(merged)
+    except Exception as exc:  # omegaconf raises several types; all mean "bad override"
+        problems.append(f"{key}: cannot apply {overrides}: {exc}. Use keys and types of "
+                        f"{type(base).__name__} (see ldm_scale/models)")
+        return base
+
+
+def _context_width(spec: LDMSpec) -> Optional[int]:
+    """Width of the conditioner's context tokens, computed from the config alone (no model)."""
+    cond = spec.cond_stage
+    if cond.kind == "text":
+        return cond.text.width
+    if cond.kind == "class":
+        return cond.classes.embed_dim
+    if cond.kind == "openclip":
+        import open_clip  # lazy: only text-to-image configs with an OpenCLIP tower need it
+
+        model_cfg = open_clip.get_model_config(cond.openclip.arch)
+        if model_cfg is None:
+            return None
+        return int(model_cfg["text_cfg"]["width"])
+    return None
+
+
+def _batch_plan(train: TrainConfig, world_size: int, problems: List[str]) -> BatchPlan:
+    micro = train.micro_batch_size
+    accum = train.gradient_accumulation_steps
+    if micro < 1:
+        problems.append(f"train.micro_batch_size={micro}: must be >= 1")
+        micro = 1
+    if accum is not None and accum < 1:
+        problems.append(f"train.gradient_accumulation_steps={accum}: must be >= 1 (or null to derive it)")
+        accum = 1
+    target = train.global_batch_size
+    if target is None:
+        return BatchPlan(micro, accum or 1, world_size)
+    per_accum = micro * world_size
+    if accum is None:
+        if target % per_accum:
+            problems.append(
+                f"train.global_batch_size={target} is not a multiple of train.micro_batch_size x world size "
+                f"= {micro} x {world_size} = {per_accum}: pick a micro-batch that divides "
+                f"{target // world_size if target % world_size == 0 else 'it'} or change the global batch / GPU count")
+            return BatchPlan(micro, 1, world_size)
+        return BatchPlan(micro, target // per_accum, world_size)
+    if micro * accum * world_size != target:
+        problems.append(
+            f"train.global_batch_size={target} but train.micro_batch_size x train.gradient_accumulation_steps "
+            f"x world size = {micro} x {accum} x {world_size} = {micro * accum * world_size}: set "
+            f"train.gradient_accumulation_steps=null to derive it, or make the product equal")
+    return BatchPlan(micro, accum, world_size)
+
+
+def _is_url_set(value: Optional[str]) -> bool:
+    return bool(value) and "???" not in str(value)
+
+
+def _check_ldm(cfg: Config, problems: List[str]) -> Optional[LDMSpec]:
+    m = cfg.model
+    if m.flavour not in FLAVOURS:
+        problems.append(f"model.flavour={m.flavour!r} is not a registered flavour: choose one of {sorted(FLAVOURS)}")
+        return None
+    spec = _merge_overrides(copy.deepcopy(FLAVOURS[m.flavour]), m.overrides, "model.overrides", problems)
+    # The diffusion slice is authoritative for the forward process; the exported spec records it.
+    d = cfg.diffusion
+    spec.linear_start, spec.linear_end, spec.num_timesteps = d.linear_start, d.linear_end, d.num_timesteps
+    spec.parameterization = d.parameterization
+    if m.scale_factor is not None:
+        spec.scale_factor = m.scale_factor
+    try:
+        spec.validate()
+    except ValueError as exc:
+        problems.append(f"model: {exc}")
+    width = _context_width(spec)
+    if spec.unet.use_spatial_transformer and spec.cond_stage.kind in ("text", "openclip", "class"):
+        if width is not None and spec.unet.context_dim != width:
+            problems.append(
+                f"model: unet.context_dim={spec.unet.context_dim} but the {spec.cond_stage.kind} encoder emits "
+                f"{width}-wide tokens: set model.overrides.unet.context_dim={width} or change the encoder width")
+    if m.scale_factor_mode not in ("spec", "estimate"):
+        problems.append(f"model.scale_factor_mode={m.scale_factor_mode!r}: expected 'spec' or 'estimate'")
+    if m.scale_factor_mode == "estimate" and m.scale_factor is not None:
+        problems.append("model.scale_factor is set but model.scale_factor_mode=estimate would replace it: "
+                        "set model.scale_factor=null or model.scale_factor_mode=spec")
+    if not _is_url_set(m.first_stage_ckpt) and not m.allow_random_first_stage and cfg.data.input == "image":
+        problems.append("model.first_stage_ckpt is not set: give the exported autoencoder checkpoint "
+                        "(train one with experiment=autoencoder_* ) or set model.allow_random_first_stage=true "
+                        "for tests")
+    conditioning = {"text": "text", "openclip": "text", "class": "class", "label": "class"}.get(spec.cond_stage.kind, "none")
+    if cfg.data.conditioning != conditioning:
+        problems.append(f"data.conditioning={cfg.data.conditioning!r} but model {spec.name} is conditioned on "
+                        f"{conditioning!r}: set data.conditioning={conditioning} or choose another model.flavour")
+    if cfg.data.input == "image" and cfg.data.resolution != spec.image_size:
+        problems.append(f"data.resolution={cfg.data.resolution} but model {spec.name} is built for "
+                        f"{spec.image_size}px images: set data.resolution={spec.image_size} or "
+                        f"model.overrides.image_size={cfg.data.resolution}")
+    try:
+        d.validate()
+    except ValueError as exc:
+        problems.append(str(exc))
+    try:
+        cfg.eval.sampler.validate()
+    except ValueError as exc:
+        problems.append(f"eval.sampler: {exc}")
+    if conditioning == "text" and (cfg.eval.sample_every > 0 or cfg.eval.sample_at_end) and not cfg.eval.prompts:
+        problems.append("eval.prompts is empty but a text model samples grids: list prompts or set "
+                        "eval.sample_every=0 eval.sample_at_end=false")
+    return spec
+
+
+def _check_autoencoder(cfg: Config, problems: List[str]) -> Optional[FirstStageConfig]:
+    name = cfg.model.autoencoder
+    if name is None or name not in AUTOENCODERS:
+        problems.append(f"model.autoencoder={name!r}: task=autoencoder needs one of {sorted(AUTOENCODERS)}")
+        return None
+    ae = _merge_overrides(copy.deepcopy(AUTOENCODERS[name]), cfg.model.overrides, "model.overrides", problems)
+    if cfg.data.input != "image":
+        problems.append("task=autoencoder trains on images: set data.input=image")
+    return ae
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> Plan:
+    """Check the whole configuration and derive the plan; raise :class:`ConfigError` listing every problem."""
+    world_size = world_size or dist.get_dist_info().world_size
+    problems: List[str] = []
+    if cfg.task not in TASKS:
+        problems.append(f"task={cfg.task!r}: expected one of {TASKS}")
+    batch = _batch_plan(cfg.train, world_size, problems)
+    try:
+        cfg.data.validate()
+    except ValueError as exc:
+        problems.append(str(exc))
+    else:
+        if any(not _is_url_set(u) for u in cfg.data.urls):
+            problems.append(f"data.urls={cfg.data.urls} has an unset entry: give the shard URLs, e.g. "
+                            "data.urls=\"['s3://bucket/laion/{00000..41407}.tar']\"")
+
+    spec = autoencoder = None
+    if cfg.task == "ldm":
+        spec = _check_ldm(cfg, problems)
+    elif cfg.task == "autoencoder":
+        autoencoder = _check_autoencoder(cfg, problems)
+
+    ds, z = cfg.deepspeed, cfg.deepspeed.zero
+    if z.stage not in (0, 1, 2, 3):
+        problems.append(f"deepspeed.zero.stage={z.stage}: expected 0, 1, 2 or 3")
+    if z.offload_param and z.stage != 3:
+        problems.append("deepspeed.zero.offload_param needs deepspeed.zero.stage=3 (use deepspeed=zero3_offload)")
+    if z.offload_optimizer and z.stage == 0:
+        problems.append("deepspeed.zero.offload_optimizer needs ZeRO stage >= 1")
+    if ds.precision not in ("fp32", "bf16", "fp16"):
+        problems.append(f"deepspeed.precision={ds.precision!r}: expected fp32, bf16 or fp16")
+    if ds.gradient_clipping < 0:
+        problems.append("deepspeed.gradient_clipping must be >= 0 (0 disables clipping)")
+
+    o = cfg.optim
+    if o.lr <= 0:
+        problems.append(f"optim.lr={o.lr}: must be > 0")
+    if o.schedule not in ("constant", "cosine", "linear"):
+        problems.append(f"optim.schedule={o.schedule!r}: expected constant, cosine or linear")
+    if len(o.betas) != 2:
+        problems.append(f"optim.betas={o.betas}: give two numbers, e.g. [0.9, 0.999]")
+    if o.scale_lr and o.lr_reference_batch < 1:
+        problems.append("optim.lr_reference_batch must be >= 1 when optim.scale_lr=true")
+
+    t = cfg.train
+    if t.max_steps < 1:
+        problems.append(f"train.max_steps={t.max_steps}: must be >= 1")
+    if t.log_every < 1:
+        problems.append(f"train.log_every={t.log_every}: must be >= 1")
+    if t.max_consecutive_nonfinite < 1:
+        problems.append("train.max_consecutive_nonfinite must be >= 1")
+    if not _is_url_set(cfg.checkpoint.root):
+        problems.append("checkpoint.root is not set: give a local directory or an object-store URL "
+                        "(e.g. checkpoint.root=s3://bucket/ckpt)")
+    if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_last < 1:
+        problems.append("checkpoint.every_steps must be >= 0 (0 = only final) and checkpoint.keep_last >= 1")
+    if cfg.logger.backend not in ("wandb", "none"):
+        problems.append(f"logger.backend={cfg.logger.backend!r}: expected wandb or none")
+    if cfg.logger.mode not in ("auto", "online", "offline", "disabled"):
+        problems.append(f"logger.mode={cfg.logger.mode!r}: expected auto, online, offline or disabled")
+
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    if spec is not None:
+        image_size, latent_size, channels = spec.image_size, spec.latent_size, spec.first_stage.latent_channels
+    else:
+        assert autoencoder is not None
+        image_size = cfg.data.resolution
+        latent_size = image_size // autoencoder.downsample_factor
+        channels = autoencoder.latent_channels
+    return Plan(batch=batch, image_size=image_size, latent_size=latent_size, latent_channels=channels,
+                peak_lr=peak_lr(cfg.optim, batch), spec=spec, autoencoder=autoencoder)
+
+
+# ------------------------------------------------------------------------------------------
+# Run identity and the resolved config on disk
+
+def resolve_run_id(cfg: Config) -> str:
+    """The run id, identical on every rank.
+
+    From the config, else ``$LDM_SCALE_RUN_ID`` (set it in a requeued SLURM job so the run resumes),
+    else generated on rank 0 and broadcast (``${now:}`` differs between ranks, hydra #2070).
+    """
+    run_id = cfg.run_id or os.environ.get(RUN_ID_ENV)
+    if not run_id:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        run_id = f"{cfg.name}-{stamp}-{secrets.token_hex(3)}"
+    # Broadcast even a configured id: ranks that disagree (different env per node) would write apart.
+    return dist.broadcast_object(run_id, src=0)
+
+
+def resolved_dict(cfg: Config) -> Dict[str, Any]:
+    """The fully resolved configuration as plain containers (for JSON, W&B and checkpoints)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def write_resolved(cfg: Config, plan: Plan, run_dir: Path) -> Path:
+    """Write ``config.yaml`` (resolved) and ``plan.json`` to the run directory (rank 0 only)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True))
+    plan_dict = {
+        "global_batch_size": plan.batch.global_batch_size,
+        "micro_batch_size": plan.batch.micro_batch_size,
+        "gradient_accumulation_steps": plan.batch.gradient_accumulation_steps,
+        "world_size": plan.batch.world_size, "image_size": plan.image_size,
+        "latent_size": plan.latent_size, "latent_channels": plan.latent_channels, "peak_lr": plan.peak_lr,
+        "spec": dataclasses.asdict(plan.spec) if plan.spec is not None else None,
+        "autoencoder": dataclasses.asdict(plan.autoencoder) if plan.autoencoder is not None else None,
+    }
+    (run_dir / "plan.json").write_text(json.dumps(plan_dict, indent=2) + "\n")
+    return path
