@@ -1,5 +1,5 @@
 """Pure diffusion maths: schedules, training objective, samplers, guidance (torch only, no I/O)."""
-from ldm_scale.diffusion.guidance import bind_condition, classifier_free, concat_conditioning
+from ldm_scale.diffusion.guidance import bind_condition, classifier_free
 from ldm_scale.diffusion.latent_scale import latent_moments, scale_factor_from_moments
 from ldm_scale.diffusion.objective import DiffusionConfig, diffusion_loss, drop_conditions, loss_weight, q_sample
 from ldm_scale.diffusion.prediction import PARAMETERIZATIONS, prediction_target, to_eps, x0_and_eps
@@ -26,5 +26,5 @@ __all__ = [
     "latent_moments", "scale_factor_from_moments",
     "SamplerConfig", "SAMPLERS", "SPACINGS", "sampling_timesteps", "ddim_plan", "ddpm_plan",
     "ddim_sample", "ddim_invert", "plms_sample", "ddpm_sample", "sample", "num_model_calls",
-    "bind_condition", "classifier_free", "concat_conditioning",
+    "bind_condition", "classifier_free",
 ]

@@ -1,8 +1,9 @@
-"""Denoiser wrappers: classifier-free guidance and channel-concat conditioning.
+"""Denoiser wrappers: bind a condition, classifier-free guidance.
 
 A *conditional* denoiser is ``model_fn_with_cond(x, t, cond) -> prediction`` where ``cond`` is the
 dict of UNet keyword arguments a conditioner produced (``{"context": [B, L, D]}``, ``{"y": [B]}``
-or ``{}``). The wrappers return plain denoisers ``model_fn(x, t)`` for the samplers.
+or ``{}``; a ``"concat"`` entry, the channel-concatenated input of inpainting models, is batched
+like the others, so both guidance branches see it). The wrappers return plain denoisers ``model_fn(x, t)`` for the samplers.
 """
 from __future__ import annotations
 
@@ -49,15 +50,3 @@ def classifier_free(
 
     return guided
 
-
-def concat_conditioning(model_fn_with_cond: CondModelFn, concat: torch.Tensor) -> CondModelFn:
-    """Feed ``cat([x, concat], dim=1)`` to the network (SD inpainting: concat = [mask, masked-image latent],
-    4 + 1 + 4 = 9 input channels). Apply before ``classifier_free``: a 2B batch reuses the same ``concat``.
-    """
-    def fn(x: torch.Tensor, t: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
-        if x.shape[0] % concat.shape[0] != 0 or x.shape[2:] != concat.shape[2:]:
-            raise ValueError(f"concat conditioning of shape {tuple(concat.shape)} does not fit x {tuple(x.shape)}")
-        extra = concat.repeat(x.shape[0] // concat.shape[0], *([1] * (concat.ndim - 1)))
-        return model_fn_with_cond(torch.cat([x, extra.to(x.dtype)], dim=1), t, cond)
-
-    return fn

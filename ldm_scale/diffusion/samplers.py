@@ -30,8 +30,8 @@ the first of them with ``x_T`` as the noise (diffusers' convention; CompVis' img
 one DDIM step beyond the first step it runs). With ``inpaint_mask`` (1 = keep ``init_latent``,
 0 = generate; latent resolution) the known region is re-noised to the current level and pasted in
 before every step (CompVis ``p_sample_ddim`` ``mask``/``x0``), and pasted clean at the end.
-Models trained with the mask concatenated to their input (9-channel SD inpainting) instead use
-``guidance.concat_conditioning``.
+Models trained with the mask concatenated to their input (9-channel inpainting) instead get a
+``"concat"`` condition (``ldm_scale.sampling``) and run the plain samplers.
 """
 from __future__ import annotations
 

@@ -7,7 +7,6 @@ import torch
 from ldm_scale.diffusion import (
     SamplerConfig,
     classifier_free,
-    concat_conditioning,
     ddim_invert,
     ddim_plan,
     ddim_sample,
@@ -192,19 +191,6 @@ def test_img2img_strength_and_inpainting_blend():
         ddim_sample(fn, x_T, SCHEDULE, steps=5, strength=0.5)
     with pytest.raises(ValueError, match="no denoising step"):
         ddim_sample(fn, x_T, SCHEDULE, steps=5, init_latent=init, strength=0.1)
-
-
-def test_concat_conditioning_feeds_extra_channels():
-    seen = []
-
-    def nine_channel(x, t, cond):
-        seen.append(x.shape)
-        return x[:, :4] * 0
-
-    concat = torch.randn(2, 5, 8, 8)
-    fn = classifier_free(concat_conditioning(nine_channel, concat), {"y": torch.ones(2)}, {"y": torch.zeros(2)}, 3.0)
-    fn(torch.randn(2, 4, 8, 8), torch.zeros(2, dtype=torch.long))
-    assert seen == [torch.Size([4, 9, 8, 8])]
 
 
 def test_sample_dispatch_and_call_counts():
