@@ -1,0 +1,132 @@
+"""Registry flavours, LatentDiffusion container and parameter counts."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from ldm_scale.models import FLAVOURS, LatentDiffusion, build_ldm, get_spec, parameter_counts, spec_from_dict
+from ldm_scale.models.registry import LDMSpec, main
+
+RAW = {"tiny": ["a red square", "a blue circle"], "tiny_cin": torch.tensor([1, 7]), "tiny_uncond": None}
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_cin", "tiny_uncond"])
+def test_tiny_flavours_run_forward(name):
+    torch.manual_seed(0)
+    model = build_ldm(name)
+    spec = FLAVOURS[name]
+    x = torch.rand(2, 3, spec.image_size, spec.image_size) * 2 - 1
+    z = model.encode_images(x, generator=torch.Generator().manual_seed(0))
+    assert z.shape == (2, 4, spec.latent_size, spec.latent_size) == (2, 4, 8, 8)
+    assert not z.requires_grad
+    cond = model.condition(RAW[name])
+    null = model.condition(model.cond_stage.null_raw(2))
+    assert set(cond) == set(null)
+    out = model.apply_model(z, torch.tensor([10, 900]), cond)
+    assert out.shape == z.shape
+    assert model.decode_latents(z).shape == x.shape
+    # UNet parameter budget of the tiny flavours (~1-3M: trains on CPU in minutes).
+    assert 1e6 < parameter_counts(model)["unet"] < 3e6
+
+
+def test_first_stage_frozen_and_trainable_parameters():
+    model = build_ldm("tiny")
+    assert not any(p.requires_grad for p in model.first_stage.parameters())
+    model.train()
+    assert model.unet.training and model.cond_stage.training and not model.first_stage.training
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert trainable == {id(p) for p in [*model.unet.parameters(), *model.cond_stage.parameters()]}
+    assert "scale_factor" in model.state_dict()
+
+
+def test_scale_factor_scales_latents():
+    torch.manual_seed(0)
+    model = build_ldm("tiny_uncond")
+    model.scale_factor.fill_(0.5)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    z = model.encode_images(x, generator=torch.Generator().manual_seed(0))
+    z_raw = model.first_stage.encode_to_latent(x, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z, 0.5 * z_raw)
+    torch.testing.assert_close(model.decode_latents(z), model.first_stage.decode(z_raw))
+
+
+def test_apply_model_concatenates_concat_condition():
+    torch.manual_seed(0)
+    spec = get_spec("tiny_uncond")
+    spec.unet.in_channels = 9  # 4 latent + 1 mask + 4 masked-image latent (inpainting layout)
+    spec.cond_stage.kind, spec.cond_stage.concat_channels = "concat", 5
+    model = build_ldm(spec)
+    z, concat = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 8, 8)
+    with torch.no_grad():
+        model.unet.out[2].weight.normal_()
+        out = model.apply_model(z, torch.tensor([1, 2]), model.condition(concat))
+        torch.testing.assert_close(out, model.unet(torch.cat([z, concat], 1), torch.tensor([1, 2])))
+    with pytest.raises(ValueError, match="unknown condition keys"):
+        model.apply_model(z, torch.tensor([1, 2]), {"ctx": concat})
+
+
+@pytest.mark.parametrize("name", ["ldm_kl8_cin", "ldm_uncond_kl8", "txt2img_kl8"])
+def test_big_flavours_build_on_meta_and_run(name):
+    model = build_ldm(name, device="meta")
+    assert all(p.is_meta for p in model.parameters())
+    spec = FLAVOURS[name]
+    z = torch.empty(2, 4, spec.latent_size, spec.latent_size, device="meta")
+    cond = {}
+    if spec.unet.use_spatial_transformer:
+        length = 77 if spec.cond_stage.kind == "text" else 1
+        cond["context"] = torch.empty(2, length, spec.unet.context_dim, device="meta")
+    out = model.apply_model(z, torch.zeros(2, dtype=torch.long, device="meta"), cond)
+    assert out.shape == z.shape
+
+
+def test_paper_1p45b_text_to_image_parameter_count():
+    counts = parameter_counts(build_ldm("txt2img_kl8", device="meta"))
+    assert counts["unet"] == 872_300_484
+    assert counts["cond_stage"] == 542_895_360
+    assert counts["trainable"] == 1_415_195_844
+    assert counts["first_stage"] == 83_653_863
+    # The paper reports 1.45B for LDM-KL-8-G (UNet + text transformer). CompVis' x-transformers
+    # wrapper also carries a language-model head `to_logits` (1280 x 30522 + bias) that is never
+    # used (return_embeddings=True) and that we do not build; with it the count is 1,454,294,526,
+    # i.e. 1.45B to the paper's three significant figures (half-unit tolerance: 0.005B = 0.35%).
+    to_logits = 1280 * 30522 + 30522
+    assert abs(counts["trainable"] + to_logits - 1.45e9) <= 0.005e9
+
+
+def test_class_conditional_imagenet_flavour_matches_compvis_config():
+    spec = FLAVOURS["ldm_kl8_cin"]
+    assert (spec.unet.model_channels, spec.unet.channel_mult, spec.unet.attention_resolutions) == (256, [1, 2, 4], [4, 2, 1])
+    assert spec.unet.num_head_channels == 32 and spec.unet.context_dim == 512
+    assert spec.cond_stage.classes.n_classes == 1000 and spec.latent_size == 32
+
+
+def test_spec_round_trips_through_a_dict():
+    spec = get_spec("txt2img_kl8")
+    data = dataclasses.asdict(spec)
+    assert spec_from_dict(data) == spec
+    data["unet"]["not_a_field"] = 1
+    with pytest.raises(ValueError, match="not_a_field"):
+        spec_from_dict(data)
+
+
+def test_spec_validation_errors():
+    spec = get_spec("tiny")
+    spec.unet.in_channels = 5
+    with pytest.raises(ValueError, match="in_channels"):
+        build_ldm(spec)
+    spec = get_spec("tiny")
+    spec.image_size = 30
+    with pytest.raises(ValueError, match="divisible"):
+        build_ldm(spec)
+    with pytest.raises(KeyError, match="available"):
+        build_ldm("txt2img_huge")
+    assert isinstance(LDMSpec(), LDMSpec)
+
+
+def test_registry_main_prints_every_flavour(capsys):
+    main()
+    out = capsys.readouterr().out
+    for name in FLAVOURS:
+        assert name in out
+    assert "1415.20M" in out  # txt2img_kl8 trainable parameters
