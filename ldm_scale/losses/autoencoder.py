@@ -110,18 +110,22 @@ def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
 
 class LearnedLogVariance(nn.Module):
     """The NLL's scalar log-variance. A module so it can sit in the generator's optimiser (and its
-    checkpoint) next to the autoencoder; frozen (a buffer) when ``learn`` is False."""
+    checkpoint) next to the autoencoder; frozen (a buffer) when ``learn`` is False.
+
+    Stored with shape ``[1]``, not as a 0-d tensor: DeepSpeed broadcasts parameters as byte views,
+    which 0-d tensors do not allow."""
 
     def __init__(self, init: float, learn: bool):
         super().__init__()
-        value = torch.tensor(float(init))
+        value = torch.tensor([float(init)])
         if learn:
             self.logvar = nn.Parameter(value)
         else:
             self.register_buffer("logvar", value)
 
     def forward(self) -> torch.Tensor:
-        return self.logvar
+        """The log-variance as a 0-d tensor."""
+        return self.logvar[0]
 
 
 class AutoencoderLoss(nn.Module):

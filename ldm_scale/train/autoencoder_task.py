@@ -1,0 +1,249 @@
+"""What one training step of a first-stage autoencoder computes (Rombach et al. 2022, Sec. 3.1).
+
+Two optimisers, as in the paper's adversarial training: a **generator** engine (the autoencoder
+plus the NLL's learned log-variance) and a **discriminator** engine (the PatchGAN). Each is a
+DeepSpeed engine with its own optimizer state, lr schedule and checkpoint files.
+
+One micro-batch:
+  1. generator engine forward -> reconstruction (+ posterior KL or VQ codebook loss) and, if the
+     GAN is active (optimizer step >= ``disc_start``), the discriminator's logits on the
+     reconstruction with the discriminator's parameters frozen (gradients reach the decoder, not
+     the discriminator, and do not fire its ZeRO hooks) and the adaptive weight at the decoder's
+     last layer; the forward returns the generator loss;
+  2. generator backward + step;
+  3. if the GAN is active: discriminator engine forward on the input and on the detached
+     reconstruction -> discriminator loss, backward + step. Before ``disc_start`` the discriminator engine is never called,
+     so its weights and optimizer state stay at their initial values.
+
+ZeRO-3 is refused: the adaptive weight needs ``autograd.grad`` of two losses w.r.t. the decoder's
+last-layer weight, and ZeRO-3 partitions that parameter across ranks (each rank holds a flat shard
+and the gathered weight is released after its use), so the gradient norm of one rank is not the
+norm the formula needs. ZeRO-1 and ZeRO-2 keep full parameters on every rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from dataclasses import replace
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ldm_scale.losses import AutoencoderLoss, AutoencoderLossConfig, LearnedLogVariance, PatchDiscriminator, gan_active
+from ldm_scale.models.registry import FirstStageConfig, build_autoencoder
+from ldm_scale.train import engine as ds_engine
+from ldm_scale.train.engine import BatchPlan, OptimConfig
+
+log = logging.getLogger(__name__)
+
+
+def check_autoencoder_plan(first_stage: FirstStageConfig, loss: AutoencoderLossConfig, zero_stage: int,
+                           image_size: Optional[int] = None) -> None:
+    """Cross-field checks for autoencoder training, run by ``config.validate()`` before allocation."""
+    loss.check()
+    if zero_stage == 3:
+        raise ValueError(
+            "autoencoder training does not support deepspeed.zero.stage=3: the adaptive GAN weight "
+            "(Esser et al. 2021, Eq. 7) needs autograd.grad of the reconstruction and GAN losses w.r.t. "
+            "the decoder's last-layer weight, and ZeRO-3 partitions that parameter across ranks. Use "
+            "stage 1 or 2 (autoencoders are small enough that only optimizer/gradient sharding matters).")
+    if first_stage.kind not in ("kl", "vq"):
+        raise ValueError(f"model.first_stage.kind={first_stage.kind!r}: choose 'kl' or 'vq'")
+    f = first_stage.downsample_factor
+    if image_size is not None and image_size % f:
+        raise ValueError(f"data image size {image_size} is not divisible by the autoencoder's factor f={f}")
+    if loss.discriminator.in_channels != (first_stage.kl if first_stage.kind == "kl" else first_stage.vq).ddconfig.out_ch:
+        raise ValueError("loss.discriminator.in_channels must equal the autoencoder's output channels")
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Switch off ``requires_grad`` of a module's parameters (gradients still flow to its inputs)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class AutoencoderGenerator(nn.Module):
+    """The generator engine's module: the autoencoder and the NLL log-variance (trained together,
+    checkpointed together). ``forward`` returns the generator loss itself.
+
+    Why the loss is computed inside ``forward``: a DeepSpeed engine hooks the tensors its forward
+    returns, and any autograd pass through them (including the ``autograd.grad`` of the adaptive
+    weight) would start the engine's backward bookkeeping and gradient reduction. Inside forward
+    the graph has no such hooks yet, so the adaptive weight is a plain local computation.
+    """
+
+    def __init__(self, autoencoder: nn.Module, logvar: LearnedLogVariance, kind: str):
+        super().__init__()
+        if kind not in ("kl", "vq"):
+            raise ValueError(f"first stage kind {kind!r}: expected 'kl' or 'vq'")
+        self.autoencoder = autoencoder
+        self.loss_logvar = logvar
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor, *, step: int, objective: AutoencoderLoss,
+                discriminator: Optional[nn.Module]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
+        """-> (generator loss, detached loss terms, detached reconstruction).
+
+        ``discriminator`` (the bare PatchGAN, not its engine) is needed from ``disc_start`` on; its
+        parameters are frozen while it scores the reconstruction.
+        """
+        extra: Dict[str, torch.Tensor] = {}
+        if self.kind == "kl":
+            recon, posterior = self.autoencoder(x, sample_posterior=True)
+            reg = {"kl": posterior.kl().float()}
+        else:
+            recon, emb_loss, info = self.autoencoder(x)
+            reg = {"codebook_loss": emb_loss.float()}
+            extra = {"perplexity": info["perplexity"].detach().float(),
+                     "codebook_usage": info["usage"].detach().float()}
+        recon = recon.float()
+        logits_fake, last_layer = None, None
+        if discriminator is not None and gan_active(step, objective.cfg.disc_start):
+            # Gradients reach the decoder through D but not D's own weights: those belong to the
+            # discriminator engine, whose ZeRO gradient hooks must not fire in this backward.
+            with frozen(discriminator):
+                logits_fake = discriminator(recon).float()
+            last_layer = self.autoencoder.get_last_layer()
+        loss, logs = objective.generator_loss(x.float(), recon, logvar=self.loss_logvar().float(), step=step,
+                                              logits_fake=logits_fake, last_layer=last_layer, **reg)
+        logs.update(extra)
+        return loss, logs, recon.detach()
+
+
+class DiscriminatorWithLoss(nn.Module):
+    """The discriminator engine's module: the PatchGAN (``net``) scoring real and reconstructed
+    images in two separate passes (so batch-norm statistics are not mixed), returning its loss."""
+
+    def __init__(self, net: PatchDiscriminator):
+        super().__init__()
+        self.net = net
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor, *, objective: AutoencoderLoss
+                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        return objective.discriminator_loss(self.net(real).float(), self.net(fake.detach()).float())
+
+
+def explain_lr(optim: OptimConfig, plan: BatchPlan, num_nodes: int) -> str:
+    """One log line that makes the learning-rate scaling explicit.
+
+    CompVis scaled ``base_learning_rate`` by ``accumulate_grad_batches * ngpu * batch_size`` with
+    ``ngpu`` the GPUs *of one node*, so multi-node runs silently trained with a smaller lr than the
+    formula suggests. Here the factor is the true global batch.
+    """
+    lr = ds_engine.peak_lr(optim, plan)
+    if not optim.scale_lr:
+        return f"learning rate {lr:.4g} (optim.scale_lr=false: not scaled by the batch)"
+    per_node = max(plan.world_size // max(num_nodes, 1), 1)
+    compvis = optim.lr * plan.micro_batch_size * plan.gradient_accumulation_steps * per_node
+    return (f"learning rate {lr:.4g} = base {optim.lr:.4g} x global batch {plan.global_batch_size} "
+            f"(micro {plan.micro_batch_size} x accumulation {plan.gradient_accumulation_steps} x world "
+            f"{plan.world_size} over {num_nodes} node(s)) / reference batch {optim.lr_reference_batch}; "
+            f"CompVis' formula (GPUs of one node only) would give {compvis:.4g}")
+
+
+class AutoencoderTask:
+    """Builds the two engines and computes one micro-batch. Parts are built by the caller and passed in:
+    ``perceptual`` is the frozen LPIPS network (``losses.build_lpips``) or None."""
+
+    def __init__(self, first_stage: FirstStageConfig, loss_cfg: AutoencoderLossConfig, *,
+                 perceptual: Optional[nn.Module], ds_config: Dict[str, Any], optim: OptimConfig,
+                 plan: BatchPlan, total_steps: int, device: torch.device, num_nodes: int = 1):
+        check_autoencoder_plan(first_stage, loss_cfg, ds_config["zero_optimization"]["stage"])
+        self.kind = first_stage.kind
+        self.first_stage_cfg = first_stage
+        self.cfg = loss_cfg
+        self.device = device
+        self.ds_config = ds_config
+        self.loss = AutoencoderLoss(loss_cfg, perceptual.to(device) if perceptual is not None else None)
+
+        generator = AutoencoderGenerator(
+            build_autoencoder(first_stage), LearnedLogVariance(loss_cfg.logvar_init, loss_cfg.learn_logvar),
+            first_stage.kind)
+        discriminator = DiscriminatorWithLoss(PatchDiscriminator(loss_cfg.discriminator))
+        # Same Adam settings for both (the paper), the discriminator's lr scaled by disc_lr_ratio.
+        disc_optim = replace(copy.deepcopy(optim), lr=optim.lr * loss_cfg.disc_lr_ratio)
+        self.generator = ds_engine.initialize_engine(generator.to(device), ds_config, optim, plan, total_steps)
+        self.discriminator = ds_engine.initialize_engine(discriminator.to(device), ds_config, disc_optim, plan,
+                                                         total_steps)
+        log.info("autoencoder (%s): %s", first_stage.kind, explain_lr(optim, plan, num_nodes))
+        log.info("discriminator: lr ratio %g, GAN terms from optimizer step %d, %s loss, adaptive weight x %g",
+                 loss_cfg.disc_lr_ratio, loss_cfg.disc_start, loss_cfg.disc_loss, loss_cfg.disc_weight)
+
+    # -- the engines, by name, for the checkpointer and the loop --------------------------------
+    @property
+    def engines(self) -> Dict[str, Any]:
+        return {"generator": self.generator, "discriminator": self.discriminator}
+
+    @property
+    def autoencoder(self) -> nn.Module:
+        return self.generator.module.autoencoder
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps applied so far (the generator's count; restored by load_checkpoint)."""
+        return int(self.generator.global_steps)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return ds_engine.autocast(self.ds_config, self.device)
+
+    def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
+        """One micro-batch through both optimisers; returns the detached loss terms."""
+        self.generator.train()
+        self.discriminator.train()
+        x = batch["image"].to(self.device, non_blocking=True)
+        step = self.global_step
+        gan_on = gan_active(step, self.cfg.disc_start) and self.cfg.disc_factor > 0
+
+        with self._autocast():
+            loss, logs, recon = self.generator(x, step=step, objective=self.loss,
+                                               discriminator=self.discriminator.module.net if gan_on else None)
+        self.generator.backward(loss)
+        self.generator.step()
+
+        if gan_on:
+            with self._autocast():
+                d_loss, d_logs = self.discriminator(x, recon, objective=self.loss)
+            self.discriminator.backward(d_loss)
+            self.discriminator.step()
+            logs.update(d_logs)
+        return {k: float(v) for k, v in logs.items()}
+
+    def optimizer_stats(self) -> Dict[str, float]:
+        """lr and grad norm of both engines, prefixed ``generator/`` and ``discriminator/``."""
+        stats: Dict[str, float] = {}
+        for name, engine in self.engines.items():
+            for key, value in ds_engine.engine_stats(engine).items():
+                stats[f"{name}/{key}"] = value
+        return stats
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstructions (posterior mode for KL) for logging side by side."""
+        was_training = self.autoencoder.training
+        self.autoencoder.eval()
+        x = images.to(self.device)
+        with self._autocast():
+            if self.kind == "kl":
+                recon, _ = self.autoencoder(x, sample_posterior=False)
+            else:
+                recon, _, _ = self.autoencoder(x)
+        self.autoencoder.train(was_training)
+        return recon.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def latent_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """[count, sum, sum of squares] of the LDM-seam latents of ``images`` (for the scale factor)."""
+        from ldm_scale.diffusion.latent_scale import latent_moments
+
+        with self._autocast():
+            z = self.autoencoder.encode_to_latent(images.to(self.device))
+        return latent_moments(z)
