@@ -26,15 +26,20 @@ import contextlib
 import copy
 import logging
 from dataclasses import replace
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ldm_scale.losses import AutoencoderLoss, AutoencoderLossConfig, LearnedLogVariance, PatchDiscriminator, gan_active
+from ldm_scale import dist
+from ldm_scale.losses import (AutoencoderLoss, AutoencoderLossConfig, LearnedLogVariance, PatchDiscriminator, build_lpips,
+                              gan_active)
 from ldm_scale.models.registry import FirstStageConfig, build_autoencoder
 from ldm_scale.train import engine as ds_engine
 from ldm_scale.train.engine import BatchPlan, OptimConfig
+
+if TYPE_CHECKING:  # config imports the engine module; the task only needs the types
+    from ldm_scale.config import Config, Plan
 
 log = logging.getLogger(__name__)
 
@@ -151,36 +156,48 @@ def explain_lr(optim: OptimConfig, plan: BatchPlan, num_nodes: int) -> str:
 
 
 class AutoencoderTask:
-    """Builds the two engines and computes one micro-batch. Parts are built by the caller and passed in:
-    ``perceptual`` is the frozen LPIPS network (``losses.build_lpips``) or None."""
+    """The loop's task for ``task: autoencoder`` (interface in ``train/tasks.py``): two engines, one
+    micro-batch per ``train_step``. Parts are built by the caller and passed in: ``perceptual`` is the
+    frozen LPIPS network (``losses.build_lpips``) or None when ``perceptual_weight`` is 0."""
 
     def __init__(self, first_stage: FirstStageConfig, loss_cfg: AutoencoderLossConfig, *,
                  perceptual: Optional[nn.Module], ds_config: Dict[str, Any], optim: OptimConfig,
-                 plan: BatchPlan, total_steps: int, device: torch.device, num_nodes: int = 1):
+                 plan: BatchPlan, total_steps: int, device: torch.device, seed: int = 0,
+                 num_log_images: int = 8):
         check_autoencoder_plan(first_stage, loss_cfg, ds_config["zero_optimization"]["stage"])
         self.kind = first_stage.kind
         self.first_stage_cfg = first_stage
         self.cfg = loss_cfg
         self.device = device
         self.ds_config = ds_config
+        self.num_log_images = num_log_images
+        self._log_inputs: Optional[torch.Tensor] = None
+        # 1. Frozen parts (LPIPS) outside DeepSpeed.
         self.loss = AutoencoderLoss(loss_cfg, perceptual.to(device) if perceptual is not None else None)
 
+        # 2. Trainable parts, same seed on every rank so ZeRO-1/2 replicas start equal.
+        torch.manual_seed(seed)
         generator = AutoencoderGenerator(
             build_autoencoder(first_stage), LearnedLogVariance(loss_cfg.logvar_init, loss_cfg.learn_logvar),
             first_stage.kind)
         discriminator = DiscriminatorWithLoss(PatchDiscriminator(loss_cfg.discriminator))
-        # Same Adam settings for both (the paper), the discriminator's lr scaled by disc_lr_ratio.
+
+        # 3. Two engines. Same Adam settings (the paper); the discriminator's lr x disc_lr_ratio.
         disc_optim = replace(copy.deepcopy(optim), lr=optim.lr * loss_cfg.disc_lr_ratio)
         self.generator = ds_engine.initialize_engine(generator.to(device), ds_config, optim, plan, total_steps)
         self.discriminator = ds_engine.initialize_engine(discriminator.to(device), ds_config, disc_optim, plan,
                                                          total_steps)
-        log.info("autoencoder (%s): %s", first_stage.kind, explain_lr(optim, plan, num_nodes))
-        log.info("discriminator: lr ratio %g, GAN terms from optimizer step %d, %s loss, adaptive weight x %g",
+        log.info("autoencoder (%s): %s", first_stage.kind,
+                 explain_lr(optim, plan, dist.get_dist_info().num_nodes))
+        log.info("discriminator: lr x %g, GAN terms from optimizer step %d, %s loss, adaptive weight x %g",
                  loss_cfg.disc_lr_ratio, loss_cfg.disc_start, loss_cfg.disc_loss, loss_cfg.disc_weight)
+        # Per-rank stream for posterior sampling (the global RNG, saved in rng_rank<R>.pt).
+        torch.manual_seed(seed + 7919 * (dist.get_dist_info().rank + 1))
 
-    # -- the engines, by name, for the checkpointer and the loop --------------------------------
+    # ----------------------------------------------------------------------------- loop interface
     @property
     def engines(self) -> Dict[str, Any]:
+        """Both engines, checkpointed by name (each with its own optimizer and scheduler state)."""
         return {"generator": self.generator, "discriminator": self.discriminator}
 
     @property
@@ -188,46 +205,80 @@ class AutoencoderTask:
         return self.generator.module.autoencoder
 
     @property
+    def ema_module(self) -> nn.Module:
+        """The EMA (optional for autoencoders: ``ema.enabled``) tracks the autoencoder's weights."""
+        return self.autoencoder
+
+    @property
     def global_step(self) -> int:
         """Optimizer steps applied so far (the generator's count; restored by load_checkpoint)."""
         return int(self.generator.global_steps)
 
+    def client_state(self) -> Dict[str, Any]:
+        return {"first_stage_kind": self.kind,
+                "discriminator_steps": int(self.discriminator.global_steps)}
+
+    def load_client_state(self, state: Dict[str, Any]) -> None:
+        kind = state.get("first_stage_kind", self.kind)
+        if kind != self.kind:
+            raise ValueError(f"checkpoint holds a {kind!r} autoencoder but this run trains a {self.kind!r} one")
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         return ds_engine.autocast(self.ds_config, self.device)
 
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        # Every rank must take the same branch: one rank skipping backward while the others reduce
+        # gradients would hang the job. One scalar all-reduce per micro-batch.
+        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0], device=self.device)
+        dist.all_reduce_sum(bad)
+        return bad.item() == 0
+
     def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
-        """One micro-batch through both optimisers; returns the detached loss terms."""
+        """One micro-batch through both optimisers; returns the detached loss terms.
+
+        A non-finite generator loss on any rank skips the whole micro-batch on every rank
+        (``nonfinite = 1``); a non-finite discriminator loss skips only the discriminator update.
+        """
         self.generator.train()
         self.discriminator.train()
         x = batch["image"].to(self.device, non_blocking=True)
+        if self._log_inputs is None:  # a fixed set of images for the reconstruction grids
+            self._log_inputs = x[: self.num_log_images].detach().cpu()
         step = self.global_step
         gan_on = gan_active(step, self.cfg.disc_start) and self.cfg.disc_factor > 0
 
         with self._autocast():
             loss, logs, recon = self.generator(x, step=step, objective=self.loss,
                                                discriminator=self.discriminator.module.net if gan_on else None)
+        if not self._all_finite(loss):
+            return {"nonfinite": 1.0}
         self.generator.backward(loss)
         self.generator.step()
+        logs["nonfinite"] = torch.tensor(0.0)
 
         if gan_on:
             with self._autocast():
                 d_loss, d_logs = self.discriminator(x, recon, objective=self.loss)
-            self.discriminator.backward(d_loss)
-            self.discriminator.step()
-            logs.update(d_logs)
+            if self._all_finite(d_loss):
+                self.discriminator.backward(d_loss)
+                self.discriminator.step()
+                logs.update(d_logs)
+            else:
+                logs["disc_nonfinite"] = torch.tensor(1.0)
         return {k: float(v) for k, v in logs.items()}
 
     def optimizer_stats(self) -> Dict[str, float]:
-        """lr and grad norm of both engines, prefixed ``generator/`` and ``discriminator/``."""
-        stats: Dict[str, float] = {}
-        for name, engine in self.engines.items():
-            for key, value in ds_engine.engine_stats(engine).items():
-                stats[f"{name}/{key}"] = value
+        """lr, grad norm, loss scale of both engines: the generator's unprefixed (as for every task),
+        the discriminator's under ``discriminator/``."""
+        stats = ds_engine.engine_stats(self.generator)
+        if gan_active(self.global_step, self.cfg.disc_start):
+            for key, value in ds_engine.engine_stats(self.discriminator).items():
+                stats[f"discriminator/{key}"] = value
         return stats
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        """Deterministic reconstructions (posterior mode for KL) for logging side by side."""
+        """Deterministic reconstructions (posterior mode for KL models) in [-1, 1]."""
         was_training = self.autoencoder.training
         self.autoencoder.eval()
         x = images.to(self.device)
@@ -239,11 +290,22 @@ class AutoencoderTask:
         self.autoencoder.train(was_training)
         return recon.float().clamp(-1, 1)
 
-    @torch.no_grad()
-    def latent_moments(self, images: torch.Tensor) -> torch.Tensor:
-        """[count, sum, sum of squares] of the LDM-seam latents of ``images`` (for the scale factor)."""
-        from ldm_scale.diffusion.latent_scale import latent_moments
+    def log_images(self, step: int) -> List[Tuple[str, torch.Tensor, List[str]]]:
+        """Input | reconstruction pairs, side by side in one image each, from the first batch this
+        rank saw (fixed across steps, so the grids show progress). Every rank calls this."""
+        if self._log_inputs is None:
+            return []
+        inputs = self._log_inputs
+        recon = self.reconstruct(inputs).cpu()
+        pairs = torch.cat([inputs.float().clamp(-1, 1), recon], dim=3)  # [N, 3, H, 2W]
+        return [("reconstructions", pairs, ["input | reconstruction"] * len(pairs))]
 
-        with self._autocast():
-            z = self.autoencoder.encode_to_latent(images.to(self.device))
-        return latent_moments(z)
+
+def build_autoencoder_task(cfg: "Config", plan: "Plan", *, device: torch.device, total_steps: int) -> AutoencoderTask:
+    """The loop's entry point for ``task: autoencoder`` (called by ``train.tasks.build_task``)."""
+    assert plan.autoencoder is not None, "validate() resolves the first stage for task=autoencoder"
+    loss_cfg = cfg.autoencoder_loss
+    perceptual = build_lpips(loss_cfg.perceptual) if loss_cfg.perceptual_weight > 0 else None
+    return AutoencoderTask(plan.autoencoder, loss_cfg, perceptual=perceptual,
+                           ds_config=ds_engine.build_ds_config(cfg.deepspeed, plan.batch), optim=cfg.optim,
+                           plan=plan.batch, total_steps=total_steps, device=device, seed=cfg.seed)
