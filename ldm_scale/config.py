@@ -123,6 +123,8 @@ class LoggerConfig:
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)
     dir: Optional[str] = None  # None: the run directory
+    # Peak dense TFLOPS of one device for MFU; None: looked up from the CUDA device name.
+    peak_tflops: Optional[float] = None
 
 
 @dataclass

@@ -1,0 +1,43 @@
+"""Train an LDM or an autoencoder: ``torchrun --nproc_per_node N launch/train.py experiment=<name> [overrides]``.
+
+A thin shell over :func:`ldm_scale.train.loop.train`: Hydra composes ``conf/`` (typed by
+``ldm_scale.config.Config``), the loop does the rest. Examples:
+
+    torchrun --nproc_per_node 2 launch/train.py experiment=quickstart model.first_stage_ckpt=...
+    torchrun --nnodes 8 --nproc_per_node 8 ... launch/train.py experiment=txt2img_kl8 \
+        data.urls="['s3://bucket/laion/{00000..41407}.tar']" model.first_stage_ckpt=s3://bucket/ae/kl_f8.pt \
+        checkpoint.root=s3://bucket/ckpt
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from ldm_scale import config as config_lib  # noqa: E402
+
+config_lib.register_configs()
+
+
+@hydra.main(config_path=str(config_lib.CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from ldm_scale.train.loop import train
+
+    try:
+        typed = config_lib.to_object(cfg)
+    except config_lib.ConfigError as exc:
+        raise SystemExit(f"launch/train.py: {exc}") from None
+    try:
+        train(typed)
+    except config_lib.ConfigError as exc:
+        raise SystemExit(f"launch/train.py: {exc}") from None
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main()

@@ -1,0 +1,226 @@
+"""Experiment tracking: W&B on rank 0 (offline unless configured), console, throughput and MFU.
+
+Every ``log`` call passes the optimizer step explicitly (``step=global_step``): after a restart W&B
+resumes the same run id (offline runs get a new directory with the same id, wandb #4624, and are
+merged by ``wandb sync --id``), and an explicit step keeps the curves aligned either way.
+This is the only module that imports ``wandb`` (lazily, on rank 0).
+"""
+from __future__ import annotations
+
+import math
+import netrc
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from ldm_scale import dist
+from ldm_scale.config import LoggerConfig
+
+# Dense bf16/fp16 tensor-core peak per device (vendor data sheets), for MFU. Matched by substring
+# of torch.cuda.get_device_name(); unknown devices report no MFU unless logger.peak_tflops is set.
+PEAK_TFLOPS_BF16: Dict[str, float] = {
+    "H100": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0,
+}
+
+
+def resolve_wandb_mode(cfg: LoggerConfig) -> str:
+    """online / offline / disabled. ``auto``: online only when an API key is configured.
+
+    An explicit ``WANDB_MODE`` in the environment wins (CI and tests set ``offline``).
+    """
+    if cfg.backend == "none":
+        return "disabled"
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return env
+    if cfg.mode != "auto":
+        return cfg.mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        netrc_path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+        if netrc_path.exists() and netrc.netrc(str(netrc_path)).authenticators("api.wandb.ai"):
+            return "online"
+    except (netrc.NetrcParseError, OSError):
+        pass
+    return "offline"
+
+
+def peak_flops_per_device(override_tflops: Optional[float]) -> Optional[float]:
+    if override_tflops:
+        return override_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS_BF16.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def count_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs of one call of ``fn`` (forward and backward if ``fn`` does both), counted by
+    ``torch.utils.flop_counter.FlopCounterMode``. Works on ``meta`` tensors: no memory, no time."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
+    """[N,3,H,W] in [-1,1] -> one uint8 [H',W',3] grid (2px gaps)."""
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    n, c, h, w = images.shape
+    nrow = max(1, min(nrow, n))
+    rows = math.ceil(n / nrow)
+    pad = 2
+    grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, y:y + h, x:x + w] = images[i]
+    return grid.permute(1, 2, 0).contiguous()
+
+
+def save_png(array_hwc: torch.Tensor, path: Path) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array_hwc.numpy()).save(path)
+    return path
+
+
+class MetricMeter:
+    """Means of scalars over a logging interval, reduced over ranks when read.
+
+    ``add`` takes any keys (different micro-batches may report different ones, e.g. timestep
+    buckets); ``sums`` adds counters (skipped micro-batches) that are summed, not averaged.
+    """
+
+    def __init__(self) -> None:
+        self._sum: Dict[str, float] = defaultdict(float)
+        self._count: Dict[str, int] = defaultdict(int)
+
+    def add(self, metrics: Mapping[str, float]) -> None:
+        for key, value in metrics.items():
+            if value is None or not math.isfinite(float(value)):
+                continue
+            self._sum[key] += float(value)
+            self._count[key] += 1
+
+    def reduce(self) -> Dict[str, float]:
+        """Means over every rank's values (a collective: every rank calls it at the same step)."""
+        gathered = dist.all_gather_object((dict(self._sum), dict(self._count)))
+        total: Dict[str, float] = defaultdict(float)
+        count: Dict[str, int] = defaultdict(int)
+        for sums, counts in gathered:
+            for key, value in sums.items():
+                total[key] += value
+                count[key] += counts[key]
+        self._sum.clear()
+        self._count.clear()
+        return {key: total[key] / count[key] for key in total if count[key]}
+
+
+def sum_over_ranks(values: Mapping[str, float]) -> Dict[str, float]:
+    """Sum of per-rank counters with possibly different keys (e.g. loader skip reasons)."""
+    out: Dict[str, float] = defaultdict(float)
+    for part in dist.all_gather_object(dict(values)):
+        for key, value in part.items():
+            out[key] += float(value)
+    return dict(out)
+
+
+class Throughput:
+    """Samples/s over the last interval, images/s per device, and MFU from counted FLOPs."""
+
+    def __init__(self, world_size: int, flops_per_sample: Optional[float], peak_flops: Optional[float]):
+        self.world_size = world_size
+        self.flops_per_sample = flops_per_sample
+        self.peak_flops = peak_flops
+        self._t0 = time.perf_counter()
+        self._samples = 0
+
+    def add(self, samples: int) -> None:
+        self._samples += samples
+
+    def read(self) -> Dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self._t0, 1e-9)
+        rate = self._samples / elapsed
+        out = {"perf/samples_per_s": rate, "perf/images_per_s_per_device": rate / self.world_size}
+        if self.flops_per_sample:
+            achieved = rate * self.flops_per_sample / self.world_size
+            out["perf/tflops_per_device"] = achieved / 1e12
+            if self.peak_flops:
+                out["perf/mfu"] = achieved / self.peak_flops
+        self._t0, self._samples = now, 0
+        return out
+
+
+class RunLogger:
+    """W&B run on rank 0 (resumed by id after a restart), plus PNG grids in the run directory."""
+
+    def __init__(self, cfg: LoggerConfig, *, run_id: str, name: str, run_dir: Path,
+                 resolved_config: Dict[str, Any]):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.is_main = dist.get_dist_info().is_main
+        self.mode = resolve_wandb_mode(cfg)
+        self._run = None
+        if self.is_main and self.mode != "disabled":
+            import wandb
+
+            wandb_dir = Path(cfg.dir) if cfg.dir else run_dir
+            wandb_dir.mkdir(parents=True, exist_ok=True)
+            # id=run_id + resume="allow": a restarted job continues the same W&B run.
+            self._run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags),
+                                   name=f"{name}/{run_id}", id=run_id, resume="allow", dir=str(wandb_dir),
+                                   mode=self.mode, config=resolved_config)
+
+    @property
+    def run_path(self) -> Optional[str]:
+        """The local W&B run directory (rank 0), e.g. for tests and `wandb sync`."""
+        return getattr(self._run, "dir", None)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if self._run is not None:
+            self._run.log(dict(metrics), step=step)
+
+    def log_images(self, key: str, images: torch.Tensor, step: int, captions: Optional[Sequence[str]] = None,
+                   nrow: int = 8) -> Optional[Path]:
+        """Write ``<run_dir>/samples/<key>_step<N>.png`` and log the grid to W&B (rank 0)."""
+        if not self.is_main:
+            return None
+        grid = image_grid(images, nrow)
+        path = save_png(grid, self.run_dir / "samples" / f"{key.replace('/', '_')}_step{step:07d}.png")
+        if self._run is not None:
+            import wandb
+
+            caption = " | ".join(captions) if captions else None
+            self._run.log({key: wandb.Image(grid.numpy(), caption=caption)}, step=step)
+        return path
+
+    def summary(self, values: Mapping[str, float]) -> None:
+        if self._run is not None:
+            for key, value in values.items():
+                self._run.summary[key] = value
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self._run is not None:
+            self._run.finish(exit_code=exit_code)
+            self._run = None
+
+
+def console_line(step: int, max_steps: int, metrics: Mapping[str, float], keys: List[str]) -> str:
+    parts = [f"step {step}/{max_steps}"]
+    for key in keys:
+        if key in metrics:
+            parts.append(f"{key.split('/')[-1]} {metrics[key]:.4g}")
+    return " | ".join(parts)

@@ -1,0 +1,368 @@
+"""What one training step computes, per task (``task: ldm | autoencoder`` in the config).
+
+A task builds its parts (frozen modules outside DeepSpeed, trainable ones inside
+``engine.model_init_context``), owns its engines, and exposes to the loop (``train/loop.py``):
+
+- ``engines``: ``{name: DeepSpeedEngine}``, checkpointed by name;
+- ``global_step``: optimizer steps applied so far (restored by ``load_checkpoint``);
+- ``train_step(batch) -> dict[str, float]``: one micro-batch (forward, backward, engine step). A
+  micro-batch whose loss is not finite on any rank is skipped on every rank (no backward, no step)
+  and reported as ``nonfinite = 1.0``;
+- ``optimizer_stats() -> dict[str, float]``: lr, grad norm, loss scale;
+- ``ema_module``: the module whose weights the CPU EMA tracks (or None);
+- ``client_state() / load_client_state(d)``: task numbers that go into every checkpoint;
+- ``log_images(step) -> list[(key, images[N,3,H,W], captions)]``: sample grids (every rank calls).
+
+The autoencoder task lives in ``train/autoencoder_task.py``; :func:`build_task` selects one.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ldm_scale import dist, storage
+from ldm_scale.config import Config, ModelConfig, Plan
+from ldm_scale.diffusion import (
+    DiffusionConfig,
+    SamplerConfig,
+    classifier_free,
+    diffusion_loss,
+    drop_conditions,
+    latent_moments,
+    sample,
+    scale_factor_from_moments,
+)
+from ldm_scale.models.conditioners import build_conditioner
+from ldm_scale.models.ldm import LatentDiffusion
+from ldm_scale.models.registry import FirstStageConfig, LDMSpec, build_autoencoder
+from ldm_scale.models.unet import UNetModel
+from ldm_scale.train import engine as ds_engine
+
+log = logging.getLogger(__name__)
+
+AUTOENCODER_FORMAT = "ldm_scale/autoencoder-v1"
+# Conditioners the paper trains jointly with the UNet (its text transformer, class embeddings).
+JOINTLY_TRAINED_CONDITIONERS = ("text", "class")
+
+
+def load_first_stage(url: str, first_stage: FirstStageConfig, device: torch.device,
+                     storage_cfg: Optional[storage.StorageConfig] = None) -> nn.Module:
+    """Build the first stage from ``first_stage`` and load an exported autoencoder checkpoint.
+
+    The checkpoint must be ``ldm_scale/autoencoder-v1`` (``train/export.py``) for the same
+    architecture: a mismatch names the differing field instead of failing inside load_state_dict.
+    """
+    payload = torch.load(io.BytesIO(storage.read_bytes(url, storage_cfg)), map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != AUTOENCODER_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"model.first_stage_ckpt={storage.redact(url)} is not an exported autoencoder "
+                         f"(format {found!r}, expected {AUTOENCODER_FORMAT!r}); export one with "
+                         "experiment=autoencoder_* or train/export.py")
+    module = build_autoencoder(first_stage)
+    state = payload["state_dict"]
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"model.first_stage_ckpt={storage.redact(url)} does not match the first stage of this "
+                         f"model (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}): train or "
+                         "export the autoencoder named by the LDM flavour")
+    return module.to(device).eval().requires_grad_(False)
+
+
+class DiffusionTrainModule(nn.Module):
+    """The module DeepSpeed wraps for task=ldm: the UNet and, when trained jointly, the conditioner.
+
+    ``forward(z0, raw)`` returns the per-sample diffusion loss (Rombach et al. 2022, Eq. 2) and the
+    timesteps drawn. The frozen first stage and a frozen conditioner are *not* submodules: they
+    are neither sharded, nor in the optimizer, nor re-saved with every checkpoint. State-dict keys
+    (``unet.*``, ``cond_stage.*``) match :class:`LatentDiffusion`'s.
+    """
+
+    def __init__(self, ldm: LatentDiffusion, diffusion: DiffusionConfig):
+        super().__init__()
+        self.unet = ldm.unet
+        if getattr(ldm.cond_stage, "trainable", False):
+            self.cond_stage = ldm.cond_stage
+        self._container: Tuple[LatentDiffusion] = (ldm,)  # a tuple: not registered as a submodule
+        self.diffusion = diffusion
+        self._schedule = diffusion.make_schedule()
+        self._schedule_device: Optional[torch.device] = None
+
+    @property
+    def ldm(self) -> LatentDiffusion:
+        return self._container[0]
+
+    def schedule(self, device: torch.device):
+        if self._schedule_device != device:
+            self._schedule = self._schedule.to(device)
+            self._schedule_device = device
+        return self._schedule
+
+    def forward(self, z0: torch.Tensor, raw: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        cond = self.ldm.condition(raw)
+        d = self.diffusion
+        return diffusion_loss(lambda x, t: self.ldm.apply_model(x, t, cond), z0, self.schedule(z0.device),
+                              parameterization=d.parameterization, weighting=d.weighting,
+                              min_snr_gamma=d.min_snr_gamma, offset_noise=d.offset_noise)
+
+
+def _raw_condition(batch: Dict[str, Any], conditioning: str) -> Any:
+    if conditioning == "text":
+        return list(batch["caption"])
+    if conditioning == "class":
+        return batch["label"]
+    return None
+
+
+class LDMTask:
+    """Latent diffusion training (Rombach et al. 2022, Sec. 3.2-3.3) on images or pre-encoded latents."""
+
+    def __init__(self, cfg: Config, plan: Plan, *, device: torch.device, total_steps: int):
+        assert plan.spec is not None, "validate() resolves the LDM spec for task=ldm"
+        spec: LDMSpec = plan.spec
+        self.cfg, self.plan, self.spec, self.device = cfg, plan, spec, device
+        self.conditioning = cfg.data.conditioning
+        self.ds_config = ds_engine.build_ds_config(cfg.deepspeed, plan.batch)
+
+        # 1. Frozen parts, outside DeepSpeed (never sharded, never in the optimizer or checkpoints).
+        first_stage = self._build_first_stage(cfg.model, spec, device, cfg.storage)
+        joint = spec.cond_stage.kind in JOINTLY_TRAINED_CONDITIONERS
+        cond_stage = None if joint else build_conditioner(spec.cond_stage)
+
+        # 2. Trainable parts; under ZeRO-3 partitioned as they are constructed. Same seed on every
+        #    rank so ZeRO-1/2 replicas start equal (DeepSpeed also broadcasts rank 0's weights).
+        torch.manual_seed(cfg.seed)
+        with ds_engine.model_init_context(self.ds_config):
+            unet = UNetModel(spec.unet)
+            if joint:
+                cond_stage = build_conditioner(spec.cond_stage)
+        unet.set_activation_checkpointing(cfg.model.activation_checkpointing)
+        self.ldm = LatentDiffusion(unet, first_stage, cond_stage, spec.scale_factor, spec.parameterization)
+        self.ldm.to(device)
+        self.train_module = DiffusionTrainModule(self.ldm, cfg.diffusion)
+
+        # 3. The engine wraps only the trainable module.
+        self.engine = ds_engine.initialize_engine(self.train_module, self.ds_config, cfg.optim, plan.batch,
+                                                  total_steps)
+        self.scale_factor_ready = cfg.model.scale_factor_mode == "spec"
+        # Per-rank noise / dropout stream (the global torch RNG, saved in rng_rank<R>.pt by checkpoints).
+        torch.manual_seed(cfg.seed + 7919 * (dist.get_dist_info().rank + 1))
+
+    # ----------------------------------------------------------------------------- build helpers
+    @staticmethod
+    def _build_first_stage(model: ModelConfig, spec: LDMSpec, device: torch.device,
+                           storage_cfg: storage.StorageConfig) -> nn.Module:
+        if model.first_stage_ckpt:
+            return load_first_stage(model.first_stage_ckpt, spec.first_stage, device, storage_cfg)
+        log.warning("model.allow_random_first_stage=true: the first stage is RANDOMLY initialised "
+                    "(fine for tests and benchmarks, useless for real training)")
+        torch.manual_seed(0)
+        return build_autoencoder(spec.first_stage).to(device).eval().requires_grad_(False)
+
+    # ----------------------------------------------------------------------------- loop interface
+    @property
+    def engines(self) -> Dict[str, Any]:
+        return {"model": self.engine}
+
+    @property
+    def global_step(self) -> int:
+        return int(self.engine.global_steps)
+
+    @property
+    def ema_module(self) -> nn.Module:
+        """The EMA tracks the trainable module (UNet + jointly trained conditioner)."""
+        return self.train_module
+
+    def client_state(self) -> Dict[str, Any]:
+        return {"scale_factor": float(self.ldm.scale_factor), "scale_factor_ready": self.scale_factor_ready}
+
+    def load_client_state(self, state: Dict[str, Any]) -> None:
+        if "scale_factor" in state:
+            self.ldm.scale_factor.fill_(float(state["scale_factor"]))
+            self.scale_factor_ready = bool(state.get("scale_factor_ready", True))
+
+    def optimizer_stats(self) -> Dict[str, float]:
+        return ds_engine.engine_stats(self.engine)
+
+    def _autocast(self):
+        return ds_engine.autocast(self.ds_config, self.device)
+
+    @torch.no_grad()
+    def _unscaled_latents(self, batch: Dict[str, Any]) -> torch.Tensor:
+        if "latent_mean" in batch:  # pre-encoded shards: sample the stored posterior
+            mean = batch["latent_mean"].to(self.device, non_blocking=True).float()
+            logvar = batch["latent_logvar"].to(self.device, non_blocking=True).float()
+            return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn_like(mean)
+        images = batch["image"].to(self.device, non_blocking=True)
+        with self._autocast():
+            return self.ldm.first_stage.encode_to_latent(images).float()
+
+    def estimate_scale_factor(self, batch: Dict[str, Any]) -> float:
+        """1/std of the first batch's latents over all ranks (paper Sec. 4.3.2), set on the model."""
+        moments = latent_moments(self._unscaled_latents(batch)).to(self.device)
+        dist.all_reduce_sum(moments)  # every rank's first batch, not rank 0's alone
+        factor = scale_factor_from_moments(moments)
+        self.ldm.scale_factor.fill_(factor)
+        self.scale_factor_ready = True
+        return factor
+
+    def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
+        """One micro-batch: encode -> drop conditions -> diffusion loss -> backward -> engine step."""
+        if not self.scale_factor_ready:
+            self.estimate_scale_factor(batch)
+        self.engine.train()
+        z0 = self._unscaled_latents(batch) * self.ldm.scale_factor
+        raw, _ = drop_conditions(_raw_condition(batch, self.conditioning), self.cfg.diffusion.cond_drop_prob,
+                                 self.ldm.cond_stage.null_raw)
+        if isinstance(raw, torch.Tensor):
+            raw = raw.to(self.device)
+        with self._autocast():
+            per_sample, t = self.engine(z0, raw)
+        loss = per_sample.float().mean()
+        # All ranks must agree before backward: a rank that skipped while another reduced gradients
+        # would hang the job. One scalar all-reduce per micro-batch.
+        bad = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0], device=self.device)
+        dist.all_reduce_sum(bad)
+        if bad.item() > 0:
+            return {"nonfinite": 1.0}
+        self.engine.backward(loss)
+        self.engine.step()
+        metrics = {"loss": float(loss.detach()), "nonfinite": 0.0}
+        metrics.update(self._bucket_losses(per_sample.detach().float(), t))
+        return metrics
+
+    def _bucket_losses(self, per_sample: torch.Tensor, t: torch.Tensor) -> Dict[str, float]:
+        buckets = self.cfg.train.timestep_buckets
+        width = math.ceil(self.cfg.diffusion.num_timesteps / buckets)
+        index = (t // width).clamp(max=buckets - 1).cpu()
+        values = per_sample.cpu()
+        out = {}
+        for b in range(buckets):
+            mask = index == b
+            if bool(mask.any()):
+                out[f"loss_by_t/{b * width}-{min((b + 1) * width, self.cfg.diffusion.num_timesteps) - 1}"] = \
+                    float(values[mask].mean())
+        return out
+
+    def train_flops_per_sample(self) -> float:
+        """FLOPs of one training sample through the trained networks (UNet forward + backward, and
+        the jointly trained conditioner's forward + backward), counted once on ``meta`` tensors."""
+        from ldm_scale.logging import count_flops
+
+        spec, h = self.spec, self.plan.latent_size
+        with torch.device("meta"):
+            unet = UNetModel(spec.unet)
+        unet.set_activation_checkpointing(False)  # count model FLOPs, not recomputation
+        x = torch.empty(1, spec.unet.in_channels, h, h, device="meta")
+        t = torch.zeros(1, dtype=torch.long, device="meta")
+        kwargs: Dict[str, torch.Tensor] = {}
+        if spec.unet.use_spatial_transformer:
+            tokens = spec.cond_stage.text.max_length if spec.cond_stage.kind in ("text", "openclip") else 1
+            kwargs["context"] = torch.empty(1, tokens, spec.unet.context_dim, device="meta", requires_grad=True)
+        if spec.unet.num_classes is not None:
+            kwargs["y"] = torch.zeros(1, dtype=torch.long, device="meta")
+
+        def step() -> None:
+            unet(x, t, **kwargs).float().pow(2).mean().backward()
+
+        total = count_flops(step)
+        if "cond_stage" in self.train_module._modules and spec.cond_stage.kind == "text":
+            with torch.device("meta"):
+                text = build_conditioner(spec.cond_stage)
+            tokens = torch.zeros(1, spec.cond_stage.text.max_length, dtype=torch.long, device="meta")
+            total += count_flops(lambda: text.encode_tokens(tokens).float().pow(2).mean().backward())
+        return total
+
+    def export(self, url: str, *, ema, config: Dict[str, Any], step: int) -> None:
+        """Write the single-file exported checkpoint (``train/export.py``; collective under ZeRO-3)."""
+        from ldm_scale.train.export import export_ldm
+
+        export_ldm(url, self.ldm, ema, self.spec, config=config, step=step)
+
+    # ----------------------------------------------------------------------------- sampling
+    def _eval_conditions(self) -> Tuple[List[Any], List[str]]:
+        ev = self.cfg.eval
+        if self.conditioning == "text":
+            return list(ev.prompts), list(ev.prompts)
+        if self.conditioning == "class":
+            labels = list(ev.class_labels) or list(range(8))
+            return labels, [f"class {c}" for c in labels]
+        return [None] * ev.num_unconditional, [""] * ev.num_unconditional
+
+    @torch.no_grad()
+    def generate(self, conditions: Sequence[Any], *, seed: int, sampler: SamplerConfig,
+                 batch_size: int = 16) -> torch.Tensor:
+        """Images [N,3,H,W] in [-1,1] for ``conditions`` (prompts / labels / None), split over ranks.
+
+        Sample i starts from noise seeded by ``seed + i``, so the result does not depend on the world
+        size. Every rank must call this (under ZeRO-3 the forward passes gather shards collectively):
+        each rank gets an equal, padded share of the work; all ranks receive the full result.
+        """
+        info = dist.get_dist_info()
+        n = len(conditions)
+        share = math.ceil(n / info.world_size)
+        mine = [min(i, n - 1) for i in range(info.rank * share, (info.rank + 1) * share)]
+        was_training = self.train_module.training
+        self.train_module.eval()
+        schedule = self.train_module.schedule(self.device)
+        h = self.plan.latent_size
+        out: List[torch.Tensor] = []
+        for start in range(0, len(mine), batch_size):
+            idx = mine[start:start + batch_size]
+            noise = torch.stack([torch.randn(self.plan.latent_channels, h, h,
+                                             generator=torch.Generator().manual_seed(seed + i)) for i in idx])
+            raw = self._batch_raw([conditions[i] for i in idx])
+            with self._autocast():
+                cond = self.ldm.condition(raw)
+                uncond = self.ldm.condition(self._null_raw(len(idx))) if cond else {}
+            model_fn = classifier_free(lambda x, t, c: self.ldm.apply_model(x, t, c).float(), cond, uncond,
+                                       sampler.guidance_scale)
+
+            def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                with self._autocast():
+                    return model_fn(x, t)
+
+            z = sample(guided, noise.to(self.device), schedule, sampler, parameterization=self.spec.parameterization,
+                       generator=torch.Generator(device=self.device).manual_seed(seed + idx[0]))
+            with self._autocast():
+                out.append(self.ldm.decode_latents(z).float().clamp(-1, 1).cpu())
+        self.train_module.train(was_training)
+        local = torch.cat(out) if out else torch.zeros(0, 3, self.plan.image_size, self.plan.image_size)
+        gathered = dist.all_gather_object(local)
+        return torch.cat(gathered)[:n]
+
+    def _batch_raw(self, items: List[Any]) -> Any:
+        if self.conditioning == "text":
+            return list(items)
+        if self.conditioning == "class":
+            return torch.tensor(items, dtype=torch.long, device=self.device)
+        return None
+
+    def _null_raw(self, n: int) -> Any:
+        raw = self.ldm.cond_stage.null_raw(n)
+        return raw.to(self.device) if isinstance(raw, torch.Tensor) else raw
+
+    def log_images(self, step: int) -> List[Tuple[str, torch.Tensor, List[str]]]:
+        conditions, captions = self._eval_conditions()
+        if not conditions:
+            return []
+        images = self.generate(conditions, seed=self.cfg.eval.seed, sampler=self.cfg.eval.sampler)
+        return [("samples", images, captions)]
+
+
+def build_task(cfg: Config, plan: Plan, *, device: torch.device, total_steps: int):
+    """The task ``cfg.task`` names, built with its engines (see the module docstring)."""
+    if cfg.task == "ldm":
+        return LDMTask(cfg, plan, device=device, total_steps=total_steps)
+    if cfg.task == "autoencoder":
+        from ldm_scale.train.autoencoder_task import build_autoencoder_task
+
+        return build_autoencoder_task(cfg, plan, device=device, total_steps=total_steps)
+    raise ValueError(f"task={cfg.task!r}: expected 'ldm' or 'autoencoder'")
+
+
+__all__ = ["LDMTask", "DiffusionTrainModule", "build_task", "load_first_stage"]
