@@ -157,22 +157,36 @@ def compvis_to_ldm_state_dict(sd: Mapping[str, torch.Tensor], use_ema: bool = Tr
     return out
 
 
+def _has_text_transformer(keys) -> bool:
+    keys = list(keys)
+    return any(k.startswith("cond_stage.blocks.") for k in keys) and any(k.startswith("cond_stage.token_emb.") for k in keys)
+
+
+def _to_compvis_key(key: str, text_transformer: bool) -> Optional[str]:
+    """CompVis name of one of our keys (None if it has no CompVis counterpart)."""
+    if key == "scale_factor":
+        return key
+    if text_transformer and key.startswith("cond_stage."):
+        new = _ours_to_xtransformer(key)
+        if new is not None:
+            return new
+    for theirs, ours in PREFIXES:
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return None
+
+
 def ldm_to_compvis_state_dict(sd: Mapping[str, torch.Tensor],
                               ema_sd: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """ldm_scale ``LatentDiffusion`` state dict (+ optional UNet EMA weights, keyed by UNet
     parameter name with or without the ``unet.`` prefix) -> CompVis layout."""
-    xt = any(k.startswith("cond_stage.blocks.") for k in sd) and any(k.startswith("cond_stage.token_emb.") for k in sd)
+    xt = _has_text_transformer(sd.keys())
     out: Dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        new = _ours_to_xtransformer(key) if xt and key.startswith("cond_stage.") else None
+        new = _to_compvis_key(key, xt)
         if new is None:
-            for theirs, ours in PREFIXES:
-                if key.startswith(ours):
-                    new = theirs + key[len(ours):]
-                    break
-        if new is None and key != "scale_factor":
             raise ValueError(f"unexpected key {key!r} in an ldm_scale LatentDiffusion state dict")
-        out[new if new is not None else key] = value
+        out[new] = value
     if ema_sd is not None:
         seen: Dict[str, str] = {}
         for name, value in ema_sd.items():
@@ -270,7 +284,7 @@ def load_compvis_checkpoint(model: nn.Module, path_or_sd: Union[str, os.PathLike
                             show: int = 10) -> Dict[str, List[str]]:
     """Load a CompVis LatentDiffusion checkpoint (file or state dict) into our ``LatentDiffusion``.
 
-    Returns ``{"missing": [...], "unexpected": [...]}``. With ``strict`` any missing or unexpected
+    Returns ``{"missing": [our names], "unexpected": [CompVis names]}``. With ``strict`` any missing or unexpected
     key or shape mismatch raises :class:`CompVisKeyMismatch`, listing the first ``show`` keys of
     each kind, their counts, the hyper-parameters inferred from the checkpoint and the registry
     flavour they look like. A checkpoint without ``scale_factor`` keeps the model's value.
@@ -287,7 +301,9 @@ def load_compvis_checkpoint(model: nn.Module, path_or_sd: Union[str, os.PathLike
                     "model's null-class row", ours[emb_key].shape[0], target[emb_key].shape[0])
         ours[emb_key] = torch.cat([ours[emb_key], target[emb_key][-1:].to(ours[emb_key])], dim=0)
     missing = sorted(set(target) - set(ours))
-    unexpected = sorted(set(ours) - set(target))
+    xt = _uses_xtransformer(raw.keys())
+    # Unexpected keys are reported under the checkpoint's own (CompVis) names.
+    unexpected = sorted(_to_compvis_key(k, xt) or k for k in set(ours) - set(target))
     mismatched = sorted(f"{k} {tuple(ours[k].shape)} vs model {tuple(target[k].shape)}"
                         for k in set(ours) & set(target) if ours[k].shape != target[k].shape)
     if strict and (missing or unexpected or mismatched):
