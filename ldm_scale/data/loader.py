@@ -71,12 +71,13 @@ class _Plan:
     def assigned(self, worker: int) -> List[int]:
         return shard_lib.split(self.epoch_shards, self.rank, self.world_size, worker, self.num_workers)
 
-    def shard_sequence(self, worker: int) -> Iterator[int]:
+    def blocks(self, worker: int) -> Iterator[List[int]]:
+        spb = self.cfg.shards_per_block
         if self.cfg.mode == "epoch":
-            return shard_lib.epoch_sequence(self.assigned(worker), self.epoch_shards, self.seed, self.epoch,
-                                            self.salt, self.rank, worker)
-        return shard_lib.resampled_sequence(self.shard_set, self.cfg.weights, self.seed, self.epoch, self.salt,
-                                            self.rank, worker)
+            return shard_lib.epoch_blocks(self.assigned(worker), self.epoch_shards, self.seed, self.epoch,
+                                          self.salt, self.rank, worker, spb)
+        return shard_lib.resampled_blocks(self.shard_set, self.cfg.weights, self.seed, self.epoch, self.salt,
+                                          self.rank, worker, spb)
 
 
 def _interleave(iterators: List[Iterator[Dict]]) -> Iterator[Dict]:
@@ -162,14 +163,14 @@ def _worker_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any], D
     counters = _Counters(Counter(start["counters"]) if start else Counter())
     block = start["block"] if start else 0
     skip = start["emitted"] if start else 0
-    sequence = plan.shard_sequence(worker)
-    for _ in range(block * cfg.shards_per_block):
-        next(sequence)
+    blocks = plan.blocks(worker)
+    for _ in range(block):
+        next(blocks)
     pending: List[Dict] = []
     fruitless_blocks = 0
-    guard = max(2, 2 * len(plan.urls) // cfg.shards_per_block + 2)
+    guard = 2 * len(plan.urls) + 2
     while True:
-        shard_ids = [next(sequence) for _ in range(cfg.shards_per_block)]
+        shard_ids = next(blocks)
         if skip:
             counters.current = Counter()  # replaying already-counted reads
         produced = 0
@@ -211,7 +212,7 @@ def _worker_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any], D
         fruitless_blocks = 0 if produced else fruitless_blocks + 1
         if fruitless_blocks >= guard:
             raise RuntimeError(
-                f"rank {plan.rank} worker {worker} read {fruitless_blocks * cfg.shards_per_block} shards without one "
+                f"rank {plan.rank} worker {worker} read {fruitless_blocks} blocks of shards without one "
                 f"usable sample (counts: {dict(counters.live)}); check data.urls, data.input / "
                 f"data.conditioning and data.filters")
 

@@ -107,30 +107,39 @@ def split(order: Sequence[int], rank: int, world_size: int, worker: int, num_wor
     return list(order[rank::world_size][worker::num_workers])
 
 
-def epoch_sequence(assigned: Sequence[int], fallback: Sequence[int], seed: int, epoch: int, salt: int,
-                   rank: int, worker: int) -> Iterator[int]:
-    """A worker's shards in epoch mode: its assigned shards once, then (only if the epoch needs more
-    batches than the worker's shards hold, e.g. after heavy filtering) further passes over them in
-    fresh orders, so every rank produces the same number of batches and none waits at the epoch end."""
+def _chunks(items: Sequence[int], size: int) -> Iterator[List[int]]:
+    for i in range(0, len(items), size):
+        yield list(items[i:i + size])
+
+
+def epoch_blocks(assigned: Sequence[int], fallback: Sequence[int], seed: int, epoch: int, salt: int,
+                 rank: int, worker: int, shards_per_block: int) -> Iterator[List[int]]:
+    """A worker's shards in epoch mode, in blocks of up to ``shards_per_block``: its assigned shards
+    once, then (only if the epoch needs more batches than the worker's shards hold, e.g. after heavy
+    filtering) further passes over them in fresh orders, so every rank produces the same number of
+    batches and none waits at the epoch end. A block never mixes two passes, so the first pass is
+    read completely before any shard repeats."""
     first = list(assigned)
-    yield from first
+    yield from _chunks(first, shards_per_block)
     pool = first or list(fallback)
     p = 1
     while True:
         rng = np.random.default_rng([seed, epoch, salt, rank, worker, p, 0x9A55])
-        for i in rng.permutation(len(pool)):
-            yield pool[int(i)]
+        yield from _chunks([pool[int(i)] for i in rng.permutation(len(pool))], shards_per_block)
         p += 1
 
 
-def resampled_sequence(shards: ShardSet, weights: Sequence[float], seed: int, epoch: int, salt: int,
-                       rank: int, worker: int) -> Iterator[int]:
+def resampled_blocks(shards: ShardSet, weights: Sequence[float], seed: int, epoch: int, salt: int,
+                     rank: int, worker: int, shards_per_block: int) -> Iterator[List[int]]:
     """A worker's shards in resampled mode: dataset ``d`` drawn with probability ``weights[d]``, then
-    a shard of it uniformly, with replacement, forever (a weighted mixture)."""
+    a shard of it uniformly, with replacement, forever (a weighted mixture), in blocks."""
     per_dataset = [shards.of_dataset(d) for d in range(shards.num_datasets)]
     w = np.asarray(weights if weights else [1.0] * len(per_dataset), dtype=np.float64)
     w = w / w.sum()
     rng = np.random.default_rng([seed, epoch, salt, rank, worker, 0x4E5A])
     while True:
-        d = int(rng.choice(len(per_dataset), p=w))
-        yield per_dataset[d][int(rng.integers(len(per_dataset[d])))]
+        block = []
+        for _ in range(shards_per_block):
+            d = int(rng.choice(len(per_dataset), p=w))
+            block.append(per_dataset[d][int(rng.integers(len(per_dataset[d])))])
+        yield block

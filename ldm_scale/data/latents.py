@@ -1,0 +1,192 @@
+"""Pre-encode image shards into latent shards with a frozen autoencoder (Rombach et al. 2022, Sec. 3:
+the first stage is trained once and reused, so its encoder need not run in every LDM step).
+
+A latent shard keeps the image shard's name, keys and ``.txt`` / ``.cls`` / ``.json`` members and
+replaces the image by ``<key>.latent.npy``: the posterior moments stacked as ``[2, C, h, w]``
+(mean, logvar) of ``q(z|x)``. Storing the moments rather than one sample keeps the posterior noise
+random per training step, as with online encoding. A VQ first stage stores its pre-quantisation
+latent as the mean with ``logvar = -30`` (a point mass).
+
+Work is split by shard over ranks (shard ``i`` goes to rank ``i % world``). A shard is complete
+when its ``_stats.json`` exists (written after the tar), so a restarted job skips finished shards.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldm_scale import storage
+from ldm_scale.data.config import DataConfig
+from ldm_scale.data.filters import check_sample, image_member
+from ldm_scale.data.shard_writer import write_shard, write_sizes
+from ldm_scale.data.tar_stream import iter_tar_samples
+from ldm_scale.data.transforms import decode_image, resize_crop_flip
+
+log = logging.getLogger(__name__)
+
+AUTOENCODER_FORMAT = "ldm_scale/autoencoder-v1"
+VQ_LOGVAR = -30.0
+
+
+def _config_from_dict(d: Dict[str, Any]):
+    from omegaconf import OmegaConf
+
+    from ldm_scale.models.autoencoder import AutoencoderConfig, VQConfig
+    from ldm_scale.models.registry import FirstStageConfig
+
+    cls = FirstStageConfig if "kind" in d else VQConfig if "n_embed" in d else AutoencoderConfig
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), d))
+
+
+def load_autoencoder(ckpt_url: Optional[str], name: Optional[str] = None,
+                     cfg: Optional[storage.StorageConfig] = None) -> nn.Module:
+    """A frozen autoencoder: from an exported ``ldm_scale/autoencoder-v1`` checkpoint (its
+    ``model_config``, or the registry ``name`` when given), or randomly initialised from ``name``
+    alone when ``ckpt_url`` is None (only for tests and benchmarks)."""
+    from ldm_scale.models import build_autoencoder
+
+    if ckpt_url is None:
+        if name is None:
+            raise ValueError("give an autoencoder checkpoint URL or a registry name")
+        return build_autoencoder(name).eval().requires_grad_(False)
+    payload = torch.load(io.BytesIO(storage.read_bytes(ckpt_url, cfg)), map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != AUTOENCODER_FORMAT:
+        raise ValueError(f"{storage.redact(ckpt_url)} is not an exported autoencoder checkpoint "
+                         f"(format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r}, "
+                         f"expected {AUTOENCODER_FORMAT!r})")
+    model = build_autoencoder(name if name else _config_from_dict(payload["model_config"]))
+    model.load_state_dict(payload["state_dict"])
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def posterior_moments(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """[B, 2, C, h, w] (mean, logvar) of the first stage's latent for images in [-1, 1]."""
+    if hasattr(model, "encode_prequant"):  # VQ: deterministic pre-quantisation latent
+        h = model.encode_prequant(images)
+        return torch.stack([h, torch.full_like(h, VQ_LOGVAR)], dim=1)
+    posterior = model.encode(images)
+    return torch.stack([posterior.mean, posterior.logvar], dim=1)
+
+
+@dataclass
+class PrecomputeResult:
+    encoded: List[str]  # output shard URLs written by this call
+    skipped_complete: List[str]  # already complete, left alone
+    counts: Dict[str, int]
+
+
+def _latent_bytes(moments: torch.Tensor, dtype: str) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, moments.float().cpu().numpy().astype(dtype))
+    return buf.getvalue()
+
+
+def precompute_latents(
+    src_urls: Sequence[str] | str,
+    out_url: str,
+    model: nn.Module,
+    *,
+    resolution: int,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 32,
+    dtype: str = "float16",
+    device: Optional[torch.device] = None,
+    cfg: Optional[storage.StorageConfig] = None,
+) -> PrecomputeResult:
+    """Encode this rank's share of ``src_urls`` into latent shards under ``out_url``.
+
+    Images get the training pipeline's centre crop at ``resolution`` (no flip). Samples whose image
+    is missing or undecodable are skipped and counted in the shard's ``_stats.json``."""
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype={dtype!r}; expected 'float16' or 'float32'")
+    urls = storage.expand_urls(src_urls, cfg)
+    device = device or torch.device("cpu")
+    model = model.to(device)
+    check_cfg = DataConfig(urls=["-"], input="image", conditioning="none", resolution=resolution)
+    result = PrecomputeResult([], [], {})
+    total: Counter = Counter()
+    for i, src in enumerate(urls):
+        if i % world_size != rank:
+            continue
+        name = src.rsplit("/", 1)[-1]
+        stem = name[: -len(".tar")] if name.endswith(".tar") else name.split(".", 1)[0]
+        out_stats = storage.join(out_url, stem + "_stats.json")
+        if storage.exists(out_stats, cfg):
+            result.skipped_complete.append(storage.join(out_url, stem + ".tar"))
+            continue
+        counters: Counter = Counter()
+        samples: List[Dict[str, Any]] = []
+        pending: List[Dict[str, Any]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            images = torch.stack([p.pop("image") for p in pending]).to(device)
+            for p, m in zip(pending, posterior_moments(model, images)):
+                p["latent.npy"] = _latent_bytes(m, dtype)
+                samples.append(p)
+            pending.clear()
+
+        for raw in iter_tar_samples(src, i, counters, cfg):
+            counters["samples_read"] += 1
+            reason = check_sample(raw, check_cfg)
+            if reason is not None:
+                counters["skip/" + reason] += 1
+                continue
+            try:
+                img = decode_image(raw[image_member(raw)], resolution, "auto")
+                image = resize_crop_flip(img, resolution, "center", False, None)
+            except Exception:  # noqa: BLE001 - undecodable image: skipped and counted
+                counters["skip/decode_error"] += 1
+                continue
+            out = {"__key__": raw["__key__"], "image": image}
+            for ext in ("txt", "cls", "json"):
+                if ext in raw:
+                    out[ext] = raw[ext]
+            pending.append(out)
+            if len(pending) == batch_size:
+                flush()
+        flush()
+        digits = len(stem) if stem.isdigit() else 5
+        shard_id = int(stem) if stem.isdigit() else i
+        # The tar is written before _stats.json: _stats.json marks the shard complete.
+        write_shard(out_url, shard_id, samples, digits=digits, cfg=cfg,
+                    stats_extra={"count": len(samples), "successes": len(samples), "source": src,
+                                 "resolution": resolution, "skips": dict(counters)})
+        result.encoded.append(storage.join(out_url, stem + ".tar"))
+        total.update(counters)
+        log.info("rank %d: encoded %s (%d samples)", rank, storage.redact(src), len(samples))
+    result.counts = dict(total)
+    return result
+
+
+def finalize_latent_dataset(src_urls: Sequence[str] | str, out_url: str, model: nn.Module, resolution: int,
+                            cfg: Optional[storage.StorageConfig] = None, **info: Any) -> Dict[str, Any]:
+    """Write ``sizes.json`` and ``dataset.json`` once every shard is complete (rank 0, after a barrier)."""
+    urls = storage.expand_urls(src_urls, cfg)
+    sizes = {}
+    for src in urls:
+        name = src.rsplit("/", 1)[-1]
+        stem = name[: -len(".tar")] if name.endswith(".tar") else name.split(".", 1)[0]
+        stats_url = storage.join(out_url, stem + "_stats.json")
+        if not storage.exists(stats_url, cfg):
+            raise RuntimeError(f"latent shard for {storage.redact(src)} is not complete ({storage.redact(stats_url)} "
+                               "missing): rerun precompute_latents, it resumes")
+        sizes[stem + ".tar"] = int(json.loads(storage.read_text(stats_url, cfg))["count"])
+    write_sizes(out_url, sizes, cfg)
+    f = int(getattr(model, "downsample_factor", 1))
+    meta = {"kind": "latent", "source": list(urls), "resolution": resolution,
+            "latent_shape": [int(getattr(model, "latent_channels", 0)), resolution // f, resolution // f],
+            "num_samples": sum(sizes.values()), **info}
+    storage.write_text(storage.join(out_url, "dataset.json"), json.dumps(meta, indent=1), cfg)
+    return meta
