@@ -12,8 +12,9 @@ Names (``get_extractor(name, ...)``):
 
 - ``inception`` (alias ``inception-v3-fid``): the pinned FID Inception-v3 weights (see ``inception``);
   the only extractor whose FID is comparable with published numbers.
-- ``random-inception``: the same architecture with seeded random weights; needs nothing on disk.
-  Its results are labelled ``random-inception-seed<S> (NOT comparable to published FID)``.
+- ``random-inception`` (or ``random-inception-seed<S>``): the same architecture with seeded random
+  weights; needs nothing on disk. Its results are labelled ``random-inception-seed<S> (NOT comparable
+  to published FID)`` (with ``-<size>px`` when run at a smaller ``input_size``).
 - ``clip:<arch>[@<pretrained>]``: an open_clip image tower (e.g. ``clip:ViT-B-32@openai``);
   without ``@pretrained`` the weights are random (seeded) and labelled so.
 """
@@ -67,14 +68,15 @@ class FeatureExtractor(nn.Module):
 
 
 class InceptionExtractor(FeatureExtractor):
-    input_size = inc.INPUT_SIZE
-    feature_dims = {"pool": inc.POOL_DIM, "logits": inc.NUM_LOGITS, "spatial": inc.SPATIAL_DIM}
-
-    def __init__(self, net: inc.FIDInceptionV3, name: str, comparable: bool, resize: str = "pil_bicubic"):
+    def __init__(self, net: inc.FIDInceptionV3, name: str, comparable: bool, resize: str = "pil_bicubic",
+                 input_size: int = inc.INPUT_SIZE):
         super().__init__(resize)
         self.net = net
         self.name = name
         self.comparable_to_published = comparable
+        self.input_size = input_size
+        self.feature_dims = {"pool": inc.POOL_DIM, "logits": inc.NUM_LOGITS,
+                             "spatial": inc.SPATIAL_CHANNELS * inc.spatial_size(input_size) ** 2}
 
     def _features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         out = self.net(x)
@@ -120,20 +122,28 @@ def extractor_names() -> List[str]:
 
 def get_extractor(name: str = "inception", *, device: Optional[torch.device | str] = None,
                   weights: Optional[str] = None, sha256: str = inc.FID_WEIGHTS_SHA256,
-                  allow_download: bool = True, resize: str = "pil_bicubic", seed: int = 0) -> FeatureExtractor:
+                  allow_download: bool = True, resize: str = "pil_bicubic", seed: int = 0,
+                  input_size: Optional[int] = None) -> FeatureExtractor:
     """Build a feature extractor by name (see the module docstring), in eval mode on ``device``.
 
     ``weights``/``sha256``/``allow_download`` apply to the real Inception; ``seed`` to random weights.
+    ``input_size`` (random Inception only) trades fidelity to the 299 px protocol for speed, e.g. in
+    CPU smoke tests; it is part of the extractor's name.
     """
     device = torch.device(device or "cpu")
     if name in ("inception", "inception-v3-fid"):
+        if input_size not in (None, inc.INPUT_SIZE):
+            raise ValueError(f"the FID Inception is defined at {inc.INPUT_SIZE} px; input_size={input_size} "
+                             "is only allowed for random-inception")
         net = inc.load_fid_inception(weights, sha256=sha256, allow_download=allow_download)
         return InceptionExtractor(net, "inception-v3-fid", True, resize).to(device)
     if name == "random-inception" or name.startswith("random-inception-seed"):
         if name != "random-inception":
             seed = int(name[len("random-inception-seed"):])
+        size = input_size or inc.INPUT_SIZE
+        label = f"random-inception-seed{seed}" + (f"-{size}px" if size != inc.INPUT_SIZE else "")
         net = inc.random_fid_inception(seed)
-        return InceptionExtractor(net, f"random-inception-seed{seed} {NOT_COMPARABLE}", False, resize).to(device)
+        return InceptionExtractor(net, f"{label} {NOT_COMPARABLE}", False, resize, size).to(device)
     if name.startswith("clip:"):
         return _build_clip(name[len("clip:"):], device=device, resize=resize, seed=seed)
     raise ValueError(f"unknown feature extractor {name!r}; known: {extractor_names()}")
@@ -164,3 +174,20 @@ def extract_features(extractor: FeatureExtractor, images: torch.Tensor, batch_si
         for key, value in extractor(images[start:start + batch_size]).items():
             parts.setdefault(key, []).append(value)
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def extractor_from_config(cfg, device: Optional[torch.device | str] = None) -> FeatureExtractor:
+    """Build the extractor an ``ExtractorConfig`` names; ``auto`` prefers the pinned FID Inception when
+    its weights are already on this machine and otherwise uses ``random-inception`` with a warning."""
+    kw = dict(device=device, resize=cfg.resize, seed=cfg.seed)
+    if cfg.name == "auto":
+        try:
+            return get_extractor("inception", weights=cfg.weights, sha256=cfg.sha256, allow_download=False, **kw)
+        except FileNotFoundError as exc:
+            import warnings
+
+            warnings.warn(f"extractor=auto: {exc} Falling back to random-inception: the numbers are NOT "
+                          "comparable with published FID.", stacklevel=2)
+            return get_extractor("random-inception", input_size=cfg.input_size, **kw)
+    return get_extractor(cfg.name, weights=cfg.weights, sha256=cfg.sha256, allow_download=cfg.allow_download,
+                         input_size=cfg.input_size, **kw)

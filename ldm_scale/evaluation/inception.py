@@ -44,7 +44,20 @@ NUM_LOGITS = 1008
 # sFID (Nash et al. 2021; ADM evaluator): the first 7 channels of "mixed_6/conv", i.e. the 1x1
 # branch of the 7th mixed block (Mixed_6d), 17 x 17 spatial -> 2023 features.
 SPATIAL_CHANNELS = 7
-SPATIAL_DIM = SPATIAL_CHANNELS * 17 * 17
+MIN_INPUT_SIZE = 75
+
+
+def spatial_size(input_size: int) -> int:
+    """Side of the 17 x 17 (at 299) grid entering Mixed_6b..6e, for another input size."""
+    if input_size < MIN_INPUT_SIZE:
+        raise ValueError(f"Inception-v3 needs inputs of at least {MIN_INPUT_SIZE} px, got {input_size}")
+    s = (input_size - 3) // 2 + 1 - 2  # Conv2d_1a (stride 2), Conv2d_2a
+    s = (s - 3) // 2 + 1 - 2  # max pool, Conv2d_4a
+    s = (s - 3) // 2 + 1  # max pool
+    return (s - 3) // 2 + 1  # Mixed_6a (stride 2)
+
+
+SPATIAL_DIM = SPATIAL_CHANNELS * spatial_size(INPUT_SIZE) ** 2
 
 
 class FIDInceptionA(InceptionA):

@@ -1,0 +1,62 @@
+"""Reference statistics of a shard set, computed once and stored next to the data.
+
+    python data_tools/reference_stats.py data='s3://bucket/laion/{00000..00099}.tar' n_samples=50000 resolution=256
+    torchrun --nproc_per_node 8 data_tools/reference_stats.py data=... extractor.name=inception
+
+Arguments are ``key=value`` overrides of ``ldm_scale.evaluation.config.ReferenceStatsConfig``. Every
+rank reads its own shards; each checkpoints its progress, so re-running after a crash resumes (with
+the same number of ranks). The output (default ``<shard dir>/reference_stats/<extractor>-<resize>_
+<res>px_n<N>.npz``) is ADM-compatible: ``arr_0`` images, ``mu``/``sigma`` (+ ``mu_s``/``sigma_s``),
+plus features, labels/captions and a JSON ``meta`` (docs/evaluation.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omegaconf import OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+
+from ldm_scale import dist, storage  # noqa: E402
+from ldm_scale.evaluation.config import ReferenceStatsConfig  # noqa: E402
+from ldm_scale.evaluation.features import extractor_from_config  # noqa: E402
+from ldm_scale.evaluation.reference import load_reference, reference_from_shards  # noqa: E402
+
+
+def parse_config(argv: list[str]) -> ReferenceStatsConfig:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__ + "\nDefaults:\n" + OmegaConf.to_yaml(OmegaConf.structured(ReferenceStatsConfig)))
+        raise SystemExit(0)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ReferenceStatsConfig), OmegaConf.from_dotlist(argv))
+    except OmegaConfBaseException as exc:
+        raise SystemExit(f"bad argument: {exc}") from None
+    cfg = OmegaConf.to_object(merged)
+    if not cfg.data:
+        raise SystemExit("data= is required: shard URLs, e.g. data='s3://bucket/set/{00000..00099}.tar'")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    info = dist.init_distributed()
+    storage.configure(cfg.storage)
+    extractor = extractor_from_config(cfg.extractor, dist.default_device(info))
+    url = reference_from_shards(list(cfg.data), extractor, n_samples=cfg.n_samples, keep_images=cfg.keep_images,
+                                resolution=cfg.resolution, conditioning=cfg.conditioning, out_url=cfg.out,
+                                batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
+                                checkpoint_every=cfg.checkpoint_every, storage_cfg=cfg.storage)
+    if info.is_main:
+        ref = load_reference(url)
+        print(json.dumps({"reference": storage.redact(url), "n": ref.pool.n, "extractor": ref.extractor_name,
+                          "images_kept": 0 if ref.images is None else len(ref.images)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

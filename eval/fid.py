@@ -1,0 +1,55 @@
+"""FID / IS / precision-recall (+ KID, sFID, CLIP score) of an exported LDM checkpoint.
+
+    python eval/fid.py ckpt=s3://bucket/runs/x/export.pt ref=s3://bucket/laion/{00000..00099}.tar \
+        n_samples=50000 ddim_steps=200 ddim_eta=0 scale=1.5
+    torchrun --nproc_per_node 8 eval/fid.py ckpt=... ref=data/reference_stats/inception-v3-fid-....npz
+    python eval/fid.py ckpt=... ref=VIRTUAL_imagenet256_labeled.npz extractor.name=inception extractor.resize=tf_bilinear
+
+Arguments are ``key=value`` overrides of ``ldm_scale.evaluation.config.FIDEvalConfig`` (nested keys
+with dots: ``extractor.name=random-inception metrics.kid=true``). Re-running the same command
+resumes: finished sample and feature chunks are kept. The JSON record is printed and written to
+``<out>/results.json``. See docs/evaluation.md for the conventions and the Inception weights file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omegaconf import OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+
+from ldm_scale.evaluation.config import FIDEvalConfig  # noqa: E402
+from ldm_scale.evaluation.evaluate import run_fid_eval  # noqa: E402
+
+
+def parse_config(argv: list[str]) -> FIDEvalConfig:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__ + "\nDefaults:\n" + OmegaConf.to_yaml(OmegaConf.structured(FIDEvalConfig)))
+        raise SystemExit(0)
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise SystemExit(f"arguments must be key=value overrides, got {bad}; see --help")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(FIDEvalConfig), OmegaConf.from_dotlist(argv))
+    except OmegaConfBaseException as exc:
+        raise SystemExit(f"bad argument: {exc}") from None
+    return OmegaConf.to_object(merged)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    record = run_fid_eval(cfg)
+    if record is not None:
+        print(json.dumps({"metrics": record["metrics"], "extractor": record["extractor"]["name"],
+                          "n_samples": record["n_samples"], "results": record["run_dir"] + "/results.json"},
+                         indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
