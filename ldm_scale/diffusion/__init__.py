@@ -12,7 +12,7 @@ from ldm_scale.diffusion.samplers import (
     ddim_sample,
     ddpm_plan,
     ddpm_sample,
-    num_model_calls,
+    num_sampling_steps,
     plms_sample,
     sample,
     sampling_timesteps,
@@ -25,6 +25,6 @@ __all__ = [
     "DiffusionConfig", "q_sample", "diffusion_loss", "loss_weight", "drop_conditions",
     "latent_moments", "scale_factor_from_moments",
     "SamplerConfig", "SAMPLERS", "SPACINGS", "sampling_timesteps", "ddim_plan", "ddpm_plan",
-    "ddim_sample", "ddim_invert", "plms_sample", "ddpm_sample", "sample", "num_model_calls",
+    "ddim_sample", "ddim_invert", "plms_sample", "ddpm_sample", "sample", "num_sampling_steps",
     "bind_condition", "classifier_free",
 ]

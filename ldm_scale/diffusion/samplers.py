@@ -366,8 +366,11 @@ def sample(
     return ddpm_sample(model_fn, x_T, schedule, steps=cfg.steps or None, **common)
 
 
-def num_model_calls(cfg: SamplerConfig, schedule: NoiseSchedule, strength: float = 1.0) -> int:
-    """Denoiser calls ``sample`` will make (for progress bars and cost estimates)."""
-    plan = ddpm_plan(schedule, cfg.steps or None) if cfg.sampler == "ddpm" else ddim_plan(schedule, cfg.steps, cfg.spacing)
-    n = max(int(len(plan) * strength), 1)
-    return n + 1 if cfg.sampler == "plms" else n
+def num_sampling_steps(cfg: SamplerConfig, schedule: NoiseSchedule, strength: float = 1.0) -> int:
+    """Steps (``on_step`` calls) ``sample`` will run: the progress-bar unit. Denoiser calls are the
+    same, plus one for PLMS (and each call is one 2B forward under guidance)."""
+    if cfg.sampler == "ddpm":
+        plan = ddpm_plan(schedule, cfg.steps or None)
+    else:
+        plan = ddim_plan(schedule, cfg.steps, cfg.spacing)
+    return max(int(len(plan) * strength), 1)

@@ -12,7 +12,7 @@ from ldm_scale.diffusion import (
     ddim_sample,
     ddpm_sample,
     make_schedule,
-    num_model_calls,
+    num_sampling_steps,
     plms_sample,
     prediction_target,
     sample,
@@ -205,7 +205,7 @@ def test_sample_dispatch_and_call_counts():
         calls.clear()
         cfg = SamplerConfig(sampler=name, steps=steps)
         sample(counting, noise((8, 2)), SCHEDULE, cfg, generator=torch.Generator().manual_seed(0))
-        assert len(calls) == expected == num_model_calls(cfg, SCHEDULE)
+        assert len(calls) == expected == num_sampling_steps(cfg, SCHEDULE) + (name == "plms")
     with pytest.raises(ValueError, match="eta must be 0"):
         SamplerConfig(sampler="plms", eta=0.5).validate()
     with pytest.raises(ValueError, match="unknown sampler"):

@@ -1,0 +1,51 @@
+"""Sample images from an exported LDM checkpoint (a thin shell over :func:`ldm_scale.sampling.run`).
+
+    python launch/sample.py ckpt=s3://bucket/exports/txt2img.pt prompt="a red circle" \
+        n_samples=4 n_iter=4 scale=5.0 ddim_steps=50 ddim_eta=0.0 H=256 W=256 seed=42
+    python launch/sample.py ckpt=model.pt from_file=prompts.txt sampler=plms precision=bf16
+    python launch/sample.py ckpt=model.pt prompt="..." init_image=in.png strength=0.8     # img2img
+    python launch/sample.py ckpt=model.pt prompt="..." init_image=in.png mask=mask.png    # inpainting
+
+Arguments are ``key=value`` (OmegaConf dotlist) checked against ``SampleConfig``; writes
+``<outdir>/samples/NNNNN.png``, ``<outdir>/grid-NNNN.png`` (n_iter rows x n_samples columns) and
+``<outdir>/samples.json``. See docs/sampling.md.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omegaconf import OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+
+from ldm_scale.sampling import SampleConfig, run  # noqa: E402
+
+
+def parse(argv: list[str]) -> SampleConfig:
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise ValueError(f"arguments are key=value pairs, got {bad}; e.g. ckpt=model.pt prompt=\"a cat\"")
+    schema = OmegaConf.structured(SampleConfig)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.from_dotlist(argv))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        # e.g. an unknown key or a wrong type; the first line names the key.
+        raise ValueError(str(exc).splitlines()[0] + f" (valid keys: {', '.join(schema.keys())})") from None
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = parse(argv)
+        summary = run(cfg)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"launch/sample.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(summary['samples'])} samples to {cfg.outdir}/samples and the grid {summary['grid']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

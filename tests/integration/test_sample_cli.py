@@ -1,0 +1,163 @@
+"""launch/sample.py end to end on tiny exported checkpoints (random weights made by the test).
+
+Two runs go through a real subprocess (local checkpoint; checkpoint on the S3 test server); the
+option and error variants call the same ``main(argv)`` in-process to stay within the time budget.
+"""
+import dataclasses
+import importlib.util
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from ldm_scale import storage
+from ldm_scale.models.registry import build_ldm, get_spec
+from ldm_scale.sampling import grid_size
+from tests.fixtures.torchrun import REPO_ROOT, run_python
+
+SCRIPT = str(REPO_ROOT / "launch" / "sample.py")
+
+
+def export(spec, path, *, with_ema=True, fmt="ldm_scale/ldm-v1", seed=0):
+    """Write an exported checkpoint in the docs/architecture.md layout."""
+    torch.manual_seed(seed)
+    model = build_ldm(spec)
+    with torch.no_grad():  # non-zero output convs, so samples depend on the weights
+        for p in model.unet.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(0, 0.02)
+    ema = {k: v + 0.01 for k, v in model.unet.state_dict().items()} if with_ema else None
+    torch.save({"format": fmt, "model_config": dataclasses.asdict(spec), "state_dict": model.state_dict(),
+                "ema_state_dict": ema, "scale_factor": 0.8, "step": 11,
+                "config": {"diffusion": {"schedule": "scaled_linear"}}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    inpaint = get_spec("tiny_uncond")
+    inpaint.name = "tiny_inpaint"
+    inpaint.cond_stage.kind, inpaint.cond_stage.concat_channels = "concat", 5
+    inpaint.unet.in_channels = 9
+    return {
+        "text": export(get_spec("tiny"), str(root / "tiny.pt")),
+        "cin": export(get_spec("tiny_cin"), str(root / "tiny_cin.pt")),
+        "cin_no_ema": export(get_spec("tiny_cin"), str(root / "tiny_cin_no_ema.pt"), with_ema=False),
+        "inpaint": export(inpaint, str(root / "tiny_inpaint.pt")),
+    }
+
+
+@pytest.fixture(scope="module")
+def cli():
+    spec = importlib.util.spec_from_file_location("sample_cli", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def pngs(outdir):
+    return sorted((outdir / "samples").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_text_to_image_subprocess(ckpts, tmp_path):
+    out = tmp_path / "out"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\na green triangle\n")
+    # W=48 is beyond the training size 32: convolutional sampling at a new aspect ratio.
+    res = run_python([SCRIPT, f"ckpt={ckpts['text']}", f"from_file={prompts}", "n_samples=2", "n_iter=2",
+                      "scale=3.0", "ddim_steps=2", "H=32", "W=48", "seed=5", f"outdir={out}"], timeout=300).check()
+    assert "sampling" in res.stderr  # the tqdm bar
+    files = pngs(out)
+    assert len(files) == 6  # 2 iterations x (2 + 1 prompts)
+    assert all(Image.open(f).size == (48, 32) for f in files)
+    # all samples in rows of n_samples: 2 iterations x (a batch of 2 + a batch of 1) = 3 rows
+    assert Image.open(out / "grid-0000.png").size[::-1] == grid_size(3, 2, 32, 48)
+    summary = json.loads((out / "samples.json").read_text())
+    assert summary["use_ema"] and summary["step"] == 11
+    assert [s["prompt"] for s in summary["samples"]][:3] == ["a red circle", "a blue square", "a green triangle"]
+
+
+@pytest.mark.slow
+def test_checkpoint_from_s3_subprocess(ckpts, s3_server, tmp_path):
+    url = s3_server.url("exports/tiny_cin.pt")
+    storage.put_file(ckpts["cin"], url)
+    out = tmp_path / "out"
+    run_python([SCRIPT, f"ckpt={url}", "prompt=3", "n_samples=3", "n_iter=1", "sampler=plms", "ddim_steps=2",
+                "precision=bf16", f"outdir={out}", "progress=false"], timeout=300).check()
+    assert len(pngs(out)) == 3
+    assert Image.open(out / "grid-0000.png").size[::-1] == grid_size(1, 3, 32, 32)
+
+
+def test_seeded_runs_repeat_and_ema_matters(ckpts, cli, tmp_path):
+    common = [f"ckpt={ckpts['cin']}", "prompt=1", "n_samples=2", "ddim_steps=2", "progress=false"]
+    for name, extra in (("a", []), ("b", []), ("raw", ["use_ema=false"]), ("ddpm", ["sampler=ddpm"])):
+        assert cli(common + [f"outdir={tmp_path / name}"] + extra) == 0
+    a, b, raw = (Image.open(tmp_path / n / "samples" / "00000.png").tobytes() for n in ("a", "b", "raw"))
+    assert a == b and a != raw
+    assert len(pngs(tmp_path / "ddpm")) == 2
+    # a second run into the same directory continues the numbering
+    assert cli(common + [f"outdir={tmp_path / 'a'}"]) == 0
+    assert len(pngs(tmp_path / "a")) == 4 and (tmp_path / "a" / "grid-0001.png").exists()
+
+
+def _write_images(tmp_path, size=32):
+    g = torch.Generator().manual_seed(0)
+    init = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8)
+    Image.fromarray(init.numpy()).save(tmp_path / "init.png")
+    mask = torch.zeros(size, size, dtype=torch.uint8)
+    mask[:, : size // 2] = 255  # repaint the left half
+    Image.fromarray(mask.numpy()).save(tmp_path / "mask.png")
+    return init
+
+
+@pytest.mark.parametrize("which", ["cin", "inpaint"])
+def test_inpainting_keeps_unmasked_pixels(ckpts, cli, tmp_path, which):
+    init = _write_images(tmp_path)
+    out = tmp_path / "out"
+    args = [f"ckpt={ckpts[which]}", f"init_image={tmp_path / 'init.png'}", f"mask={tmp_path / 'mask.png'}",
+            "n_samples=2", "ddim_steps=3", f"outdir={out}", "progress=false"]
+    assert cli(args + (["prompt=2"] if which == "cin" else [])) == 0
+    for f in pngs(out):
+        result = torch.from_numpy(__import__("numpy").array(Image.open(f)))
+        assert torch.equal(result[:, 16:], init[:, 16:])
+        assert not torch.equal(result[:, :16], init[:, :16])
+
+
+def test_img2img_strength(ckpts, cli, tmp_path):
+    init = _write_images(tmp_path)
+    diffs = {}
+    for strength in (0.2, 0.9):
+        out = tmp_path / f"s{strength}"
+        assert cli([f"ckpt={ckpts['cin']}", "prompt=0", f"init_image={tmp_path / 'init.png'}",
+                    f"strength={strength}", "n_samples=1", "ddim_steps=10", f"outdir={out}", "progress=false"]) == 0
+        result = torch.from_numpy(__import__("numpy").array(Image.open(pngs(out)[0]))).float()
+        diffs[strength] = (result - init.float()).abs().mean().item()
+    assert diffs[0.2] < diffs[0.9]
+
+
+def test_clear_errors(ckpts, cli, tmp_path, capsys):
+    ae = export(get_spec("tiny_cin"), str(tmp_path / "ae.pt"), fmt="ldm_scale/autoencoder-v1")
+    cases = [
+        ([f"ckpt={tmp_path / 'missing.pt'}", "prompt=1"], "checkpoint not found"),
+        ([f"ckpt={ckpts['cin_no_ema']}", "prompt=1"], "no EMA weights: pass use_ema=false"),
+        ([f"ckpt={ckpts['cin']}", "prompt=1", "H=40"], "multiples of 16"),
+        ([f"ckpt={ckpts['cin']}", "prompt=cat"], "class indices"),
+        ([f"ckpt={ckpts['text']}"], 'give prompt="'),
+        ([f"ckpt={ckpts['inpaint']}"], "pass init_image= and mask="),
+        ([f"ckpt={ae}", "prompt=1"], "autoencoder export"),
+        ([f"ckpt={ckpts['cin']}", "steps=3"], "valid keys"),
+        ([f"ckpt={ckpts['cin']}", "sampler=plms", "ddim_eta=0.5"], "eta must be 0"),
+        (["prompt=1"], "ckpt= is required"),
+    ]
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    cases.append(([f"ckpt={tmp_path / 'junk.pt'}"], "not a readable torch checkpoint"))
+    for argv, message in cases:
+        assert cli(argv + ["ddim_steps=1", "progress=false", f"outdir={tmp_path / 'o'}"]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+        assert "Traceback" not in err
+    res = run_python([SCRIPT, f"ckpt={tmp_path / 'missing.pt'}"], timeout=120)
+    assert res.returncode == 2 and "checkpoint not found" in res.stderr
