@@ -2,8 +2,16 @@
 
 Public surface (docs/architecture.md): `DataConfig`, `FilterConfig`, `build_loader`, `ShardLoader`;
 `ldm_scale.data.synthetic` for the procedural dataset and the prompt-adherence detector.
+The loader (and torch) is imported on first use, so shard tools that only read or write tars start fast.
 """
 from ldm_scale.data.config import DataConfig, FilterConfig
-from ldm_scale.data.loader import ShardLoader, build_loader
 
 __all__ = ["DataConfig", "FilterConfig", "ShardLoader", "build_loader"]
+
+
+def __getattr__(name: str):
+    if name in ("ShardLoader", "build_loader"):
+        from ldm_scale.data import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module 'ldm_scale.data' has no attribute {name!r}")

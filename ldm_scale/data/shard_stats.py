@@ -1,0 +1,128 @@
+"""Look inside shards: sample counts, bytes, member types, damaged members, caption and metadata
+histograms; write ``sizes.json`` (samples per shard) that the loader uses to size its epochs.
+
+Image sizes come from the image header (PIL reads it without decoding the pixels), so a full
+inspection costs about one read of the data.
+"""
+from __future__ import annotations
+
+import bisect
+import io
+import json
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Sequence
+
+from ldm_scale import storage
+from ldm_scale.data.filters import IMAGE_EXTS, LATENT_EXT, clean_caption
+from ldm_scale.data.shard_writer import write_sizes
+from ldm_scale.data.tar_stream import iter_tar_samples
+
+CAPTION_BINS = [0, 1, 10, 20, 40, 80, 160, 320]
+SIZE_BINS = [0, 64, 128, 256, 512, 1024, 2048, 4096]
+UNIT_BINS = [i / 10 for i in range(11)]  # punsafe, pwatermark, similarity in [0, 1]
+AESTHETIC_BINS = list(range(11))
+_META_BINS = {"aesthetic": AESTHETIC_BINS, "punsafe": UNIT_BINS, "pwatermark": UNIT_BINS, "similarity": UNIT_BINS}
+
+
+def _bin_label(bins: Sequence[float], value: float) -> str:
+    i = max(0, bisect.bisect_right(bins, value) - 1)
+    return f">={bins[i]}" if i == len(bins) - 1 else f"[{bins[i]},{bins[i + 1]})"
+
+
+def _histogram(bins: Sequence[float], values: List[float]) -> Dict[str, int]:
+    counts = Counter(_bin_label(bins, v) for v in values)
+    ordered = [f"[{bins[i]},{bins[i + 1]})" for i in range(len(bins) - 1)] + [f">={bins[-1]}"]
+    return {label: counts.get(label, 0) for label in ordered}
+
+
+def inspect_shard(url: str, cfg: Optional[storage.StorageConfig] = None) -> Dict[str, Any]:
+    """Statistics of one shard (raw values; :func:`inspect_shards` turns them into histograms)."""
+    from PIL import Image
+
+    counters: Counter = Counter()
+    exts: Counter = Counter()
+    captions: List[int] = []
+    widths: List[int] = []
+    heights: List[int] = []
+    meta_values: Dict[str, List[float]] = defaultdict(list)
+    status: Counter = Counter()
+    samples = 0
+    for raw in iter_tar_samples(url, 0, counters, cfg):
+        samples += 1
+        exts.update(k for k in raw if not k.startswith("__"))
+        if "txt" in raw:
+            try:
+                captions.append(len(clean_caption(raw["txt"].decode("utf-8"))))
+            except UnicodeDecodeError:
+                counters["bad_caption_encoding"] += 1
+        image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        if image_ext is not None:
+            try:
+                with Image.open(io.BytesIO(raw[image_ext])) as im:
+                    widths.append(im.width)
+                    heights.append(im.height)
+            except Exception:  # noqa: BLE001 - counted: an image PIL cannot even identify
+                counters["undecodable_image"] += 1
+        elif LATENT_EXT not in raw:
+            counters["missing_image"] += 1
+        if "json" in raw:
+            try:
+                meta = json.loads(raw["json"])
+            except ValueError:
+                counters["bad_metadata"] += 1
+                continue
+            status[str(meta.get("status", "unknown"))] += 1
+            for name, keys in (("aesthetic", ("aesthetic", "AESTHETIC_SCORE")), ("punsafe", ("punsafe",)),
+                               ("pwatermark", ("pwatermark",)), ("similarity", ("similarity",))):
+                value = next((meta[k] for k in keys if meta.get(k) is not None), None)
+                if value is not None:
+                    meta_values[name].append(float(value))
+    return {"url": url, "samples": samples, "bytes": storage.size(url, cfg), "members": dict(exts),
+            "damage": {k: v for k, v in counters.items() if k != "members"}, "caption_lengths": captions,
+            "widths": widths, "heights": heights, "meta": dict(meta_values), "status": dict(status)}
+
+
+def inspect_shards(urls: Sequence[str] | str, cfg: Optional[storage.StorageConfig] = None, *,
+                   threads: int = 8, write_sizes_json: bool = True) -> Dict[str, Any]:
+    """Inspect every shard (in parallel threads) and summarise; writes ``sizes.json`` into each shard
+    directory when ``write_sizes_json`` (merging with an existing one)."""
+    shard_urls = storage.expand_urls(urls, cfg)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        per_shard = list(pool.map(lambda u: inspect_shard(u, cfg), shard_urls))
+    captions = [n for s in per_shard for n in s["caption_lengths"]]
+    widths = [w for s in per_shard for w in s["widths"]]
+    heights = [h for s in per_shard for h in s["heights"]]
+    damage: Counter = Counter()
+    members: Counter = Counter()
+    status: Counter = Counter()
+    for s in per_shard:
+        damage.update(s["damage"])
+        members.update(s["members"])
+        status.update(s["status"])
+    report = {
+        "num_shards": len(per_shard),
+        "num_samples": sum(s["samples"] for s in per_shard),
+        "total_bytes": sum(s["bytes"] for s in per_shard),
+        "members": dict(sorted(members.items())),
+        "damage": dict(sorted(damage.items())),
+        "status": dict(sorted(status.items())),
+        "caption_length_chars": _histogram(CAPTION_BINS, captions),
+        "width": _histogram(SIZE_BINS, widths),
+        "height": _histogram(SIZE_BINS, heights),
+        "metadata": {name: _histogram(bins, [v for s in per_shard for v in s["meta"].get(name, [])])
+                     for name, bins in _META_BINS.items()},
+        "shards": [{"url": storage.redact(s["url"]), "samples": s["samples"], "bytes": s["bytes"],
+                    "damage": s["damage"]} for s in per_shard],
+    }
+    if write_sizes_json:
+        by_dir: Dict[str, Dict[str, int]] = defaultdict(dict)
+        for s in per_shard:
+            by_dir[storage.parent(s["url"])][s["url"].rsplit("/", 1)[-1]] = s["samples"]
+        for d, sizes in by_dir.items():
+            existing_url = storage.join(d, "sizes.json")
+            merged = json.loads(storage.read_text(existing_url, cfg)) if storage.exists(existing_url, cfg) else {}
+            merged.update(sizes)
+            write_sizes(d, merged, cfg)
+        report["sizes_json"] = sorted(storage.join(d, "sizes.json") for d in by_dir)
+    return report
