@@ -43,7 +43,11 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 (CompVis ``GroupNorm32``): mixed-precision safe statistics."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        # The affine parameters are upcast too: DeepSpeed bf16/fp16 converts every parameter, and
+        # CPU group_norm refuses a float32 input with low-precision weights.
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
