@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import pickle
+import zipfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -104,13 +105,17 @@ def read_checkpoint(url: str, trust: bool = False) -> Dict[str, Any]:
                                 "https:// URL of an exported checkpoint)")
     with storage.open_url(url, "rb") as f:
         data = f.read()
+    # torch.save writes a zip archive (legacy format: a raw pickle, protocol byte 0x80 first).
+    if not (zipfile.is_zipfile(io.BytesIO(data)) or data[:1] == b"\x80"):
+        raise ValueError(f"{shown} is not a readable torch checkpoint (neither a torch.save zip archive nor a pickle)")
     try:
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
         if trust:
             raise ValueError(f"{shown} is not a readable torch checkpoint: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{shown} holds objects beyond tensors and plain containers (typical of Lightning "
-                         "checkpoints); if you trust its origin, pass trust_checkpoint=true") from exc
+                         f"checkpoints: {reason}); if you trust its origin, pass trust_checkpoint=true") from exc
     except (RuntimeError, EOFError, OSError) as exc:
         raise ValueError(f"{shown} is not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict):
