@@ -650,3 +650,17 @@ def _convert_to_universal(src: str, dst: str) -> None:
         raise CheckpointError(f"converting {src} to a universal checkpoint for the new world size failed:\n"
                               f"{proc.stderr[-3000:]}")
 
+
+
+def consolidated_fp32_state_dict(step_dir: str, engine_name: str) -> Dict[str, torch.Tensor]:
+    """Full fp32 state dict of one engine's module from a local checkpoint directory (any ZeRO
+    stage, any world size; one process, no collectives)."""
+    tag_dir = os.path.join(step_dir, engine_name)
+    if not os.path.isdir(tag_dir):
+        raise CheckpointError(f"{tag_dir} does not exist: the checkpoint has no engine {engine_name!r}")
+    if not any("zero_pp_rank_" in f for f in os.listdir(tag_dir)):  # ZeRO disabled: full module on rank 0
+        state = _torch_load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), "model states")["module"]
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(step_dir, tag=engine_name))

@@ -1,0 +1,252 @@
+"""Exported checkpoints: one file with the (EMA) weights for sampling and evaluation.
+
+Format (docs/architecture.md), a single ``torch.save`` dict::
+
+    {"format": "ldm_scale/ldm-v1" | "ldm_scale/autoencoder-v1",
+     "model_config": LDMSpec / FirstStageConfig as a dict,
+     "state_dict": full LatentDiffusion (or autoencoder) state dict,
+     "ema_state_dict": EMA weights keyed like state_dict (LDM: unet.* [+ cond_stage.*]) or None,
+     "scale_factor": float, "step": int, "config": resolved training config, "dtype": "fp32" | "bf16"}
+
+With ``compvis=True`` the LDM is written in the CompVis layout instead (``state_dict`` with
+``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*`` and ``model_ema.*``;
+mapping in ``ldm_scale.models.compat``), plus ``global_step``, loadable by CompVis' own code.
+
+Two ways in:
+
+* from a live run (:func:`export_ldm` / :func:`export_autoencoder`, called by the training loop at
+  the end; collective: under ZeRO-3 the parameters and the EMA shards are gathered);
+* from a training checkpoint, offline, on one process (:func:`export_checkpoint`, the CLI)::
+
+      python -m ldm_scale.train.export <ckpt url> <out url> [--dtype bf16] [--compvis]
+
+  ``<ckpt url>`` is a ``step_<N>`` directory or a run directory (its ``latest`` is used). The
+  trained weights are consolidated from DeepSpeed's shards (any ZeRO stage, any world size), the
+  EMA from the per-rank ``ema_rank<R>.pt`` shards, and the frozen parts (first stage, a frozen
+  text encoder) are rebuilt from the run's resolved config exactly as training built them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ldm_scale import dist, storage
+from ldm_scale.train.checkpoint import CLIENT_STATE, COMPLETE, LATEST, CheckpointError, parse_step
+
+log = logging.getLogger(__name__)
+
+LDM_FORMAT = "ldm_scale/ldm-v1"
+AUTOENCODER_FORMAT = "ldm_scale/autoencoder-v1"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _cast(sd: Optional[Mapping[str, torch.Tensor]], dtype: str) -> Optional[Dict[str, torch.Tensor]]:
+    if sd is None:
+        return None
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    target = DTYPES[dtype]
+    return {k: (v.detach().to("cpu", target) if v.is_floating_point() else v.detach().cpu()).contiguous()
+            for k, v in sd.items()}
+
+
+def full_state_dict(module: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+    """CPU copy of ``module.state_dict()`` on rank 0, None elsewhere. Collective under ZeRO-3
+    (partitioned parameters are gathered); a plain read otherwise."""
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} \
+            if dist.get_dist_info().is_main else None
+    import deepspeed
+
+    # modifier_rank=None: read-only gather on every rank; nothing is written back.
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        if dist.get_dist_info().is_main:
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return None
+
+
+def ema_in_namespace(ema_sd: Mapping[str, torch.Tensor], ema: Any, module: nn.Module) -> Dict[str, torch.Tensor]:
+    """Rename EMA entries (named in the module the EMA tracked) to ``module``'s state-dict names,
+    matching parameters by identity, so the EMA of a training wrapper lines up with the exported model."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    out = {}
+    for tracked_name, param in zip(ema.all_names, ema.tracked_params):
+        if id(param) not in names:
+            raise ValueError(f"EMA parameter {tracked_name} is not a parameter of the exported {type(module).__name__}")
+        out[names[id(param)]] = ema_sd[tracked_name]
+    return out
+
+
+def write_export(url: str, payload: Mapping[str, Any]) -> None:
+    """torch.save to a local temp file, then one upload (atomic rename locally, one PUT on S3)."""
+    fd, tmp = tempfile.mkstemp(suffix=".pt", prefix="ldm_scale_export_")
+    os.close(fd)
+    try:
+        torch.save(dict(payload), tmp)
+        storage.put_file(tmp, url)
+    finally:
+        os.unlink(tmp)
+    log.info("exported %s", storage.redact(url))
+
+
+def ldm_payload(state_dict: Mapping[str, torch.Tensor], ema_sd: Optional[Mapping[str, torch.Tensor]],
+                model_config: Mapping[str, Any], *, scale_factor: float, step: int, config: Mapping[str, Any],
+                dtype: str = "fp32", compvis: bool = False) -> Dict[str, Any]:
+    """The exported-LDM dict (ldm_scale layout, or CompVis layout with ``compvis``)."""
+    state, ema = _cast(state_dict, dtype), _cast(ema_sd, dtype)
+    state["scale_factor"] = torch.tensor(float(scale_factor))
+    if compvis:
+        from ldm_scale.models.compat import ldm_to_compvis_state_dict
+
+        unet_ema = {k: v for k, v in (ema or {}).items() if k.startswith("unet.")} or None
+        return {"state_dict": ldm_to_compvis_state_dict(state, unet_ema), "global_step": int(step),
+                "ldm_scale_model_config": dict(model_config), "config": dict(config)}
+    return {"format": LDM_FORMAT, "model_config": dict(model_config), "state_dict": state, "ema_state_dict": ema,
+            "scale_factor": float(scale_factor), "step": int(step), "config": dict(config), "dtype": dtype}
+
+
+def autoencoder_payload(state_dict: Mapping[str, torch.Tensor], ema_sd: Optional[Mapping[str, torch.Tensor]],
+                        model_config: Mapping[str, Any], *, step: int, config: Mapping[str, Any],
+                        dtype: str = "fp32") -> Dict[str, Any]:
+    return {"format": AUTOENCODER_FORMAT, "model_config": dict(model_config), "state_dict": _cast(state_dict, dtype),
+            "ema_state_dict": _cast(ema_sd, dtype), "scale_factor": None, "step": int(step),
+            "config": dict(config), "dtype": dtype}
+
+
+def export_ldm(url: str, ldm: nn.Module, ema: Any, spec: Any, *, config: Mapping[str, Any], step: int,
+               dtype: str = "fp32", compvis: bool = False) -> None:
+    """Export a live LatentDiffusion (+ its CPU EMA). Every rank calls it; rank 0 writes."""
+    state = full_state_dict(ldm)
+    ema_sd = ema.full_state_dict(dst=0) if ema is not None else None
+    if dist.get_dist_info().is_main:
+        ema_named = ema_in_namespace(ema_sd, ema, ldm) if ema is not None else None
+        write_export(url, ldm_payload(state, ema_named, dataclasses.asdict(spec), scale_factor=float(ldm.scale_factor),
+                                      step=step, config=config, dtype=dtype, compvis=compvis))
+    dist.barrier()
+
+
+def export_autoencoder(url: str, autoencoder: nn.Module, ema: Any, first_stage_cfg: Any, *,
+                       config: Mapping[str, Any], step: int, dtype: str = "fp32") -> None:
+    """Export a live autoencoder (+ EMA if any) as ``ldm_scale/autoencoder-v1``. Every rank calls it."""
+    state = full_state_dict(autoencoder)
+    ema_sd = ema.full_state_dict(dst=0) if ema is not None else None
+    if dist.get_dist_info().is_main:
+        ema_named = ema_in_namespace(ema_sd, ema, autoencoder) if ema is not None else None
+        write_export(url, autoencoder_payload(state, ema_named, dataclasses.asdict(first_stage_cfg), step=step,
+                                              config=config, dtype=dtype))
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline: from a training checkpoint
+# ---------------------------------------------------------------------------------------------
+def resolve_step_url(url: str) -> str:
+    """A ``step_<N>`` URL as given, or the one a run directory's ``latest`` names."""
+    url = url.rstrip("/")
+    if parse_step(url) is not None:
+        return url
+    marker = storage.join(url, LATEST)
+    if not storage.exists(marker):
+        raise CheckpointError(f"{storage.redact(url)} is neither a step_<N> checkpoint nor a run directory with a "
+                              "`latest` marker")
+    return storage.join(url, storage.read_text(marker).strip())
+
+
+def _strip(sd: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def export_checkpoint(ckpt_url: str, out_url: str, *, dtype: str = "fp32", compvis: bool = False) -> Dict[str, Any]:
+    """Consolidate a training checkpoint into an exported file (one process, no collectives).
+
+    Returns a summary (format, step, number of tensors, whether an EMA was included).
+    """
+    from omegaconf import OmegaConf
+
+    from ldm_scale import config as config_lib
+    from ldm_scale.models.ldm import LatentDiffusion
+    from ldm_scale.models.registry import build_autoencoder
+    from ldm_scale.models.unet import UNetModel
+    from ldm_scale.train.checkpoint import consolidated_fp32_state_dict
+    from ldm_scale.train.ema import assemble_full_state_dict
+
+    step_url = resolve_step_url(ckpt_url)
+    shown = storage.redact(step_url)
+    if not storage.exists(storage.join(step_url, COMPLETE)):
+        raise CheckpointError(f"checkpoint {shown} is incomplete (no {COMPLETE} marker); export an earlier step_<N>")
+    meta = json.loads(storage.read_text(storage.join(step_url, CLIENT_STATE)))
+    manifest = json.loads(storage.read_text(storage.join(step_url, COMPLETE)))["files"]
+    cfg = config_lib.to_object(OmegaConf.merge(OmegaConf.structured(config_lib.Config), meta["config"]))
+    plan = config_lib.validate(cfg, int(meta["world_size"]))
+    engine = "model" if "model" in meta["engines"] else "generator"
+    if engine not in meta["engines"]:
+        raise CheckpointError(f"checkpoint {shown} has engines {sorted(meta['engines'])}; expected 'model' (task=ldm) "
+                              "or 'generator' (task=autoencoder)")
+
+    with tempfile.TemporaryDirectory(prefix="ldm_scale_export_") as tmp:
+        for rel in manifest:
+            if rel.startswith(engine + "/") or rel.startswith("ema_rank"):
+                storage.get_file(storage.join(step_url, rel), os.path.join(tmp, rel))
+        trained = consolidated_fp32_state_dict(tmp, engine)
+        ema_files = sorted(f for f in os.listdir(tmp) if f.startswith("ema_rank"))
+        ema_full = assemble_full_state_dict([torch.load(os.path.join(tmp, f), map_location="cpu", weights_only=False)
+                                             for f in ema_files]) if ema_files else None
+
+    step = int(meta["step"])
+    config = meta["config"]
+    if engine == "model":
+        from ldm_scale.models.conditioners import build_conditioner
+        from ldm_scale.train.tasks import JOINTLY_TRAINED_CONDITIONERS, LDMTask
+
+        spec = plan.spec
+        device = torch.device("cpu")
+        first_stage = LDMTask._build_first_stage(cfg.model, spec, device, cfg.storage)
+        ldm = LatentDiffusion(UNetModel(spec.unet), first_stage, build_conditioner(spec.cond_stage),
+                              spec.scale_factor, spec.parameterization)
+        # Trained parts come from the checkpoint (keys unet.* / cond_stage.* as in LatentDiffusion);
+        # frozen parts were rebuilt above from their own sources, as training did.
+        missing, unexpected = ldm.load_state_dict(trained, strict=False)
+        trained_prefixes = ("unet.",) + (("cond_stage.",) if spec.cond_stage.kind in JOINTLY_TRAINED_CONDITIONERS else ())
+        missing = [k for k in missing if k.startswith(trained_prefixes)]
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {shown} does not match the model its config describes (missing "
+                                  f"{missing[:3]}, unexpected {unexpected[:3]})")
+        payload = ldm_payload(ldm.state_dict(), ema_full, dataclasses.asdict(spec),
+                              scale_factor=float(meta.get("scale_factor", spec.scale_factor)), step=step,
+                              config=config, dtype=dtype, compvis=compvis)
+    else:
+        if compvis:
+            raise ValueError("--compvis applies to LDM checkpoints; autoencoders are exported in the ldm_scale layout")
+        autoencoder = build_autoencoder(plan.autoencoder)
+        autoencoder.load_state_dict(_strip(trained, "autoencoder."), strict=True)
+        payload = autoencoder_payload(autoencoder.state_dict(), ema_full, dataclasses.asdict(plan.autoencoder),
+                                      step=step, config=config, dtype=dtype)
+    write_export(out_url, payload)
+    return {"format": payload.get("format", "compvis"), "step": step, "tensors": len(payload["state_dict"]),
+            "ema": ema_full is not None}
+
+
+def main(argv: Optional[list] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ldm_scale.train.export",
+                                     description="Consolidate a training checkpoint into one exported file.")
+    parser.add_argument("ckpt", help="step_<N> checkpoint URL, or a run directory (its `latest` is used)")
+    parser.add_argument("out", help="output file URL (local path, s3://, gs://)")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--compvis", action="store_true", help="write the CompVis latent-diffusion layout")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    summary = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, compvis=args.compvis)
+    print(json.dumps({"out": storage.redact(args.out), **summary}))
+
+
+if __name__ == "__main__":
+    main()
