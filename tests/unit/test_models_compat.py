@@ -65,7 +65,7 @@ def test_load_compvis_checkpoint_file(tiny, tmp_path):
     # Keys a real CompVis checkpoint carries that we drop: schedule buffers, EMA counters, LM head.
     compvis["betas"] = torch.linspace(1e-4, 2e-2, 1000)
     compvis["model_ema.num_updates"] = torch.tensor(5)
-    compvis["cond_stage_model.transformer.to_logits.weight"] = torch.zeros(49408, 64)
+    compvis["cond_stage_model.transformer.to_logits.bias"] = torch.zeros(49408)
     path = tmp_path / "last.ckpt"
     torch.save({"state_dict": compvis, "global_step": 10}, path)
     torch.manual_seed(1)

@@ -66,9 +66,19 @@ def test_apply_model_concatenates_concat_condition():
         model.apply_model(z, torch.tensor([1, 2]), {"ctx": concat})
 
 
+_META_MODELS = {}
+
+
+def _meta_model(name: str):
+    # Built once per test session: meta construction of the big flavours is pure Python overhead.
+    if name not in _META_MODELS:
+        _META_MODELS[name] = build_ldm(name, device="meta")
+    return _META_MODELS[name]
+
+
 @pytest.mark.parametrize("name", ["ldm_kl8_cin", "ldm_uncond_kl8", "txt2img_kl8"])
 def test_big_flavours_build_on_meta_and_run(name):
-    model = build_ldm(name, device="meta")
+    model = _meta_model(name)
     assert all(p.is_meta for p in model.parameters())
     spec = FLAVOURS[name]
     z = torch.empty(2, 4, spec.latent_size, spec.latent_size, device="meta")
@@ -81,7 +91,7 @@ def test_big_flavours_build_on_meta_and_run(name):
 
 
 def test_paper_1p45b_text_to_image_parameter_count():
-    counts = parameter_counts(build_ldm("txt2img_kl8", device="meta"))
+    counts = parameter_counts(_meta_model("txt2img_kl8"))
     assert counts["unet"] == 872_300_484
     assert counts["cond_stage"] == 542_895_360
     assert counts["trainable"] == 1_415_195_844
