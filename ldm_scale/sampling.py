@@ -167,29 +167,33 @@ def load_checkpoint(url: str, *, use_ema: bool = True, flavour: Optional[str] = 
         spec = spec_from_dict(ckpt["model_config"])
         if flavour is not None and flavour != spec.name:
             raise ValueError(f"flavour={flavour} given but {shown} holds a {spec.name!r} model: drop flavour=")
-        state, ema = ckpt["state_dict"], ckpt.get("ema_state_dict")
-        scale_factor, step = ckpt.get("scale_factor"), ckpt.get("step")
+        ema = ckpt.get("ema_state_dict")
+        if use_ema and not ema:
+            raise ValueError(f"{shown} has no EMA weights: pass use_ema=false to sample with the raw weights")
+        model = build_ldm(spec)
+        _load_strict(model, ckpt["state_dict"], f"state_dict of {shown}")
+        if use_ema:
+            _load_strict(model.unet, _strip_prefix(ema, "unet."), f"ema_state_dict of {shown}")
+        if ckpt.get("scale_factor") is not None:
+            model.scale_factor.fill_(float(ckpt["scale_factor"]))
+        step = ckpt.get("step")
     elif fmt is None and isinstance(ckpt.get("state_dict"), dict):
+        # CompVis layout: no model config inside, so the flavour names the architecture.
         if flavour is None:
             raise ValueError(f"{shown} has no model config (CompVis layout?): pass flavour=<name> "
                              "naming the registered flavour it was trained as")
         from ldm_scale.models import compat
 
+        state = ckpt["state_dict"]
+        if use_ema and not any(k.startswith(compat.EMA_PREFIX) for k in state):
+            raise ValueError(f"{shown} has no EMA weights (no {compat.EMA_PREFIX}* keys): pass use_ema=false")
         spec = get_spec(flavour)
-        state, ema = compat.from_compvis(ckpt["state_dict"])
-        scale_factor, step = None, ckpt.get("global_step")
+        model = build_ldm(spec)
+        compat.load_compvis_checkpoint(model, state, use_ema=use_ema, strict=True)
+        step = ckpt.get("global_step")
     else:
         raise ValueError(f"{shown}: unknown checkpoint format {fmt!r}; expected {LDM_FORMAT} "
                          "(ldm_scale export) or a CompVis checkpoint with flavour=")
-    if use_ema and not ema:
-        raise ValueError(f"{shown} has no EMA weights: pass use_ema=false to sample with the raw weights")
-
-    model = build_ldm(spec)
-    _load_strict(model, state, f"state_dict of {shown}")
-    if use_ema:
-        _load_strict(model.unet, _strip_prefix(ema, "unet."), f"ema_state_dict of {shown}")
-    if scale_factor is not None:
-        model.scale_factor.fill_(float(scale_factor))
     model.to(device).eval().requires_grad_(False)
     schedule = make_schedule(_schedule_kind(ckpt), spec.num_timesteps, spec.linear_start, spec.linear_end)
     return LoadedModel(model, spec, schedule.to(device), step, use_ema)

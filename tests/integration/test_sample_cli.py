@@ -27,6 +27,7 @@ def export(spec, path, *, with_ema=True, fmt="ldm_scale/ldm-v1", seed=0):
         for p in model.unet.parameters():
             if p.ndim > 1 and not p.any():
                 p.normal_(0, 0.02)
+        model.scale_factor.fill_(0.8)  # the buffer and the "scale_factor" field agree in real exports
     ema = {k: v + 0.01 for k, v in model.unet.state_dict().items()} if with_ema else None
     torch.save({"format": fmt, "model_config": dataclasses.asdict(spec), "state_dict": model.state_dict(),
                 "ema_state_dict": ema, "scale_factor": 0.8, "step": 11,
@@ -161,3 +162,21 @@ def test_clear_errors(ckpts, cli, tmp_path, capsys):
         assert "Traceback" not in err
     res = run_python([SCRIPT, f"ckpt={tmp_path / 'missing.pt'}"], timeout=120)
     assert res.returncode == 2 and "checkpoint not found" in res.stderr
+
+
+def test_compvis_layout_checkpoint_needs_flavour(ckpts, cli, tmp_path, capsys):
+    from ldm_scale.models import compat
+
+    exported = torch.load(ckpts["cin"], map_location="cpu", weights_only=True)
+    compvis = {"state_dict": compat.ldm_to_compvis_state_dict(exported["state_dict"], exported["ema_state_dict"]),
+               "global_step": 11}
+    path = tmp_path / "compvis.ckpt"
+    torch.save(compvis, path)
+    common = ["prompt=4", "n_samples=1", "ddim_steps=2", "progress=false"]
+    assert cli([f"ckpt={path}", f"outdir={tmp_path / 'x'}"] + common) == 2
+    assert "pass flavour=" in capsys.readouterr().err
+    # Same weights (EMA) through either layout give the same image.
+    assert cli([f"ckpt={path}", "flavour=tiny_cin", f"outdir={tmp_path / 'compvis'}"] + common) == 0
+    assert cli([f"ckpt={ckpts['cin']}", f"outdir={tmp_path / 'ours'}"] + common) == 0
+    ours, theirs = (Image.open(pngs(tmp_path / d)[0]).tobytes() for d in ("ours", "compvis"))
+    assert ours == theirs
