@@ -150,14 +150,18 @@ class _RankAccumulator:
     def state_dict(self) -> Dict[str, Any]:
         return {"pool": self.pool.state_dict(),
                 "spatial": self.spatial.state_dict() if self.spatial is not None else None,
-                "images": self.images, "features": self.features, "labels": self.labels,
+                "images": [torch.from_numpy(a) for a in self.images],
+                "features": [torch.from_numpy(a) for a in self.features],
+                "labels": [torch.from_numpy(a) for a in self.labels],
                 "captions": self.captions, "kept": self.kept}
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         self.pool = StreamingMoments.from_state_dict(sd["pool"])
         if sd["spatial"] is not None:
             self.spatial = StreamingMoments.from_state_dict(sd["spatial"])
-        self.images, self.features, self.labels = sd["images"], sd["features"], sd["labels"]
+        self.images = [t.numpy() for t in sd["images"]]
+        self.features = [t.numpy() for t in sd["features"]]
+        self.labels = [t.numpy() for t in sd["labels"]]
         self.captions, self.kept = sd["captions"], sd["kept"]
 
 
@@ -217,8 +221,8 @@ def compute_reference_stats(loader, extractor: FeatureExtractor, *, n_samples: i
 
     # Rank parts go through storage rather than a collective: arr_0 can be gigabytes.
     part_url = storage.join(work_url, f"part_rank{rank}.pt")
-    _save_torch({"images": acc.images, "features": acc.features, "labels": acc.labels,
-                 "captions": acc.captions}, part_url)
+    part = acc.state_dict()
+    _save_torch({k: part[k] for k in ("images", "features", "labels", "captions")}, part_url)
     acc.pool.all_reduce()
     if acc.spatial is not None:
         acc.spatial.all_reduce()
@@ -226,9 +230,9 @@ def compute_reference_stats(loader, extractor: FeatureExtractor, *, n_samples: i
     result = None
     if rank == 0:
         parts = [_load_torch(storage.join(work_url, f"part_rank{r}.pt")) for r in range(world)]
-        images = [a for p in parts for a in p["images"]]
-        features = [a for p in parts for a in p["features"]]
-        labels = [a for p in parts for a in p["labels"]]
+        images = [a.numpy() for p in parts for a in p["images"]]
+        features = [a.numpy() for p in parts for a in p["features"]]
+        labels = [a.numpy() for p in parts for a in p["labels"]]
         captions = [c for p in parts for c in p["captions"]]
         result = ReferenceStats(
             pool=acc.pool.stats(), spatial=acc.spatial.stats() if acc.spatial is not None else None,
