@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # like launch/train.py: runnable from a checkout without installing
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE = "sbatch.sh.j2"
 
@@ -202,7 +203,7 @@ def prepare(cfg: SlurmConfig, overrides: Sequence[str], workdir: Path | None = N
 
         try:
             train_cfg = config_lib.to_object(config_lib.compose(overrides))
-        except (HydraException, OmegaConfBaseException) as exc:
+        except (HydraException, OmegaConfBaseException, config_lib.ConfigError) as exc:
             raise SystemExit(f"launch/slurm.py: the training overrides do not compose: {exc}") from None
         try:
             config_lib.validate(train_cfg, world_size=cfg.nodes * cfg.procs_per_node)
