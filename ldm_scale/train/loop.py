@@ -21,8 +21,7 @@ from ldm_scale import dist, preemption, storage
 from ldm_scale.config import Config
 from ldm_scale.data import build_loader
 from ldm_scale.logging import MetricMeter, RunLogger, Throughput, console_line, peak_flops_per_device, sum_over_ranks
-from ldm_scale.train.checkpoint import CheckpointManager
-from ldm_scale.train.ema import CpuEma
+from ldm_scale.train.ema import CpuEma, ema_decay
 from ldm_scale.train.tasks import build_task
 
 log = logging.getLogger(__name__)
@@ -104,9 +103,12 @@ def train(cfg: Config) -> TrainResult:
     # --- 2. Data, task (models + engines), EMA ----------------------------------------------
     loader = build_loader(cfg.data, info, batch_size=plan.batch.micro_batch_size, seed=cfg.seed)
     task = build_task(cfg, plan, device=device, total_steps=cfg.train.max_steps)
-    ema = CpuEma(task.ema_module, cfg.ema) if cfg.ema.enabled and task.ema_module is not None else None
+    ema = (CpuEma(task.ema_module.named_parameters(), cfg.ema, info)
+           if cfg.ema.enabled and task.ema_module is not None else None)
 
     # --- 3. Resume (all ranks): engines, EMA, data position, RNG, task state ------------------
+    from ldm_scale.train.checkpoint import CheckpointManager
+
     checkpoints = CheckpointManager(cfg.checkpoint, run_id=run_id, storage_cfg=cfg.storage)
     resumed = checkpoints.resume(engines=task.engines, ema=ema, loader=loader) or {}
     task.load_client_state(resumed)
@@ -154,7 +156,7 @@ def train(cfg: Config) -> TrainResult:
             values["train/nonfinite_skipped_total"] = float(guard.total)
             values["train/samples_seen"] = float(samples_seen)
             if ema is not None:
-                values["ema/decay"] = float(ema.decay_at(step))
+                values["ema/decay"] = ema_decay(max(ema.num_updates, 1), cfg.ema.decay, cfg.ema.warmup)
             logger.log(values, step=step)
             if progress is not None:
                 progress.set_postfix_str(console_line(step, cfg.train.max_steps, values,
@@ -190,6 +192,8 @@ def train(cfg: Config) -> TrainResult:
             task.export(storage.join(cfg.checkpoint.root, run_id, "export.pt"), ema=ema, config=resolved, step=step)
         checkpoints.wait()
     checkpoints.close()
+    if ema is not None:
+        ema.close()
     if info.is_main:
         summary = {"run_id": run_id, "step": step, "samples_seen": samples_seen, **final}
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,145 @@
+"""Worker for tests/integration/test_train_engine.py: many engine checks in ONE torchrun launch
+(each launch costs ~20-40 s here). Prints one ``RESULT {json}`` line per check on rank 0.
+
+Checks (2 ranks, CPU/gloo, the tiny LDM's real UNet):
+- zero1 fp32, zero2 bf16, zero3 bf16: the loss on a fixed batch decreases;
+- zero3: the model was built partitioned (zero.Init) and each rank holds about half of the
+  parameter + optimizer bytes of an unsharded bf16 run;
+- gradient accumulation: micro 2 x accumulation 2 gives the same loss and update as micro 4 x 1;
+- non-finite loss: a NaN on ONE rank makes BOTH ranks skip the micro-batch, weights untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from ldm_scale import dist
+from ldm_scale.models.registry import get_spec
+from ldm_scale.models.unet import UNetModel
+from ldm_scale.train import engine as E
+from ldm_scale.train.loop import NonFiniteGuard, NonFiniteLossError
+
+
+class FixedTargetUNet(torch.nn.Module):
+    """The tiny UNet regressing fixed targets at fixed timesteps: a deterministic loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unet = UNetModel(get_spec("tiny").unet)
+
+    def forward(self, x, t, context, target):
+        return (self.unet(x, t, context=context).float() - target).pow(2).flatten(1).mean(1)
+
+
+def fixed_batch(n: int, rank: int):
+    g = torch.Generator().manual_seed(100 + rank)
+    return (torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 1000, (n,), generator=g),
+            torch.randn(n, 77, 64, generator=g), torch.randn(n, 4, 8, 8, generator=g))
+
+
+def build(stage: int, precision: str, micro: int, accum: int, world: int, optim: E.OptimConfig):
+    ds = E.DeepSpeedConfig(zero=E.ZeroConfig(stage=stage, stage3_param_persistence_threshold=0),
+                           precision=precision, gradient_clipping=0.0)
+    plan = E.BatchPlan(micro, accum, world)
+    cfg = E.build_ds_config(ds, plan)
+    torch.manual_seed(0)
+    with E.model_init_context(cfg):
+        model = FixedTargetUNet()
+    return E.initialize_engine(model, cfg, optim, plan, total_steps=100), cfg
+
+
+def report(name: str, **values) -> None:
+    if dist.get_dist_info().is_main:
+        print("RESULT " + json.dumps({"check": name, **values}), flush=True)
+
+
+def loss_decreases(stage: int, precision: str, world: int, rank: int) -> None:
+    engine, cfg = build(stage, precision, 4, 1, world, E.OptimConfig(lr=2e-3))
+    x, t, ctx, target = fixed_batch(4, rank)
+    losses = []
+    for _ in range(8):
+        with E.autocast(cfg, torch.device("cpu")):
+            loss = engine(x, t, ctx, target).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    params = sum(p.numel() for p in engine.module.parameters() if getattr(p, "ds_tensor", None) is None)
+    report(f"zero{stage}_{precision}", losses=losses, local_bytes=E.local_param_and_optimizer_bytes(engine),
+           unpartitioned_params=params, global_steps=engine.global_steps)
+
+
+def accumulation_equivalence(world: int, rank: int) -> None:
+    # Large eps turns Adam's first step into lr * g / eps: the update is proportional to the gradient.
+    optim = E.OptimConfig(lr=1.0, eps=1e3)
+    x, t, ctx, target = fixed_batch(4, rank)
+    results = {}
+    for micro, accum in [(4, 1), (2, 2)]:
+        engine, _ = build(2, "fp32", micro, accum, world, optim)
+        before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        losses = []
+        for i in range(accum):
+            sl = slice(i * micro, (i + 1) * micro)
+            loss = engine(x[sl], t[sl], ctx[sl], target[sl]).mean()
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+        delta = torch.cat([(p.detach() - before[n]).flatten() for n, p in engine.module.named_parameters()])
+        results[(micro, accum)] = (sum(losses) / len(losses), delta, engine.global_steps)
+    (l1, d1, s1), (l2, d2, s2) = results[(4, 1)], results[(2, 2)]
+    report("accumulation", loss_micro4=l1, loss_micro2x2=l2, steps=[s1, s2],
+           update_rel_diff=float((d1 - d2).norm() / d1.norm()), update_norm=float(d1.norm()))
+
+
+def nonfinite_skip(world: int, rank: int) -> None:
+    engine, _ = build(2, "fp32", 4, 1, world, E.OptimConfig(lr=1e-3))
+    x, t, ctx, target = fixed_batch(4, rank)
+    if rank == 1:
+        target = target.clone()
+        target[0, 0, 0, 0] = float("nan")  # only rank 1 sees a bad sample
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    guard = NonFiniteGuard(limit=3)
+    skipped, error = 0, ""
+    # The same decision the LDM task makes: all-reduce "is my loss finite" before backward.
+    try:
+        for _ in range(5):
+            loss = engine(x, t, ctx, target).mean()
+            bad = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0])
+            dist.all_reduce_sum(bad)
+            if bad.item() > 0:
+                skipped += 1
+                guard.update({"nonfinite": 1.0}, engine.global_steps)
+                continue
+            engine.backward(loss)
+            engine.step()
+    except NonFiniteLossError as exc:
+        error = str(exc)
+    unchanged = all(torch.equal(a, p.detach()) for a, p in zip(before, engine.module.parameters()))
+    report("nonfinite", rank_skipped=dist.all_gather_object(skipped), unchanged=dist.all_gather_object(unchanged),
+           global_steps=engine.global_steps, error=error)
+
+
+def main() -> int:
+    info = dist.init_distributed()
+    world, rank = info.world_size, info.rank
+    for stage, precision in [(1, "fp32"), (2, "bf16"), (3, "bf16")]:
+        loss_decreases(stage, precision, world, rank)
+    report("unsharded_bytes", **{"bytes": unsharded_bytes()})
+    accumulation_equivalence(world, rank)
+    nonfinite_skip(world, rank)
+    dist.barrier()
+    return 0
+
+
+def unsharded_bytes() -> int:
+    """One unsharded bf16 replica: bf16 weights + fp32 master weights + AdamW's two fp32 moments."""
+    model = FixedTargetUNet()
+    n = sum(p.numel() for p in model.parameters())
+    return n * (2 + 4 + 4 + 4)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
