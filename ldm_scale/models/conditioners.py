@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import CrossAttention, FeedForward
 from .tokenizers import TokenizerConfig, build_tokenizer
@@ -135,11 +136,22 @@ class TransformerEmbedder(nn.Module):
                                  f"table (vocab_size={self.cfg.vocab_size})")
         return self._tokenizer
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each transformer block in backward (non-reentrant ``torch.utils.checkpoint``)."""
+        self.checkpointing = enabled
+
+    checkpointing = False
+
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[1] > self.cfg.max_length:
+            raise ValueError(f"{tokens.shape[1]} tokens exceed max_length={self.cfg.max_length}")
         x = self.token_emb(tokens) + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device))[None]
         x = self.emb_dropout(x)
         for block in self.blocks:
-            x = block(x)
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.final_norm(x)
 
     def forward(self, raw: List[str]) -> Dict[str, torch.Tensor]:

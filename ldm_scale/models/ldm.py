@@ -61,15 +61,26 @@ class LatentDiffusion(nn.Module):
     def downsample_factor(self) -> int:
         return self.first_stage.downsample_factor
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Checkpoint the UNet blocks (and a trainable text transformer's blocks)."""
+        self.unet.set_activation_checkpointing(enabled)
+        if getattr(self.cond_stage, "trainable", False) and hasattr(self.cond_stage, "set_activation_checkpointing"):
+            self.cond_stage.set_activation_checkpointing(enabled)
+
+    def _first_stage_dtype(self) -> torch.dtype:
+        return next(self.first_stage.parameters()).dtype
+
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents ``scale_factor * z`` (z a posterior sample for KL,
-        the pre-quantisation latent for VQ)."""
-        return self.first_stage.encode_to_latent(x, generator) * self.scale_factor
+        """Images in [-1, 1] -> float32 scaled latents ``scale_factor * z`` (z a posterior sample
+        for KL, the pre-quantisation latent for VQ), whatever the first stage's dtype."""
+        z = self.first_stage.encode_to_latent(x.to(self._first_stage_dtype()), generator)
+        return z.float() * self.scale_factor.float()
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images (VQ first stages quantise inside the decoder)."""
-        return self.first_stage.decode_from_latent(z / self.scale_factor)
+        z = z.float() / self.scale_factor.float()
+        return self.first_stage.decode_from_latent(z.to(self._first_stage_dtype()))
 
     def condition(self, raw: Any) -> Dict[str, torch.Tensor]:
         """Raw condition (list[str] / LongTensor[B] / None / tensor) -> UNet kwargs."""

@@ -236,12 +236,17 @@ class UNetModel(nn.Module):
             raise ValueError("this UNet has cross-attention layers: pass context [B, L, context_dim]")
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
-        t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)
+        # Inputs follow the parameter dtype, so bf16/fp16 weights (DeepSpeed without autocast) accept
+        # fp32 latents from the diffusion maths; under autocast the weights are fp32 and nothing changes.
+        dtype = self.input_blocks[0][0].weight.dtype
+        t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(dtype)
         emb = self.time_embed(t_emb)
         if y is not None:
             emb = emb + self.label_emb(y)
+        if context is not None:
+            context = context.to(dtype)
         skips = []
-        h = x
+        h = x.to(dtype)
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)

@@ -73,8 +73,9 @@ def test_load_compvis_checkpoint_file(tiny, tmp_path):
     assert not torch.equal(fresh.unet.input_blocks[0][0].weight, tiny.unet.input_blocks[0][0].weight)
     result = load_compvis_checkpoint(fresh, path, use_ema=True)
     assert result == {"missing": [], "unexpected": []}
+    loaded = fresh.state_dict()
     for k, v in tiny.state_dict().items():
-        assert torch.equal(fresh.state_dict()[k], v), k
+        assert torch.equal(loaded[k], v), k
 
 
 def test_wrong_keys_raise_a_clear_error(tiny):

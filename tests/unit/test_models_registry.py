@@ -140,3 +140,34 @@ def test_registry_main_prints_every_flavour(capsys):
     for name in FLAVOURS:
         assert name in out
     assert "1415.20M" in out  # txt2img_kl8 trainable parameters
+
+
+def test_bf16_weights_accept_fp32_inputs():
+    # DeepSpeed bf16 casts the module's weights without autocast: the UNet and first stage cast
+    # their inputs, and latents come back in float32 for the diffusion maths.
+    torch.manual_seed(0)
+    model = build_ldm("tiny_cin").to(torch.bfloat16)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = model.encode_images(x, generator=torch.Generator().manual_seed(0))
+    assert z.dtype == torch.float32
+    out = model.apply_model(z, torch.tensor([3, 5]), model.condition(torch.tensor([1, 2])))
+    assert out.dtype == torch.bfloat16 and out.shape == z.shape
+    assert model.decode_latents(z).shape == x.shape
+
+
+def test_text_encoder_checkpointing_gives_identical_gradients():
+    torch.manual_seed(0)
+    model = build_ldm("tiny")
+    text = model.cond_stage
+    tokens = text.tokenizer(["a red square", "two blue circles"])
+
+    def grads():
+        text.zero_grad(set_to_none=True)
+        text.encode_tokens(tokens).pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in text.named_parameters()}
+
+    reference = grads()
+    model.set_activation_checkpointing(True)
+    assert text.checkpointing and all(b.checkpointing for b in model.unet.blocks())
+    for name, grad in grads().items():
+        torch.testing.assert_close(grad, reference[name], atol=1e-6, rtol=1e-5, msg=name)
