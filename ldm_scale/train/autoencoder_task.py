@@ -276,6 +276,46 @@ class AutoencoderTask:
                 stats[f"discriminator/{key}"] = value
         return stats
 
+    def train_flops_per_sample(self) -> float:
+        """Model FLOPs of one training sample once the GAN is on, counted on ``meta`` tensors:
+        autoencoder forward + backward, LPIPS trunk on input and reconstruction (+ backward to the
+        reconstruction), discriminator on the reconstruction (+ backward to it) in the generator
+        step, and on input and reconstruction (+ backward to its weights) in its own step."""
+        from ldm_scale.logging import count_flops
+
+        size = self.first_stage_cfg.kl.ddconfig.resolution if self.kind == "kl" else \
+            self.first_stage_cfg.vq.ddconfig.resolution
+        with torch.device("meta"):
+            autoencoder = build_autoencoder(self.first_stage_cfg)
+            disc = PatchDiscriminator(self.cfg.discriminator)
+        x = torch.empty(1, 3, size, size, device="meta")
+
+        def generator() -> None:
+            out = autoencoder(x)[0]
+            (out.float().mean() + disc(out).mean()).backward()
+
+        def discriminator() -> None:
+            (disc(x).mean() + disc(x).mean()).backward()
+
+        total = count_flops(generator) + count_flops(discriminator)
+        if self.loss.perceptual is not None:
+            import torchvision
+
+            with torch.device("meta"):
+                trunk = torchvision.models.vgg16().features[:30] if self.cfg.perceptual.net == "vgg" else \
+                    torchvision.models.alexnet().features[:12]
+            trunk.requires_grad_(False)
+            y = torch.empty(1, 3, size, size, device="meta", requires_grad=True)
+            # two images forward, backward to one of them
+            total += count_flops(lambda: (trunk(x).mean() + trunk(y).mean()).backward())
+        return total
+
+    def export(self, url: str, *, ema, config: Dict[str, Any], step: int) -> None:
+        """Write the single-file exported autoencoder (``ldm_scale/autoencoder-v1``, ``train/export.py``)."""
+        from ldm_scale.train.export import export_autoencoder
+
+        export_autoencoder(url, self.autoencoder, ema, self.first_stage_cfg, config=config, step=step)
+
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Deterministic reconstructions (posterior mode for KL models) in [-1, 1]."""
@@ -298,7 +338,7 @@ class AutoencoderTask:
         inputs = self._log_inputs
         recon = self.reconstruct(inputs).cpu()
         pairs = torch.cat([inputs.float().clamp(-1, 1), recon], dim=3)  # [N, 3, H, 2W]
-        return [("reconstructions", pairs, ["input | reconstruction"] * len(pairs))]
+        return [("reconstructions", pairs, ["each pair: input (left), reconstruction (right)"])]
 
 
 def build_autoencoder_task(cfg: "Config", plan: "Plan", *, device: torch.device, total_steps: int) -> AutoencoderTask:
