@@ -68,6 +68,9 @@ class FIDEvalConfig:
     scale: float = 1.0  # classifier-free guidance scale (1 = off)
     seed: int = 0
     use_ema: bool = True
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the networks; the sampler state stays fp32)
+    flavour: Optional[str] = None  # CompVis-layout checkpoints only: the registered flavour
+    trust_checkpoint: bool = False  # allow arbitrary pickles (CompVis Lightning .ckpt)
     device: Optional[str] = None  # default: this rank's CUDA device, else CPU
     write_adm_npz: bool = False  # also write samples as one ADM-style arr_0 .npz
     keep_samples: bool = True

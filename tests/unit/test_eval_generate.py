@@ -86,3 +86,15 @@ def test_interrupted_and_torn_runs_resume_to_the_same_images(sampler, tmp_path):
     with np.load(tmp_path / "samples.npz") as f:
         np.testing.assert_array_equal(f["arr_0"], expected["images"])
         np.testing.assert_array_equal(f["label_arr"], np.arange(10))
+
+
+def test_checkpoint_on_object_storage_loads_once_into_the_same_sampler(ckpt, sampler, s3_server):
+    from ldm_scale import storage
+
+    url = s3_server.url("exports/tiny_cin.pt")
+    storage.put_file(ckpt, url)
+    remote = load_model_sampler(FIDEvalConfig(ckpt=url, ddim_steps=2, ddim_eta=0.5, scale=2.0), torch.device("cpu"))
+    assert remote.checkpoint_info == sampler.checkpoint_info
+    x_T = initial_noise(sampler.latent_shape, [0], seed=0)
+    torch.testing.assert_close(remote.sample_batch(x_T, torch.tensor([4]), torch.Generator().manual_seed(1)),
+                               sampler.sample_batch(x_T, torch.tensor([4]), torch.Generator().manual_seed(1)))
