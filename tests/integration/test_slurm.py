@@ -1,9 +1,11 @@
 """launch/slurm.py against a real single-node SLURM cluster (tests/fixtures/slurm.py).
 
-The rendered sbatch script runs one torchrun agent on the node (2 CPU processes, gloo). A short run
-completes with a checkpoint and per-node logs; a running job that receives the stop signal
-(``scancel --signal=USR1 --batch``, what SLURM's ``--signal=B:USR1@N`` sends before the time limit)
-checkpoints, requeues itself and resumes under the same run id.
+The CLI validates the training config, renders the sbatch script and submits it; the job runs one
+torchrun agent on the node with 2 CPU processes (gloo, ZeRO-2) training the tiny quickstart model.
+Once training has started, the stop signal is sent the way SLURM's ``--signal=B:USR1@N`` sends it
+before the time limit (to the batch shell: ``scancel --signal=USR1 --batch``). The job must write a
+checkpoint, requeue itself, resume under the same run id from that checkpoint and complete, leaving
+its logs per node and per instance in the run directory.
 """
 from __future__ import annotations
 
@@ -13,83 +15,66 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.torchrun import REPO_ROOT, run_python
+from tests.fixtures.torchrun import run_python
+from tests.integration.tiny_training import tiny_overrides, write_shards
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-STANDIN = str(REPO_ROOT / "tests" / "integration" / "standin_train.py")
+MAX_STEPS = 3
+RUN_ID = "slurm-quickstart"
 
 
-def submit(cluster, tmp_path: Path, run_id: str, train_args: list[str]) -> tuple[int, Path]:
-    """Submit through the real CLI; returns (job id, run directory)."""
-    args = ["launch/slurm.py", "nodes=1", "gpus_per_node=0", "nproc_per_node=2", "cpus_per_task=2",
-            f"partition={cluster.partition}", "time=00:10:00", "signal_seconds=60", f"run_id={run_id}",
-            "max_restarts=0", f"train_script={STANDIN}", "check_config=false",
-            f"output_dir={tmp_path / 'runs'}", *train_args]
-    result = run_python(args, env=cluster.env, timeout=120).check()
-    job_id = int(result.stdout.split("submitted job ")[1].split(":")[0])
-    run_dir = tmp_path / "runs" / run_id
-    assert (run_dir / "slurm" / "job.sbatch").exists()
-    return job_id, run_dir
-
-
-def wait_for_text(path_glob, needle: str, timeout: float, cluster) -> str:
+def wait_for(path: Path, timeout: float, cluster, job_id: int) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for path in path_glob():
-            text = path.read_text(errors="replace")
-            if needle in text:
-                return text
+    while not path.exists():
+        if time.monotonic() > deadline:
+            logs = {p.name: p.read_text(errors="replace")[-4000:] for p in path.parent.parent.glob("**/*.log")}
+            raise AssertionError(f"{path} did not appear within {timeout}s; job {cluster.job_info(job_id)}\n"
+                                 f"{logs}\n{cluster.logs()}")
         time.sleep(0.5)
-    found = {str(p): p.read_text(errors="replace")[-3000:] for p in path_glob()}
-    raise AssertionError(f"{needle!r} did not appear within {timeout}s in {found}\n{cluster.logs()}")
 
 
-def test_sbatch_job_trains_checkpoints_and_logs_per_node(slurm_cluster, tmp_path):
-    job_id, run_dir = submit(slurm_cluster, tmp_path, "slurm-short",
-                             ["steps=6", "step_seconds=0", "checkpoint_every=3", "run_dir=" + str(tmp_path / "ckpt")])
-    info = slurm_cluster.wait_for_job(job_id, ("COMPLETED", "FAILED", "CANCELLED"), timeout=180)
-    logs = run_dir / "slurm"
-    batch_log = (logs / f"{job_id}.batch.log").read_text()
-    node_log = (logs / f"{job_id}.0.node0.log").read_text()
-    assert info["JobState"] == "COMPLETED", (info, batch_log, node_log)
-    assert "rendezvous localhost:" in batch_log and "job step ended with status 0" in batch_log
-    assert "rank 0 finished step 6" in node_log and "rank 1 finished step 6" in node_log
-    ckpt = tmp_path / "ckpt" / "slurm-short"
-    assert (ckpt / "latest").read_text().strip() == "step_6"
-    assert sorted(p.name for p in (ckpt / "step_6").iterdir()) == ["rank0.json", "rank1.json"]
-    assert not list(logs.glob("preempted.*"))
+def test_quickstart_job_checkpoints_on_signal_requeues_resumes_and_completes(slurm_cluster, tmp_path):
+    output_dir = tmp_path / "runs"
+    overrides = tiny_overrides(write_shards(tmp_path / "data"), output_dir, MAX_STEPS)
+    submitted = run_python(
+        ["launch/slurm.py", "nodes=1", "gpus_per_node=0", "nproc_per_node=2", "cpus_per_task=2",
+         f"partition={slurm_cluster.partition}", "time=00:15:00", "signal_seconds=120", "max_restarts=0",
+         f"run_id={RUN_ID}", *overrides],
+        env=slurm_cluster.env, timeout=300).check()
+    job_id = int(submitted.stdout.split("submitted job ")[1].split(":")[0])
+    run_dir, logs = output_dir / RUN_ID, output_dir / RUN_ID / "slurm"
+    assert (logs / "job.sbatch").read_text().startswith("#!/bin/bash")
 
-
-def test_stop_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
-    ckpt_dir = tmp_path / "ckpt"
-    job_id, run_dir = submit(slurm_cluster, tmp_path, "slurm-preempt",
-                             ["steps=60", "step_seconds=0.25", "run_dir=" + str(ckpt_dir)])
-    logs = run_dir / "slurm"
-    slurm_cluster.wait_for_job(job_id, ("RUNNING",), timeout=60)
-    wait_for_text(lambda: logs.glob(f"{job_id}.0.node0.log"), "start_step 0", 120, slurm_cluster)
-    time.sleep(1.0)
-
+    # Rank 0 writes config.yaml after installing the stop handler: training has started.
+    wait_for(run_dir / "config.yaml", 300, slurm_cluster, job_id)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job_id))
 
-    # The first instance checkpoints, writes the marker and requeues itself (Restarts=1) ...
     marker = logs / f"preempted.{job_id}.0.json"
-    wait_for_text(lambda: [marker] if marker.exists() else [], '"step"', 120, slurm_cluster)
+    wait_for(marker, 300, slurm_cluster, job_id)
     record = json.loads(marker.read_text())
-    assert record["signal"] == "SIGUSR1" and 0 < record["step"] < 60
-    # SLURM holds a requeued job for ~2 minutes (BeginTime); release it now to keep the test short.
-    slurm_cluster.wait_for_job(job_id, ("PENDING",), timeout=60, predicate=lambda i: i.get("Restarts") == "1")
+    assert record["signal"] == "SIGUSR1" and 1 <= record["step"] < MAX_STEPS, record
+    stopped_at = record["step"]
+
+    # The batch script requeued the job; SLURM holds a requeued job ~2 min (BeginTime): release it.
+    slurm_cluster.wait_for_job(job_id, ("PENDING",), timeout=120, predicate=lambda i: i.get("Restarts") == "1")
     slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-    # ... and the requeued instance resumes from that step under the same run id, then completes.
-    info = slurm_cluster.wait_for_job(job_id, ("COMPLETED", "FAILED", "CANCELLED"), timeout=240,
-                                      predicate=lambda i: i.get("Restarts") == "1")
+    info = slurm_cluster.wait_for_job(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=400)
+
     batch_log = (logs / f"{job_id}.batch.log").read_text()
     first = (logs / f"{job_id}.0.node0.log").read_text()
     second = (logs / f"{job_id}.1.node0.log").read_text()
-    assert info["JobState"] == "COMPLETED", (info, batch_log, second)
-    assert "USR1 received" in batch_log and f"requeueing job {job_id} (run slurm-preempt)" in batch_log
-    assert batch_log.count("run slurm-preempt") >= 2  # both instances announce the same run id
-    assert f"rank 0 preempted by SIGUSR1 at step {record['step']}" in first
-    assert f"rank 1 preempted by SIGUSR1 at step {record['step']}" in first
-    assert f"start_step {record['step']}" in second and "rank 0 finished step 60" in second
-    assert (ckpt_dir / "slurm-preempt" / "latest").read_text().strip() == "step_60"
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, batch_log, second[-4000:])
+
+    # Instance 0: signal forwarded by the batch shell, checkpoint at the agreed step, requeue.
+    assert "USR1 received" in batch_log and f"requeueing job {job_id} (run {RUN_ID})" in batch_log
+    assert f"checkpoint step_{stopped_at} complete" in first
+    # Instance 1: same run id, resumed from that checkpoint on 2 ranks, finished without a marker.
+    assert batch_log.count(f"job {job_id} restart 1 run {RUN_ID}") == 1
+    assert f"(step {stopped_at}, saved on 2 ranks, now 2)" in second
+    assert batch_log.rstrip().endswith("job step ended with status 0")
+    assert not (logs / f"preempted.{job_id}.1.json").exists()
+    ckpt = output_dir / "checkpoints" / RUN_ID
+    assert (ckpt / "latest").read_text().strip() == f"step_{MAX_STEPS}"
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["run_id"] == RUN_ID and result["step"] == MAX_STEPS
