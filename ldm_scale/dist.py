@@ -84,8 +84,31 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(default_device(info))
-        torch_dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _per_attempt_store(info, timeout)
+        if store is None:
+            torch_dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            torch_dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=info.rank,
+                                          world_size=info.world_size)
     return info
+
+
+def _per_attempt_store(info: DistInfo, timeout: datetime.timedelta):
+    """torchrun's store under a prefix unique to this restart attempt, or None outside torchrun.
+
+    torchrun keeps one store across ``--max-restarts`` restarts of the worker group and torch does
+    not prefix the keys per attempt: a restarted worker can read the dead workers' gloo/NCCL
+    addresses and fail with "Connection refused" (seen with torch 2.14, both rendezvous backends).
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
+        return None
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.rank,
+                               info.world_size, timeout)
+    return torch_dist.PrefixStore(f"ldm_scale/attempt_{attempt}", store)
 
 
 def is_initialized() -> bool:
