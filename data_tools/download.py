@@ -1,0 +1,49 @@
+"""Build webdataset shards from a LAION-style parquet with img2dataset (downloads the images).
+
+    python data_tools/download.py --parquet laion_part0.parquet --out s3://bucket/laion \
+        --image-size 512 --processes 16 --threads 64
+
+Needs the img2dataset extra: pip install 'ldm_scale[img2dataset]'. Writes sizes.json at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from ldm_scale import storage  # noqa: E402
+from ldm_scale.data.download import DownloadConfig, download_shards  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parquet", required=True, help="parquet with url / caption / metadata columns (path or URL)")
+    p.add_argument("--out", required=True, help="output directory or URL (local or s3://)")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--resize-mode", default="keep_ratio")
+    p.add_argument("--min-image-size", type=int, default=0)
+    p.add_argument("--samples-per-shard", type=int, default=10000)
+    p.add_argument("--processes", type=int, default=1)
+    p.add_argument("--threads", type=int, default=32)
+    p.add_argument("--timeout", type=int, default=10, help="seconds per image request")
+    p.add_argument("--retries", type=int, default=0)
+    p.add_argument("--url-col", default="url")
+    p.add_argument("--caption-col", default="caption")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for --out")
+    args = p.parse_args(argv)
+    dl = DownloadConfig(image_size=args.image_size, resize_mode=args.resize_mode, min_image_size=args.min_image_size,
+                        samples_per_shard=args.samples_per_shard, processes=args.processes, threads=args.threads,
+                        timeout_s=args.timeout, retries=args.retries, url_col=args.url_col,
+                        caption_col=args.caption_col)
+    totals = download_shards(args.parquet, args.out, dl, storage.StorageConfig(endpoint_url=args.endpoint_url))
+    print(json.dumps(totals))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
