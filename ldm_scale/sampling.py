@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import pickle
-import zipfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -104,20 +103,26 @@ def read_checkpoint(url: str, trust: bool = False) -> Dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {shown} (ckpt= takes a local path or an s3:// / gs:// / "
                                 "https:// URL of an exported checkpoint)")
     with storage.open_url(url, "rb") as f:
-        data = f.read()
-    # torch.save writes a zip archive (legacy format: a raw pickle, protocol byte 0x80 first).
-    if not (zipfile.is_zipfile(io.BytesIO(data)) or data[:1] == b"\x80"):
-        raise ValueError(f"{shown} is not a readable torch checkpoint (neither a torch.save zip archive nor a pickle)")
-    try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as exc:
-        if trust:
-            raise ValueError(f"{shown} is not a readable torch checkpoint: {exc}") from exc
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{shown} holds objects beyond tensors and plain containers (typical of Lightning "
-                         f"checkpoints: {reason}); if you trust its origin, pass trust_checkpoint=true") from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"{shown} is not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+        head = f.read(4)
+        # torch.save writes a zip archive (legacy format: a raw pickle, protocol byte 0x80 first).
+        is_zip = head.startswith(b"PK\x03\x04")
+        if not (is_zip or head[:1] == b"\x80"):
+            raise ValueError(f"{shown} is not a readable torch checkpoint (neither a torch.save zip archive nor a pickle)")
+        f.seek(0)
+        try:
+            if storage.is_local(url) and is_zip:
+                # mmap: tensors are paged in from the file instead of held twice in memory.
+                ckpt = torch.load(storage.local_path(url), map_location="cpu", weights_only=not trust, mmap=True)
+            else:  # the storage stream is seekable: torch.load reads the archive in place
+                ckpt = torch.load(f, map_location="cpu", weights_only=not trust)
+        except pickle.UnpicklingError as exc:
+            if trust:
+                raise ValueError(f"{shown} is not a readable torch checkpoint: {exc}") from exc
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{shown} holds objects beyond tensors and plain containers (typical of Lightning "
+                             f"checkpoints: {reason}); if you trust its origin, pass trust_checkpoint=true") from exc
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise ValueError(f"{shown} is not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict):
         raise ValueError(f"{shown} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt
@@ -309,9 +314,13 @@ def generate(
     precision: str = "fp32",
     inpainting: Optional[Inpainting] = None,
     strength: float = 1.0,
+    x_T: Optional[torch.Tensor] = None,
     on_step: Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]] = None,
 ) -> torch.Tensor:
     """``batch`` images [B, 3, H, W] in [-1, 1] for the raw conditions ``raw`` (None: unconditional).
+
+    The initial noise is drawn from ``generator`` unless ``x_T`` is given (evaluation seeds each
+    sample's noise by its index so results do not depend on the batching).
 
     Any H, W that are multiples of ``loaded.size_multiple`` work: the UNet is convolutional, so
     sampling beyond the training size runs as is (global coherence degrades far beyond it).
@@ -347,7 +356,11 @@ def generate(
                                cfg.guidance_scale if uncond is not None else 1.0)
     f = loaded.spec.first_stage.downsample_factor
     shape = (batch, loaded.spec.first_stage.latent_channels, height // f, width // f)
-    x_T = randn(shape, generator=generator, device=device, dtype=torch.float32)
+    if x_T is None:
+        x_T = randn(shape, generator=generator, device=device, dtype=torch.float32)
+    elif tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape} for {height}x{width} images")
+    x_T = x_T.to(device=device, dtype=torch.float32)
 
     init_latent = mask = None
     if inpainting is not None:

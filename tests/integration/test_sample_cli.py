@@ -180,3 +180,19 @@ def test_compvis_layout_checkpoint_needs_flavour(ckpts, cli, tmp_path, capsys):
     assert cli([f"ckpt={ckpts['cin']}", f"outdir={tmp_path / 'ours'}"] + common) == 0
     ours, theirs = (Image.open(pngs(tmp_path / d)[0]).tobytes() for d in ("ours", "compvis"))
     assert ours == theirs
+
+
+def test_generate_with_given_noise_ignores_batching(ckpts):
+    from ldm_scale.diffusion import SamplerConfig
+    from ldm_scale.sampling import generate, load_checkpoint
+
+    loaded = load_checkpoint(ckpts["cin"])
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    cfg = SamplerConfig(steps=2, guidance_scale=2.0)
+    both = generate(loaded, torch.tensor([1, 2]), 2, cfg, height=32, width=32,
+                    generator=torch.Generator().manual_seed(5), x_T=x_T)
+    second = generate(loaded, torch.tensor([2]), 1, cfg, height=32, width=32,
+                      generator=torch.Generator().manual_seed(9), x_T=x_T[1:])
+    torch.testing.assert_close(both[1:], second, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="x_T has shape"):
+        generate(loaded, torch.tensor([1]), 1, cfg, height=32, width=32, generator=torch.Generator(), x_T=x_T)
