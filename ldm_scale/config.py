@@ -29,6 +29,8 @@ from ldm_scale.losses.autoencoder import AutoencoderLossConfig
 from ldm_scale.models.registry import AUTOENCODERS, FLAVOURS, FirstStageConfig, LDMSpec
 from ldm_scale.preemption import PreemptionConfig
 from ldm_scale.storage import StorageConfig
+from ldm_scale.train.checkpoint import CheckpointConfig
+from ldm_scale.train.ema import EmaConfig
 from ldm_scale.train.engine import BatchPlan, DeepSpeedConfig, OptimConfig, peak_lr
 
 TASKS = ("ldm", "autoencoder")
@@ -83,33 +85,6 @@ class TrainConfig:
     # Loss by timestep bucket: T is split into this many equal ranges.
     timestep_buckets: int = 4
     progress_bar: bool = True
-
-
-@dataclass
-class EmaConfig:
-    """Exponential moving average of the trained weights, kept in fp32 on the CPU."""
-
-    enabled: bool = True
-    decay: float = 0.9999
-    # Decay warmup min(decay, (1 + n) / (10 + n)) as CompVis LitEma (n = updates so far).
-    use_num_updates: bool = True
-    update_every: int = 1
-
-
-@dataclass
-class CheckpointConfig:
-    """Where and how often training checkpoints are written (see docs/architecture.md)."""
-
-    # Local path or URL; checkpoints go to <root>/<run_id>/step_<N>/. Required: the group sets it.
-    root: str = "???"
-    local_dir: Optional[str] = None  # staging directory before upload; None: <run_dir>/ckpt_staging
-    every_steps: int = 1000
-    keep_last: int = 3
-    keep_every: Optional[int] = None  # also keep every N-th step forever
-    resume: str = "auto"  # auto (latest of this run id if any) | never | <checkpoint URL>
-    async_upload: bool = True
-    save_final: bool = True
-    export_final: bool = True  # also write a single-file exported checkpoint at the end
 
 
 @dataclass
@@ -410,6 +385,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Plan:
                         "(e.g. checkpoint.root=s3://bucket/ckpt)")
     if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_last < 1:
         problems.append("checkpoint.every_steps must be >= 0 (0 = only final) and checkpoint.keep_last >= 1")
+    try:
+        cfg.ema.validate()
+    except ValueError as exc:
+        problems.append(str(exc))
     if cfg.logger.backend not in ("wandb", "none"):
         problems.append(f"logger.backend={cfg.logger.backend!r}: expected wandb or none")
     if cfg.logger.mode not in ("auto", "online", "offline", "disabled"):

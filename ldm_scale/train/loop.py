@@ -21,7 +21,7 @@ from ldm_scale import dist, preemption, storage
 from ldm_scale.config import Config
 from ldm_scale.data import build_loader
 from ldm_scale.logging import MetricMeter, RunLogger, Throughput, console_line, peak_flops_per_device, sum_over_ranks
-from ldm_scale.train.ema import CpuEma, ema_decay
+from ldm_scale.train.ema import CpuEma
 from ldm_scale.train.tasks import build_task
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def train(cfg: Config) -> TrainResult:
             values["train/nonfinite_skipped_total"] = float(guard.total)
             values["train/samples_seen"] = float(samples_seen)
             if ema is not None:
-                values["ema/decay"] = ema_decay(max(ema.num_updates, 1), cfg.ema.decay, cfg.ema.warmup)
+                values["ema/decay"] = float(ema.decay_at(step))
             logger.log(values, step=step)
             if progress is not None:
                 progress.set_postfix_str(console_line(step, cfg.train.max_steps, values,
