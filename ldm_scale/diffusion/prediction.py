@@ -12,6 +12,7 @@ All three are affine in the network output for a fixed x_t, so any convex combin
 """
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
@@ -24,7 +25,10 @@ def check_parameterization(parameterization: str) -> None:
         raise ValueError(f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}")
 
 
-def _coefs(alpha_bar: torch.Tensor | float, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _coefs(alpha_bar: torch.Tensor | float, like: torch.Tensor):
+    if isinstance(alpha_bar, float):
+        # Samplers pass Python floats: no per-step host-to-device copy of a scalar tensor.
+        return math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
     abar = torch.as_tensor(alpha_bar, dtype=torch.float64)
     a, s = abar.sqrt(), (1.0 - abar).sqrt()
     return a.to(device=like.device, dtype=like.dtype), s.to(device=like.device, dtype=like.dtype)
