@@ -15,18 +15,33 @@ Conventions (recorded in the JSON output):
 
 All sums live in float64 and are reduced across ranks with one all-reduce, so the numbers do not
 depend on how the shards were split.
+
+``run_recon_eval`` is the whole evaluation behind ``python eval/recon.py ckpt=... data=...``.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+import dataclasses
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ldm_scale import dist
+from ldm_scale import dist, storage
 from ldm_scale.diffusion.latent_scale import latent_moments, scale_factor_from_moments
+from ldm_scale.evaluation.config import ExtractorConfig
 from ldm_scale.evaluation.fid import StreamingMoments, fid_from_stats, warn_if_undersampled
+from ldm_scale.losses.perceptual import PerceptualConfig
+
+log = logging.getLogger(__name__)
+AUTOENCODER_FORMAT = "ldm_scale/autoencoder-v1"
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -144,3 +159,151 @@ class ReconMetrics:
             count, total = float(self.latent[0]), float(self.latent[1])
             out.update({"latent_mean": total / count, "latent_std": 1.0 / scale, "scale_factor": scale})
         return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The evaluation program (eval/recon.py)
+
+@dataclass
+class ReconEvalConfig:
+    """``python eval/recon.py ckpt=... data=...`` (``key=value`` overrides of these fields)."""
+
+    ckpt: Optional[str] = None  # exported autoencoder (ldm_scale/autoencoder-v1), or a training
+    #                             checkpoint (step_<N> or run directory), consolidated on the fly
+    data: Optional[str] = None  # shard URLs: a brace pattern, a '::'-separated list or a glob
+    resolution: Optional[int] = None  # default: the resolution the autoencoder was trained at
+    num_images: Optional[int] = None  # default: one pass over the shards (whole global batches)
+    batch_size: int = 16  # per rank
+    num_workers: int = 1
+    use_ema: bool = True  # EMA weights when the export has them
+    sample_posterior: bool = False  # KL models: decode a posterior sample instead of its mode
+    seed: int = 0
+    lpips: PerceptualConfig = field(default_factory=PerceptualConfig)
+    rfid: bool = True
+    extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
+    out: Optional[str] = None  # JSON file (path or URL); default: printed only
+    device: Optional[str] = None  # default: this rank's CUDA device, else CPU
+
+    def check(self) -> None:
+        if not self.ckpt:
+            raise ValueError("ckpt is not set: give the exported autoencoder, e.g. ckpt=s3://bucket/ae/export.pt")
+        if not self.data:
+            raise ValueError("data is not set: give shard URLs, e.g. data='s3://bucket/val/{00000..00009}.tar'")
+        if self.batch_size < 1 or (self.num_images is not None and self.num_images < 1):
+            raise ValueError("batch_size and num_images must be >= 1")
+
+
+def _first_stage_config(model_config: Dict[str, Any]):
+    from omegaconf import OmegaConf
+
+    from ldm_scale.models.registry import FirstStageConfig
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FirstStageConfig), model_config))
+
+
+def _read_export(url: str) -> Dict[str, Any]:
+    """The export dict at ``url``; a training checkpoint is consolidated into one first (rank 0)."""
+    from ldm_scale.train.checkpoint import COMPLETE, LATEST
+
+    if storage.exists(storage.join(url, COMPLETE)) or storage.exists(storage.join(url, LATEST)):
+        from ldm_scale.train.export import export_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="ldm_scale_recon_") as tmp:
+            local = os.path.join(tmp, "export.pt")
+            export_checkpoint(url, local)
+            return torch.load(local, map_location="cpu", weights_only=False)
+    return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=False)
+
+
+def load_autoencoder_export(url: str, *, use_ema: bool = True) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """(autoencoder in eval mode, info) from an exported checkpoint; EMA weights when asked and present."""
+    from ldm_scale.models.registry import build_autoencoder
+
+    payload = _read_export(url)
+    if not isinstance(payload, dict) or payload.get("format") != AUTOENCODER_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"ckpt={storage.redact(url)} is not an exported autoencoder (format {found!r}, expected "
+                         f"{AUTOENCODER_FORMAT!r}); export a run with `python -m ldm_scale.train.export`")
+    first_stage = _first_stage_config(payload["model_config"])
+    model = build_autoencoder(first_stage)
+    ema = payload.get("ema_state_dict")
+    weights = "ema" if use_ema and ema else "raw"
+    model.load_state_dict({k: v.float() for k, v in (ema if weights == "ema" else payload["state_dict"]).items()})
+    dd = first_stage.kl.ddconfig if first_stage.kind == "kl" else first_stage.vq.ddconfig
+    info = {"kind": first_stage.kind, "step": payload.get("step"), "weights": weights,
+            "downsample_factor": first_stage.downsample_factor, "latent_channels": first_stage.latent_channels,
+            "trained_resolution": int(payload.get("config", {}).get("data", {}).get("resolution", dd.resolution))}
+    return model.eval().requires_grad_(False), info
+
+
+@torch.no_grad()
+def reconstruct(model: torch.nn.Module, kind: str, images: torch.Tensor, *, sample_posterior: bool,
+                generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(reconstruction, LDM-seam latent) of ``images`` in [-1, 1]: the KL posterior's mode (or a sample)
+    / the VQ code; the latent is what the LDM trains on (KL: a posterior sample, VQ: pre-quantisation)."""
+    if kind == "kl":
+        posterior = model.encode(images)
+        z = posterior.sample(generator)
+        return model.decode(z if sample_posterior else posterior.mode()), z
+    h = model.encode_prequant(images)
+    return model.decode_prequant(h), h
+
+
+def run_recon_eval(cfg: ReconEvalConfig) -> Optional[Dict[str, Any]]:
+    """Reconstruction metrics of an autoencoder over a shard set, split over ranks (collective).
+    Returns the JSON record on rank 0 (and writes it to ``cfg.out``), None elsewhere."""
+    from ldm_scale.data import build_loader
+    from ldm_scale.data.config import DataConfig
+    from ldm_scale.evaluation.features import extractor_from_config
+    from ldm_scale.losses.perceptual import build_lpips
+
+    cfg.check()
+    info = dist.init_distributed()
+    device = torch.device(cfg.device) if cfg.device else dist.default_device(info)
+    t_start = time.time()
+
+    model, model_info = load_autoencoder_export(cfg.ckpt, use_ema=cfg.use_ema)
+    model.to(device)
+    resolution = cfg.resolution or model_info["trained_resolution"]
+    lpips_net = build_lpips(cfg.lpips).to(device)
+    extractor = extractor_from_config(cfg.extractor, device) if cfg.rfid else None
+    metrics = ReconMetrics(lpips_net, (lambda x: extractor(x)["pool"]) if extractor is not None else None,
+                           extractor.feature_dims["pool"] if extractor is not None else None)
+
+    # Every image once, in a fixed order, center-cropped; whole global batches on every rank.
+    data_cfg = DataConfig(urls=[cfg.data], mode="epoch", input="image", conditioning="none",
+                          resolution=resolution, crop="center", flip=False, shuffle_buffer=0,
+                          num_workers=cfg.num_workers)
+    loader = build_loader(data_cfg, info, batch_size=cfg.batch_size, seed=cfg.seed)
+    per_step = cfg.batch_size * info.world_size
+    total_batches = loader.batches_per_epoch
+    if cfg.num_images is not None:
+        total_batches = min(total_batches, max(1, cfg.num_images // per_step))
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + info.rank)
+    for i, batch in enumerate(loader):
+        if i >= total_batches:
+            break
+        x = batch["image"].to(device)
+        recon, z = reconstruct(model, model_info["kind"], x, sample_posterior=cfg.sample_posterior,
+                               generator=generator)
+        metrics.update(x, recon, z)
+    result = metrics.compute()
+    if not info.is_main:
+        return None
+    record = {
+        "metrics": result,
+        "checkpoint": {"url": storage.redact(cfg.ckpt), **model_info},
+        "data": {"urls": storage.redact(cfg.data), "resolution": resolution, "crop": "center"},
+        "conventions": {"range": "[0, 1], clipped, float (not quantised)", "psnr": "per-image mean",
+                        "ssim": "Wang et al. 2004, gaussian 11x11 sigma 1.5, valid window",
+                        "reconstruction": "posterior sample" if cfg.sample_posterior else "posterior mode (KL) / codes (VQ)",
+                        "lpips": dataclasses.asdict(cfg.lpips)},
+        "extractor": extractor.describe() if extractor is not None else None,
+        "world_size": info.world_size,
+        "seconds": round(time.time() - t_start, 2),
+    }
+    if cfg.lpips.backbone_weights == "random":
+        record["notes"] = ["LPIPS trunk randomly initialised: the lpips value is not perceptual"]
+    if cfg.out:
+        storage.write_text(cfg.out, json.dumps(record, indent=1) + "\n")
+    return record

@@ -1,0 +1,53 @@
+"""Reconstruction metrics of an autoencoder: PSNR, SSIM, LPIPS, rFID and the latent std (-> the LDM
+scale factor), over a shard set, split over ranks, as JSON.
+
+    python eval/recon.py ckpt=s3://bucket/ckpt/ae-run/export.pt data='s3://bucket/val/{00000..00009}.tar'
+    torchrun --nproc_per_node 8 eval/recon.py ckpt=... data=... num_images=50000 out=s3://bucket/ae-run/recon.json
+    python eval/recon.py ckpt=... data=... lpips.backbone_weights=random extractor.name=random-inception  # offline
+
+Arguments are ``key=value`` overrides of ``ldm_scale.evaluation.recon.ReconEvalConfig`` (nested keys
+with dots). ``ckpt`` is an exported autoencoder or a training checkpoint (``step_<N>`` / run
+directory). The JSON record is printed on rank 0 and written to ``out`` when given. Conventions in
+docs/autoencoders.md.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omegaconf import OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+
+from ldm_scale.evaluation.recon import ReconEvalConfig, run_recon_eval  # noqa: E402
+
+
+def parse_config(argv: list[str]) -> ReconEvalConfig:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__ + "\nDefaults:\n" + OmegaConf.to_yaml(OmegaConf.structured(ReconEvalConfig)))
+        raise SystemExit(0)
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise SystemExit(f"arguments must be key=value overrides, got {bad}; see --help")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ReconEvalConfig), OmegaConf.from_dotlist(argv))
+        cfg = OmegaConf.to_object(merged)
+        cfg.check()
+    except (OmegaConfBaseException, ValueError) as exc:
+        raise SystemExit(f"eval/recon.py: {exc}") from None
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    record = run_recon_eval(parse_config(sys.argv[1:] if argv is None else argv))
+    if record is not None:
+        print(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
