@@ -1,8 +1,19 @@
 """Pure diffusion maths: schedules, training objective, samplers, guidance (torch only, no I/O)."""
 from ldm_scale.diffusion.guidance import bind_condition, classifier_free
 from ldm_scale.diffusion.latent_scale import latent_moments, scale_factor_from_moments
-from ldm_scale.diffusion.objective import DiffusionConfig, diffusion_loss, drop_conditions, loss_weight, q_sample
-from ldm_scale.diffusion.prediction import PARAMETERIZATIONS, prediction_target, to_eps, x0_and_eps
+from ldm_scale.diffusion.objective import (
+    DiffusionConfig,
+    diffusion_loss,
+    drop_conditions,
+    loss_weight,
+    q_sample,
+)
+from ldm_scale.diffusion.prediction import (
+    PARAMETERIZATIONS,
+    prediction_target,
+    to_eps,
+    x0_and_eps,
+)
 from ldm_scale.diffusion.samplers import (
     SAMPLERS,
     SPACINGS,

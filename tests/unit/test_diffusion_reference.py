@@ -15,7 +15,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
-from ldm_scale.diffusion import ddim_sample, ddpm_sample, make_schedule, plms_sample, prediction_target
+from ldm_scale.diffusion import (
+    ddim_sample,
+    ddpm_sample,
+    make_schedule,
+    plms_sample,
+    prediction_target,
+)
 from ldm_scale.models import UNetModel, get_spec
 
 SCHEDULE = make_schedule("scaled_linear", 1000, 0.00085, 0.012)
