@@ -288,6 +288,7 @@ def prepare_inpainting(loaded: LoadedModel, init_image: torch.Tensor, mask: Opti
     layout: masked-image latent first, then the mask).
     """
     model, device = loaded.model, loaded.device
+    generator = _on_device(generator, device)
     image = (init_image.to(device) * 2 - 1).expand(batch, -1, -1, -1)
     init_latent = model.encode_images(image, generator=generator)
     if mask is None:
@@ -299,6 +300,15 @@ def prepare_inpainting(loaded: LoadedModel, init_image: torch.Tensor, mask: Opti
         masked_latent = model.encode_images(image * (1 - repaint), generator=generator)
         concat = torch.cat([masked_latent, repaint_latent], dim=1)
     return Inpainting(image, init_latent, repaint, repaint_latent, concat)
+
+
+def _on_device(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` for code that draws there (the first stage's posterior sample),
+    seeded from ``generator`` so runs stay reproducible."""
+    if generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device).manual_seed(seed)
 
 
 @torch.no_grad()
@@ -339,6 +349,8 @@ def generate(
             raise ValueError(f"{loaded.spec.name} is a concat-conditioned inpainting model: pass init_image= and mask=")
         cond, uncond = {"concat": inpainting.concat}, None  # no droppable condition: no guidance
     else:
+        if isinstance(raw, torch.Tensor):
+            raw = raw.to(device)
         with autocast:
             cond = model.condition(raw)
             null = model.cond_stage.null_raw(batch)
