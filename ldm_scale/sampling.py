@@ -354,6 +354,7 @@ def generate(
         with autocast:
             cond = model.condition(raw)
             null = model.cond_stage.null_raw(batch)
+            null = null.to(device) if isinstance(null, torch.Tensor) else null
             uncond = model.condition(null) if cond and cfg.guidance_scale != 1.0 else None
         if inpainting is not None and inpainting.concat is not None:
             cond["concat"] = inpainting.concat
