@@ -384,14 +384,20 @@ class CheckpointManager:
         manifest: Dict[str, int] = {}
         for r in range(world):
             manifest.update(json.loads(storage.read_text(storage.join(remote, "DONE", f"rank{r}.json"), cfg))["files"])
+        # Trust the store, not the DONE files alone: an object lost in an outage must not be published.
+        present = {u[len(remote.rstrip("/")) + 1:] for u in storage.glob(storage.join(remote, "**"), cfg)}
+        lost = sorted(set(manifest) - present)
+        if lost:
+            raise RuntimeError(f"{len(lost)} uploaded files are missing from storage (first: {lost[0]})")
         storage.write_text(storage.join(remote, COMPLETE),
                            json.dumps({"step": step, "world_size": world, "files": manifest}, sort_keys=True), cfg)
         # `latest` last: a reader that sees it always finds a COMPLETE checkpoint.
         storage.write_text(storage.join(self.run_url, LATEST), step_tag(step), cfg)
         log.info("checkpoint %s complete: %s", step_tag(step), storage.redact(remote))
-        self._prune_remote(step)
+        self.prune(step)
 
-    def _prune_remote(self, latest: int) -> None:
+    def prune(self, latest: int) -> List[int]:
+        """Apply the retention policy to this run's checkpoints on storage; returns deleted steps."""
         cfg = self.storage_cfg
         complete, incomplete = [], []
         for url in _listdir_or_empty(self.run_url, cfg):
@@ -399,9 +405,11 @@ class CheckpointManager:
             if step is None:
                 continue
             (complete if storage.exists(storage.join(url, COMPLETE), cfg) else incomplete).append(step)
-        for step in steps_to_delete(complete, incomplete, latest, self.cfg.keep_last, self.cfg.keep_every):
+        doomed = steps_to_delete(complete, incomplete, latest, self.cfg.keep_last, self.cfg.keep_every)
+        for step in doomed:
             log.info("pruning checkpoint %s", step_tag(step))
             storage.rm(self.step_url(step), recursive=True, cfg=cfg)
+        return doomed
 
     def _prune_local(self, uploaded: int) -> None:
         """Node leader: drop local copies beyond the newest ``keep_local`` that are safely uploaded."""
