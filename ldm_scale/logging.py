@@ -7,6 +7,7 @@ This is the only module that imports ``wandb`` (lazily, on rank 0).
 """
 from __future__ import annotations
 
+import json
 import math
 import netrc
 import os
@@ -165,7 +166,8 @@ class Throughput:
 
 
 class RunLogger:
-    """W&B run on rank 0 (resumed by id after a restart), plus PNG grids in the run directory."""
+    """W&B run on rank 0 (resumed by id after a restart), plus ``metrics.jsonl`` and PNG grids in
+    the run directory (readable without W&B)."""
 
     def __init__(self, cfg: LoggerConfig, *, run_id: str, name: str, run_dir: Path,
                  resolved_config: Dict[str, Any]):
@@ -190,8 +192,12 @@ class RunLogger:
         return getattr(self._run, "dir", None)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.is_main:
+            return
         if self._run is not None:
             self._run.log(dict(metrics), step=step)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
 
     def log_images(self, key: str, images: torch.Tensor, step: int, captions: Optional[Sequence[str]] = None,
                    nrow: int = 8) -> Optional[Path]:
