@@ -271,7 +271,7 @@ class AutoencoderTask:
         """lr, grad norm, loss scale of both engines: the generator's unprefixed (as for every task),
         the discriminator's under ``discriminator/``."""
         stats = ds_engine.engine_stats(self.generator)
-        if gan_active(self.global_step, self.cfg.disc_start):
+        if self.discriminator.global_steps > 0:  # nothing to report before its first update
             for key, value in ds_engine.engine_stats(self.discriminator).items():
                 stats[f"discriminator/{key}"] = value
         return stats
