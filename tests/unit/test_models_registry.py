@@ -120,6 +120,16 @@ def test_spec_round_trips_through_a_dict():
         spec_from_dict(data)
 
 
+def test_specs_are_omegaconf_structured_configs():
+    from omegaconf import OmegaConf
+
+    for name, spec in FLAVOURS.items():
+        assert OmegaConf.to_object(OmegaConf.structured(spec)) == spec, name
+    cfg = OmegaConf.structured(LDMSpec)
+    with pytest.raises(Exception, match="not_a_field"):
+        cfg.unet.not_a_field = 1
+
+
 def test_spec_validation_errors():
     spec = get_spec("tiny")
     spec.unet.in_channels = 5
