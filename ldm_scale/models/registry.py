@@ -137,6 +137,12 @@ FLAVOURS: Dict[str, LDMSpec] = {
     "tiny_uncond": LDMSpec(name="tiny_uncond", unet=_tiny_unet(None, spatial_transformer=False),
                            first_stage=AUTOENCODERS["kl_tiny"], cond_stage=ConditionerConfig(kind="none"),
                            image_size=32, linear_start=0.0015, linear_end=0.0195),
+    # Tiny inpainting LDM: the UNet sees [z_t | masked-image latent (4) | mask (1)] = 9 channels.
+    "tiny_inpaint": LDMSpec(name="tiny_inpaint", unet=dataclasses.replace(_tiny_unet(None, spatial_transformer=False),
+                                                                          in_channels=9),
+                            first_stage=AUTOENCODERS["kl_tiny"],
+                            cond_stage=ConditionerConfig(kind="concat", concat_channels=5), image_size=32,
+                            linear_start=0.0015, linear_end=0.0195),
     # Class-conditional ImageNet LDM: UNet of CompVis cin-ldm-vq-f8.yaml on the KL-f8 first stage.
     "ldm_kl8_cin": LDMSpec(
         name="ldm_kl8_cin",
