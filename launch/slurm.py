@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 import re
 import secrets
 import shlex
@@ -245,7 +244,8 @@ def render(job: SlurmJob) -> str:
 
 def submit(script: Path, env: Optional[Dict[str, str]] = None) -> int:
     """``sbatch`` the script; returns the job id."""
-    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env)
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env,
+                          check=False)
     if proc.returncode != 0:
         raise SystemExit(f"launch/slurm.py: sbatch failed ({proc.returncode}): {proc.stderr.strip()}")
     return int(proc.stdout.strip().split(";")[0])

@@ -32,7 +32,7 @@ OVERRIDES = ["experiment=txt2img_kl8", 'data.urls=["s3://laion/{00000..41407}.ta
              "model.first_stage_ckpt=s3://ckpt/kl_f8.pt", "logger.tags=[a b, c]", "+note=it's"]
 
 
-def render(argv: list[str], workdir: Path) -> tuple[str, "slurm.SlurmJob"]:
+def render(argv: list[str], workdir: Path) -> tuple[str, slurm.SlurmJob]:
     launcher, overrides, dry_run = slurm.split_args(argv)
     assert dry_run
     job = slurm.prepare(slurm.parse_config(launcher), overrides, workdir=workdir)
@@ -88,7 +88,7 @@ def test_eight_node_job_shape_rendezvous_signal_and_requeue(tmp_path):
     assert 'kill -USR1 "$srun_pid"' in script
     assert "RUN_ID=txt2img-r1" in script and 'export LDM_SCALE_RUN_ID="$RUN_ID"' in script
     assert 'export LDM_SCALE_PREEMPT_MARKER="$LOG_DIR/preempted.$SLURM_JOB_ID.$RESTART.json"' in script
-    assert re.search(r'if \[ -s "\$LDM_SCALE_PREEMPT_MARKER" \]; then.*requeue=1', script, re.S)
+    assert re.search(r'if \[ -s "\$LDM_SCALE_PREEMPT_MARKER" \]; then.*requeue=1', script, re.DOTALL)
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script
     assert '--output="$LOG_DIR/%j.$RESTART.node%n.log"' in script  # one log per node and instance
 
@@ -144,7 +144,7 @@ def test_training_config_is_validated_for_the_job_world_size(tmp_path):
          "experiment=txt2img_kl8", "train.global_batch_size=100", "train.micro_batch_size=3",
          'data.urls=["s3://laion/{00000..41407}.tar"]', "model.first_stage_ckpt=s3://ckpt/kl_f8.pt",
          "checkpoint.root=s3://ckpt/runs", f"output_dir={tmp_path}", "--dry-run"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False,
         env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)})
     assert result.returncode != 0
     assert "invalid for 8x8 processes" in result.stderr and "train.global_batch_size=100" in result.stderr
