@@ -65,6 +65,7 @@ STEP_PREFIX = "step_"
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 CLIENT_STATE = "client_state.json"
+UPLOAD_NICENESS = 10
 # Files of one rank: DeepSpeed's `*zero_pp_rank_<R>_*` and our `*_rank<R>.pt`; everything else is
 # shared and written/uploaded by rank 0 (DeepSpeed's `mp_rank_00_model_states.pt` under ZeRO-1/2).
 _OWNER = re.compile(r"(?:zero_pp_rank_|_rank)(\d+)[_.]")
@@ -242,7 +243,8 @@ class CheckpointManager:
         self.run_url = storage.join(self.cfg.root, run_id)
         base = self.cfg.local_dir or os.path.join(tempfile.gettempdir(), "ldm_scale_ckpt")
         self.local_run_dir = os.path.join(os.path.abspath(base), run_id)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload",
+                                            initializer=_lower_thread_priority)
         self._pending: Optional[Future] = None
         self._pending_step: Optional[int] = None
         self._last_failed = False  # this rank's view of the last finished upload job
@@ -257,6 +259,11 @@ class CheckpointManager:
 
     def local_step_dir(self, step: int) -> str:
         return os.path.join(self.local_run_dir, step_tag(step))
+
+    @property
+    def upload_pending(self) -> bool:
+        """Whether this rank's last checkpoint is still uploading (or confirming, on rank 0)."""
+        return self._pending is not None and not self._pending.done()
 
     def due(self, step: int) -> bool:
         return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
@@ -608,6 +615,15 @@ class CheckpointManager:
         if errors:
             raise CheckpointError(f"downloading checkpoint {storage.redact(url)} failed: {errors[0]}. If files are "
                                   "missing the checkpoint is damaged: resume from an earlier step_<N>")
+
+
+def _lower_thread_priority() -> None:
+    """Run the upload thread at a lower CPU priority than the training loop (Linux: per-thread
+    niceness), so hashing/signing/serialising the upload takes idle cores, not the loop's."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
 
 
 def _listdir_or_empty(url: str, cfg: Optional[storage.StorageConfig]) -> List[str]:
