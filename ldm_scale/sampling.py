@@ -51,7 +51,7 @@ class SampleConfig:
     W: Optional[int] = None
     seed: int = 42
     init_image: Optional[str] = None  # img2img / inpainting source image
-    strength: float = 0.8  # img2img: fraction of the steps run from the noised init image
+    strength: float = 0.8  # img2img: fraction of the steps run from the noised init image (not with mask=)
     mask: Optional[str] = None  # inpainting mask image: white = repaint, black = keep
     use_ema: bool = True  # sample with the EMA UNet weights (use_ema=false: the raw weights)
     flavour: Optional[str] = None  # required for CompVis-layout .ckpt files (no stored model config)
@@ -343,8 +343,11 @@ def generate(
     autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
 
-    concat_model = condition_kind(loaded.spec) == "concat"
-    if concat_model:
+    if condition_kind(loaded.spec) == "concat":
+        if not is_concat_inpainting(loaded):
+            raise ValueError(f"{loaded.spec.name} takes a {loaded.spec.cond_stage.concat_channels}-channel concat "
+                             "condition that is not an inpainting mask + image latent (super-resolution?): "
+                             "sampling supports concat models only for inpainting")
         if inpainting is None or inpainting.concat is None:
             raise ValueError(f"{loaded.spec.name} is a concat-conditioned inpainting model: pass init_image= and mask=")
         cond, uncond = {"concat": inpainting.concat}, None  # no droppable condition: no guidance
