@@ -284,7 +284,8 @@ def load_compvis_checkpoint(model: nn.Module, path_or_sd: Union[str, os.PathLike
                             show: int = 10) -> Dict[str, List[str]]:
     """Load a CompVis LatentDiffusion checkpoint (file or state dict) into our ``LatentDiffusion``.
 
-    Returns ``{"missing": [our names], "unexpected": [CompVis names]}``. With ``strict`` any missing or unexpected
+    Returns ``{"missing": [our names], "unexpected": [CompVis names], "mismatched": [...]}`` (keys
+    not loaded). With ``strict`` any missing or unexpected
     key or shape mismatch raises :class:`CompVisKeyMismatch`, listing the first ``show`` keys of
     each kind, their counts, the hyper-parameters inferred from the checkpoint and the registry
     flavour they look like. A checkpoint without ``scale_factor`` keeps the model's value.
@@ -319,7 +320,7 @@ def load_compvis_checkpoint(model: nn.Module, path_or_sd: Union[str, os.PathLike
         raise CompVisKeyMismatch("\n".join(parts))
     loadable = {k: v for k, v in ours.items() if k in target and v.shape == target[k].shape}
     model.load_state_dict(loadable, strict=False)
-    return {"missing": missing, "unexpected": unexpected}
+    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
 
 
 def load_compvis_autoencoder(autoencoder: nn.Module, path_or_sd: Union[str, os.PathLike, Mapping[str, Any]],

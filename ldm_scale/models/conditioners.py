@@ -106,6 +106,7 @@ class TransformerEmbedder(nn.Module):
     """
 
     trainable = True
+    checkpointing = False
 
     def __init__(self, cfg: TextEmbedderConfig):
         super().__init__()
@@ -139,8 +140,6 @@ class TransformerEmbedder(nn.Module):
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each transformer block in backward (non-reentrant ``torch.utils.checkpoint``)."""
         self.checkpointing = enabled
-
-    checkpointing = False
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[1] > self.cfg.max_length:

@@ -11,6 +11,7 @@ Hyper-parameters of the non-tiny flavours come from the public CompVis latent-di
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import sys
@@ -197,7 +198,7 @@ def build_autoencoder(cfg_or_name: Union[str, FirstStageConfig, AutoencoderConfi
             raise ValueError(f"first_stage.kind must be 'kl' or 'vq', got {cfg.kind!r}")
         cfg = cfg.kl if cfg.kind == "kl" else cfg.vq
     cfg = copy.deepcopy(cfg)
-    with torch.device(device) if device is not None else _null_context():
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         if isinstance(cfg, AutoencoderConfig):
             return AutoencoderKL(cfg)
         if isinstance(cfg, VQConfig):
@@ -213,7 +214,7 @@ def build_ldm(spec_or_name: Union[str, LDMSpec], device: Optional[Union[str, tor
     """
     spec = get_spec(spec_or_name) if isinstance(spec_or_name, str) else copy.deepcopy(spec_or_name)
     spec.validate()
-    with torch.device(device) if device is not None else _null_context():
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         unet = UNetModel(spec.unet)
         first_stage = build_autoencoder(spec.first_stage)
         cond_stage = build_conditioner(spec.cond_stage)
@@ -222,14 +223,6 @@ def build_ldm(spec_or_name: Union[str, LDMSpec], device: Optional[Union[str, tor
             and cond_stage.output_dim != spec.unet.context_dim:
         raise ValueError(f"conditioner output_dim={cond_stage.output_dim} != unet.context_dim={spec.unet.context_dim}")
     return model
-
-
-class _null_context:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

@@ -72,7 +72,7 @@ def test_load_compvis_checkpoint_file(tiny, tmp_path):
     fresh = build_ldm("tiny")
     assert not torch.equal(fresh.unet.input_blocks[0][0].weight, tiny.unet.input_blocks[0][0].weight)
     result = load_compvis_checkpoint(fresh, path, use_ema=True)
-    assert result == {"missing": [], "unexpected": []}
+    assert result == {"missing": [], "unexpected": [], "mismatched": []}
     loaded = fresh.state_dict()
     for k, v in tiny.state_dict().items():
         assert torch.equal(loaded[k], v), k
