@@ -85,7 +85,7 @@ class FIDEvalConfig:
 class ReferenceStatsConfig:
     """``python data_tools/reference_stats.py data=<shard urls> n_samples=50000 [out=...]``."""
 
-    data: List[str] = field(default_factory=list)  # shard patterns (as data.urls)
+    data: Optional[str] = None  # shard pattern(s), "::"-separated: s3://b/set/{00000..00099}.tar
     out: Optional[str] = None  # default: <shard dir>/reference_stats/<extractor>-<resize>_<res>px_n<N>.npz
     n_samples: int = 50000
     keep_images: int = 10000
