@@ -600,8 +600,8 @@ class CheckpointManager:
         if self.info.rank == leader:
             try:
                 for rel, size in sorted(files.items()):
-                    owner = file_owner(rel)
-                    needed = not same_world or owner in ranks or owner == 0 or not _OWNER.search(rel.rsplit("/", 1)[-1])
+                    shared = not _OWNER.search(rel.rsplit("/", 1)[-1])
+                    needed = not same_world or shared or file_owner(rel) in ranks
                     path = os.path.join(local, rel)
                     if not needed or (os.path.exists(path) and os.path.getsize(path) == size):
                         continue
