@@ -230,6 +230,10 @@ def initialize_engine(module: nn.Module, ds_config: Dict[str, Any], optim: Optim
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=param_groups(module, optim.weight_decay), config=config,
         lr_scheduler=make_scheduler)
+    if engine.dp_world_size == 1 and config["zero_optimization"]["stage"] <= 1:
+        # No data-parallel peers: DeepSpeed would still flatten every gradient into buckets and
+        # "all-reduce" them with itself, a full copy of the gradients per step.
+        engine.enable_backward_allreduce = False
     return engine
 
 
