@@ -159,7 +159,8 @@ def compvis_to_ldm_state_dict(sd: Mapping[str, torch.Tensor], use_ema: bool = Tr
 
 def _has_text_transformer(keys) -> bool:
     keys = list(keys)
-    return any(k.startswith("cond_stage.blocks.") for k in keys) and any(k.startswith("cond_stage.token_emb.") for k in keys)
+    has_blocks = any(k.startswith("cond_stage.blocks.") for k in keys)
+    return has_blocks and any(k.startswith("cond_stage.token_emb.") for k in keys)
 
 
 def _to_compvis_key(key: str, text_transformer: bool) -> Optional[str]:

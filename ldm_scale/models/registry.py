@@ -23,7 +23,12 @@ import torch
 from torch import nn
 
 from .autoencoder import AutoencoderConfig, AutoencoderKL, VQConfig, VQModel
-from .conditioners import ClassEmbedderConfig, ConditionerConfig, TextEmbedderConfig, build_conditioner
+from .conditioners import (
+    ClassEmbedderConfig,
+    ConditionerConfig,
+    TextEmbedderConfig,
+    build_conditioner,
+)
 from .encoder_decoder import EncoderDecoderConfig
 from .ldm import LatentDiffusion
 from .tokenizers import TokenizerConfig

@@ -30,7 +30,8 @@ class BPETokenizer:
     """CLIP BPE tokenizer from open_clip; ``__call__(texts) -> LongTensor[B, max_length]``."""
 
     def __init__(self, max_length: int = 77, merges_path: Optional[str] = None):
-        from open_clip.tokenizer import SimpleTokenizer  # lazy: models import with torch alone
+        # Lazy import: ldm_scale.models imports with torch alone.
+        from open_clip.tokenizer import SimpleTokenizer
 
         kwargs = {"bpe_path": merges_path} if merges_path else {}
         self._tokenizer = SimpleTokenizer(context_length=max_length, **kwargs)

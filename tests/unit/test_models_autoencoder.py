@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from ldm_scale.models import AUTOENCODERS, AutoencoderKL, DiagonalGaussianDistribution, VQModel, build_autoencoder
+from ldm_scale.models import (
+    AUTOENCODERS,
+    AutoencoderKL,
+    DiagonalGaussianDistribution,
+    VQModel,
+    build_autoencoder,
+)
 from ldm_scale.models.quantize import VectorQuantizer, codebook_statistics
 
 

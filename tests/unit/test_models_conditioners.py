@@ -19,7 +19,12 @@ from ldm_scale.models.conditioners import (
     TransformerEmbedder,
     build_conditioner,
 )
-from ldm_scale.models.tokenizers import BPETokenizer, TokenizerConfig, WordPieceTokenizer, build_tokenizer
+from ldm_scale.models.tokenizers import (
+    BPETokenizer,
+    TokenizerConfig,
+    WordPieceTokenizer,
+    build_tokenizer,
+)
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "square", "##s", "un", "##aff", "##able",
          ",", "!", "cafe", "the", "blue", "circle", "on", "\u4e2d"]

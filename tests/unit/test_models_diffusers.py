@@ -10,11 +10,10 @@ import copy
 
 import pytest
 import torch
+from diffusers.loaders import single_file_utils
 
 from ldm_scale.models import AUTOENCODERS, UNetModel, build_autoencoder, get_spec
 from ldm_scale.models.compat import ldm_to_compvis_state_dict
-
-from diffusers.loaders import single_file_utils
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> None:
@@ -41,8 +40,9 @@ def _original_config(unet_cfg, ae_cfg) -> dict:
     ddconfig = {"double_z": dd.double_z, "z_channels": dd.z_channels, "resolution": dd.resolution,
                 "in_channels": dd.in_channels, "out_ch": dd.out_ch, "ch": dd.ch, "ch_mult": list(dd.ch_mult),
                 "num_res_blocks": dd.num_res_blocks, "attn_resolutions": list(dd.attn_resolutions), "dropout": 0.0}
+    first_stage = {"params": {"embed_dim": ae_cfg.embed_dim, "ddconfig": ddconfig}}
     return {"model": {"params": {"scale_factor": 0.18215, "unet_config": {"params": unet_params},
-                                 "first_stage_config": {"params": {"embed_dim": ae_cfg.embed_dim, "ddconfig": ddconfig}}}}}
+                                 "first_stage_config": first_stage}}}
 
 
 @pytest.mark.parametrize("variant", ["sd1_heads_conv_proj", "sd2_head_channels_linear_proj"])

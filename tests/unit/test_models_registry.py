@@ -5,7 +5,13 @@ import dataclasses
 import pytest
 import torch
 
-from ldm_scale.models import FLAVOURS, LatentDiffusion, build_ldm, get_spec, parameter_counts, spec_from_dict
+from ldm_scale.models import (
+    FLAVOURS,
+    build_ldm,
+    get_spec,
+    parameter_counts,
+    spec_from_dict,
+)
 from ldm_scale.models.registry import LDMSpec, main
 
 RAW = {"tiny": ["a red square", "a blue circle"], "tiny_cin": torch.tensor([1, 7]), "tiny_uncond": None,
@@ -107,7 +113,8 @@ def test_paper_1p45b_text_to_image_parameter_count():
 
 def test_class_conditional_imagenet_flavour_matches_compvis_config():
     spec = FLAVOURS["ldm_kl8_cin"]
-    assert (spec.unet.model_channels, spec.unet.channel_mult, spec.unet.attention_resolutions) == (256, [1, 2, 4], [4, 2, 1])
+    unet = spec.unet
+    assert (unet.model_channels, unet.channel_mult, unet.attention_resolutions) == (256, [1, 2, 4], [4, 2, 1])
     assert spec.unet.num_head_channels == 32 and spec.unet.context_dim == 512
     assert spec.cond_stage.classes.n_classes == 1000 and spec.latent_size == 32
 
