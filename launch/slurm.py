@@ -148,6 +148,19 @@ def parse_config(dotlist: Sequence[str]) -> SlurmConfig:
     return cfg
 
 
+def time_limit_seconds(time: str) -> int:
+    """SLURM's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    days, _, rest = time.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 3:
+        hours, minutes, seconds = parts
+    else:
+        hours, (minutes, seconds) = 0, (parts + [0])[:2]
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
 def check(cfg: SlurmConfig) -> None:
     problems = []
     if cfg.nodes < 1:
@@ -156,6 +169,9 @@ def check(cfg: SlurmConfig) -> None:
         problems.append("gpus_per_node, nproc_per_node and cpus_per_task must be >= 0")
     if not _TIME.match(cfg.time):
         problems.append(f"time={cfg.time!r}: use SLURM's format, e.g. 48:00:00 or 2-00:00:00")
+    elif cfg.signal_seconds >= time_limit_seconds(cfg.time):
+        problems.append(f"signal_seconds={cfg.signal_seconds} is not shorter than time={cfg.time}: the stop "
+                        "signal would come before training starts; lower signal_seconds or raise time")
     if not 0 < cfg.signal_seconds <= 65535:
         problems.append(f"signal_seconds={cfg.signal_seconds}: must be in 1..65535 (SLURM's limit)")
     if cfg.max_restarts < 0:

@@ -122,12 +122,19 @@ def test_arguments_split_between_launcher_and_training():
     assert slurm.parse_config(["time=48:00:00"]).time == "48:00:00"  # not YAML's base-60 integer
 
 
+@pytest.mark.parametrize("time, seconds", [("30", 1800), ("30:15", 1815), ("2:00:00", 7200),
+                                           ("1-12", 129600), ("1-0:30", 88200), ("2-00:00:05", 172805)])
+def test_time_limit_formats(time, seconds):
+    assert slurm.time_limit_seconds(time) == seconds
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--nodes", "2"], "unknown option '--nodes'"),
     (["nodes"], "expected key=value"),
     (["nodes=two"], "nodes"),
     (["time=tomorrow"], "time='tomorrow'"),
     (["signal_seconds=0"], "signal_seconds=0"),
+    (["time=5", "signal_seconds=300"], "signal_seconds=300 is not shorter than time=5"),
     (["run_id=a/b"], "run_id='a/b'"),
     (["sbatch_args=[reservation=r1]"], "one long option per entry"),
 ])
