@@ -189,3 +189,21 @@ def test_text_encoder_checkpointing_gives_identical_gradients():
     assert text.checkpointing and all(b.checkpointing for b in model.unet.blocks())
     for name, grad in grads().items():
         torch.testing.assert_close(grad, reference[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_meta_build_then_load_with_assign_matches_the_real_model():
+    torch.manual_seed(0)
+    real = build_ldm("tiny_cin").eval()
+    with torch.no_grad():
+        real.unet.out[2].weight.normal_()  # the zero-initialised output conv would make outputs trivially equal
+    meta = build_ldm("tiny_cin", device="meta")
+    meta.load_state_dict(real.state_dict(), assign=True)
+    meta.eval()
+    assert not any(t.is_meta for t in [*meta.parameters(), *meta.buffers()])
+    z = torch.randn(2, 4, 8, 8)
+    cond = real.condition(torch.tensor([3, 10]))
+    with torch.no_grad():
+        expected = real.apply_model(z, torch.tensor([5, 6]), cond)
+        assert expected.abs().mean() > 1e-3
+        torch.testing.assert_close(meta.apply_model(z, torch.tensor([5, 6]), meta.condition(torch.tensor([3, 10]))),
+                                   expected)
