@@ -43,6 +43,8 @@ class UNetConfig:
     num_heads: int = 8
     num_head_channels: int = -1
     use_scale_shift_norm: bool = False
+    # Resample inside ResBlocks (BigGAN-style, ADM) instead of separate Downsample/Upsample blocks.
+    resblock_updown: bool = False
     use_spatial_transformer: bool = True
     transformer_depth: int = 1
     context_dim: Optional[int] = 1280
@@ -100,14 +102,20 @@ class Upsample(nn.Module):
 
 class ResBlock(nn.Module):
     """Residual block with timestep embedding; ``use_scale_shift_norm`` gives the AdaGN variant
-    h = GN(h) * (1 + scale) + shift of ADM. The last convolution is zero-initialised."""
+    h = GN(h) * (1 + scale) + shift of ADM. The last convolution is zero-initialised.
+    ``up`` / ``down`` resample both branches (nearest / average pooling) before the first conv."""
 
     def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int,
-                 use_scale_shift_norm: bool = False):
+                 use_scale_shift_norm: bool = False, up: bool = False, down: bool = False):
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(GroupNorm32(32, channels), nn.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
         self.out_layers = nn.Sequential(GroupNorm32(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
@@ -116,7 +124,12 @@ class ResBlock(nn.Module):
                                 else nn.Conv2d(channels, out_channels, 1))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
+        if self.updown:
+            h = self.h_upd(self.in_layers[:-1](x))
+            x = self.x_upd(x)
+            h = self.in_layers[-1](h)
+        else:
+            h = self.in_layers(x)
         emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
@@ -178,8 +191,8 @@ class UNetModel(nn.Module):
                                           cfg.dropout, cfg.use_linear_in_transformer)
             return AttentionBlock(ch, heads)
 
-        def resblock(ch_in: int, ch_out: int) -> ResBlock:
-            return ResBlock(ch_in, time_embed_dim, cfg.dropout, ch_out, cfg.use_scale_shift_norm)
+        def resblock(ch_in: int, ch_out: int, up: bool = False, down: bool = False) -> ResBlock:
+            return ResBlock(ch_in, time_embed_dim, cfg.dropout, ch_out, cfg.use_scale_shift_norm, up, down)
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -194,7 +207,8 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, cfg.conv_resample)))
+                down = resblock(ch, ch, down=True) if cfg.resblock_updown else Downsample(ch, cfg.conv_resample)
+                self.input_blocks.append(TimestepEmbedSequential(down))
                 skip_channels.append(ch)
                 ds *= 2
 
@@ -208,7 +222,7 @@ class UNetModel(nn.Module):
                 if ds in cfg.attention_resolutions:
                     layers.append(attention(ch))
                 if level and i == cfg.num_res_blocks:
-                    layers.append(Upsample(ch, cfg.conv_resample))
+                    layers.append(resblock(ch, ch, up=True) if cfg.resblock_updown else Upsample(ch, cfg.conv_resample))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 

@@ -52,6 +52,7 @@ def test_zero_initialised_output_and_residual_branches():
     {},
     {"use_scale_shift_norm": True, "use_linear_in_transformer": True, "transformer_depth": 2},
     {"num_heads": 2, "num_head_channels": -1},
+    {"resblock_updown": True, "channel_mult": [1, 2, 2]},
 ])
 def test_cross_attention_uses_context(overrides):
     torch.manual_seed(0)
