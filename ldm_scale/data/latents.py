@@ -28,7 +28,7 @@ from ldm_scale.data.config import DataConfig
 from ldm_scale.data.filters import check_sample, image_member
 from ldm_scale.data.shard_writer import write_shard, write_sizes
 from ldm_scale.data.tar_stream import iter_tar_samples
-from ldm_scale.data.transforms import decode_image, resize_crop_flip
+from ldm_scale.data.transforms import decode_image, resize_crop_flip, to_unit_range
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def precompute_latents(
                 continue
             try:
                 img = decode_image(raw[image_member(raw)], resolution, "auto")
-                image = resize_crop_flip(img, resolution, "center", False, None)
+                image = to_unit_range(resize_crop_flip(img, resolution, "center", False, None))
             except Exception:  # noqa: BLE001 - undecodable image: skipped and counted
                 counters["skip/decode_error"] += 1
                 continue

@@ -43,7 +43,7 @@ from ldm_scale.data import shards as shard_lib
 from ldm_scale.data.config import DataConfig
 from ldm_scale.data.filters import check_sample, image_member
 from ldm_scale.data.tar_stream import iter_tar_samples
-from ldm_scale.data.transforms import decode_image, decode_latent, resize_crop_flip, sample_rng
+from ldm_scale.data.transforms import decode_image, decode_latent, resize_crop_flip, sample_rng, stack_images
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,16 @@ class _Plan:
     num_workers: int
     batch_size: int
     worker_offset: int  # physical DataLoader worker i plays logical worker (i + offset) % num_workers
+    batches_done: int  # handed out so far in this epoch; batch g of the epoch comes from worker g % num_workers
+    batches_total: int
     start: Dict[int, Dict[str, Any]] = field(default_factory=dict)
 
     def assigned(self, worker: int) -> List[int]:
         return shard_lib.split(self.epoch_shards, self.rank, self.world_size, worker, self.num_workers)
+
+    def batches_for(self, worker: int) -> int:
+        """How many batches ``worker`` still makes this epoch (workers stop there: no wasted tail)."""
+        return sum(1 for g in range(self.batches_done, self.batches_total) if g % self.num_workers == worker)
 
     def blocks(self, worker: int) -> Iterator[List[int]]:
         spb = self.cfg.shards_per_block
@@ -127,7 +133,7 @@ class _Counters:
 def _collate(samples: List[Dict], cfg: DataConfig) -> Dict[str, Any]:
     batch: Dict[str, Any] = {"key": [s["__key__"] for s in samples]}
     if cfg.input == "image":
-        batch["image"] = torch.stack([s["image"] for s in samples])
+        batch["image"] = stack_images([s["image"] for s in samples])
     else:
         batch["latent_mean"] = torch.stack([s["latent_mean"] for s in samples])
         batch["latent_logvar"] = torch.stack([s["latent_logvar"] for s in samples])
@@ -157,8 +163,13 @@ def _process(raw: Dict, plan: _Plan, block: int, counters: "_Counters") -> Optio
 
 
 def _worker_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any], Dict[str, Any]]]:
-    """Batches of one logical worker, forever, each with the worker's position after it."""
+    """Batches of one logical worker, each with the worker's position after it. The underlying
+    sample stream is endless (see ``shards.epoch_blocks``); the worker stops after its share of the
+    epoch's batches."""
     cfg = plan.cfg
+    remaining = plan.batches_for(worker)
+    if remaining == 0:
+        return
     start = plan.start.get(worker)
     counters = _Counters(Counter(start["counters"]) if start else Counter())
     block = start["block"] if start else 0
@@ -203,6 +214,9 @@ def _worker_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any], D
                 batch = _collate(pending, cfg)
                 pending = []
                 yield batch, {"block": block, "emitted": emitted, "counters": dict(counters.live)}
+                remaining -= 1
+                if remaining == 0:
+                    return
         if skip and emitted < skip:
             raise RuntimeError(f"cannot resume worker {worker}: block {block} now has {emitted} samples, "
                                f"the saved position says {skip}; were the shards changed?")
@@ -305,7 +319,8 @@ class ShardLoader:
             epoch_shards=self._current_epoch_shards() if self.cfg.mode == "epoch" else [],
             seed=self.seed, epoch=self.epoch, salt=self._salt, rank=self.dist_info.rank,
             world_size=self.dist_info.world_size, num_workers=self.num_workers, batch_size=self.batch_size,
-            worker_offset=self.batches_done % self.num_workers, start=copy.deepcopy(self._worker_states),
+            worker_offset=self.batches_done % self.num_workers, batches_done=self.batches_done,
+            batches_total=self.batches_per_epoch, start=copy.deepcopy(self._worker_states),
         )
 
     # ------------------------------------------------------------------ iteration
@@ -324,7 +339,11 @@ class ShardLoader:
         source = self._source(self._plan())
         try:
             while self.batches_done < total:
-                batch, worker, state = next(source)
+                try:
+                    batch, worker, state = next(source)
+                except StopIteration:
+                    raise RuntimeError(f"data workers stopped after {self.batches_done} of {total} batches "
+                                       f"in epoch {self.epoch}") from None
                 # Record the position before handing the batch out: from now on it counts as consumed.
                 self._worker_states[worker] = state
                 self.batches_done += 1

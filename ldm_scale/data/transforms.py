@@ -1,20 +1,25 @@
-"""Decode and shape one sample: image bytes -> [3, R, R] float in [-1, 1], or latent moments.
+"""Decode and shape one sample: image bytes -> [3, R, R] uint8, batched to float in [-1, 1]; or
+latent moments.
 
 Random crop and flip draw from a generator seeded by the sample's identity (seed, epoch, shard,
 index within shard, block), never from a process-global RNG, so a batch is a pure function of the
-data position and resumes bitwise.
+data position and resumes bitwise. Images stay uint8 until a whole batch is converted at once
+(a quarter of the memory traffic of per-sample float tensors).
 """
 from __future__ import annotations
 
 import io
-from typing import Optional, Tuple
+import random
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
 
-def sample_rng(seed: int, epoch: int, shard: int, index: int, salt: int = 0) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, shard, index, salt, 0xC0F])
+def sample_rng(seed: int, epoch: int, shard: int, index: int, salt: int = 0) -> random.Random:
+    # String seeds are hashed with SHA-512 by `random`: stable across processes and Python versions,
+    # and ~100x cheaper to set up per sample than a numpy SeedSequence.
+    return random.Random(f"ldm_scale/{seed}/{epoch}/{shard}/{index}/{salt}")
 
 
 def decode_image(data: bytes, resolution: int, decoder: str = "auto"):
@@ -35,10 +40,9 @@ def decode_image(data: bytes, resolution: int, decoder: str = "auto"):
     return img
 
 
-def resize_crop_flip(img, resolution: int, crop: str, flip: bool,
-                     rng: Optional[np.random.Generator]) -> torch.Tensor:
+def resize_crop_flip(img, resolution: int, crop: str, flip: bool, rng: Optional[random.Random]) -> torch.Tensor:
     """Resize the short side to ``resolution`` (bicubic, antialiased), crop a square (centre, or at
-    a random offset), optionally flip horizontally with p=0.5; return [3, R, R] float32 in [-1, 1]."""
+    a random offset), optionally flip horizontally with p=0.5; return [3, R, R] uint8."""
     from PIL import Image
 
     w, h = img.size
@@ -47,16 +51,30 @@ def resize_crop_flip(img, resolution: int, crop: str, flip: bool,
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BICUBIC)
     if crop == "random":
-        left = int(rng.integers(0, nw - resolution + 1))
-        top = int(rng.integers(0, nh - resolution + 1))
+        left = rng.randint(0, nw - resolution)
+        top = rng.randint(0, nh - resolution)
     else:
         left, top = (nw - resolution) // 2, (nh - resolution) // 2
     img = img.crop((left, top, left + resolution, top + resolution))
-    arr = np.array(img, dtype=np.uint8)  # a writable copy
     if flip and rng.random() < 0.5:
-        arr = arr[:, ::-1]
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
-    return t.float().div_(127.5).sub_(1.0)
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., H, W] in [0, 255] -> float32 in [-1, 1] (x / 127.5 - 1)."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def stack_images(images: List[torch.Tensor]) -> torch.Tensor:
+    """[B, 3, R, R] float32 in [-1, 1] from uint8 images. Inside a DataLoader worker the result is
+    written straight into shared memory, so sending it to the main process copies nothing more."""
+    stacked = torch.stack(images)
+    out = torch.empty(stacked.shape, dtype=torch.float32)
+    if torch.utils.data.get_worker_info() is not None:
+        out.share_memory_()
+    torch.div(stacked, 127.5, out=out)
+    return out.sub_(1.0)
 
 
 def decode_latent(data: bytes) -> Tuple[torch.Tensor, torch.Tensor]:
