@@ -276,25 +276,28 @@ def iter_local_param_bytes(engine) -> Iterator[int]:
 
 
 def optimizer_state_bytes(engine) -> int:
-    """Bytes held by this rank for the optimizer: fp32 master weights and Adam moments."""
-    seen: set[int] = set()
+    """Bytes this rank holds for the optimizer beyond the module's parameters: fp32 master weights
+    (the tensors the wrapped optimizer updates) and the Adam moments; each storage counted once."""
+    seen = {p.data_ptr() for p in engine.module.parameters() if p.numel() > 0}
+    seen |= {p.ds_tensor.data_ptr() for p in engine.module.parameters() if getattr(p, "ds_tensor", None) is not None}
     total = 0
 
     def add(t: Any) -> None:
         nonlocal total
-        if torch.is_tensor(t) and t.data_ptr() not in seen and t.numel() > 0:
+        if torch.is_tensor(t) and t.numel() > 0 and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
 
-    optimizer = engine.optimizer
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for group in inner.param_groups:
+        for master in group["params"]:
+            add(master)
+    # ZeRO-3 swaps its flat fp32 partitions into the wrapped optimizer only during step().
+    for t in getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or []:
+        add(t)
     for state in inner.state.values():
         for value in state.values():
             add(value)
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
-                 "fp32_groups_flat_partition"):
-        for t in getattr(optimizer, name, None) or []:
-            add(t)
     return total
 
 
