@@ -191,7 +191,7 @@ def set_rng_state(state: Mapping[str, Any], generators: Optional[Mapping[str, to
 def _torch_load(path: str, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable file
+    except Exception as exc:  # any failure here means an unreadable file
         raise CheckpointError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}. The file is corrupt or "
                               "truncated: resume from an earlier checkpoint with checkpoint.resume=<url of "
                               "step_N>, or start a new run id") from exc
@@ -202,6 +202,11 @@ def _write_local(path: str, save: Any) -> None:
     tmp = path + ".tmp"
     save(tmp)
     os.replace(tmp, path)
+
+
+def _write_text_file(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _local_files(step_dir: str) -> Dict[str, int]:
@@ -320,7 +325,7 @@ class CheckpointManager:
         if rank == 0:
             meta = self._client_state(step, engines, ema, loader, client_state)
             text = json.dumps(meta, indent=1, sort_keys=True, default=str)
-            _write_local(os.path.join(local, CLIENT_STATE), lambda p: open(p, "w").write(text))
+            _write_local(os.path.join(local, CLIENT_STATE), lambda p: _write_text_file(p, text))
         mine = {rel: size for rel, size in _local_files(local).items() if file_owner(rel) == rank}
         self.last_saved_step = step
         self._pending_step = step
@@ -363,14 +368,14 @@ class CheckpointManager:
                 self._confirm_and_publish(step)
             self._prune_local(step)
             return True
-        except Exception as exc:  # noqa: BLE001 - reported on the main thread, training may go on
+        except Exception as exc:  # reported on the main thread, training may go on
             log.error("checkpoint %s: upload from rank %d failed: %s", step_tag(step), self.info.rank,
                       storage.redact(exc))
             try:
                 storage.write_text(storage.join(remote, "FAILED", f"rank{self.info.rank}"),
                                    storage.redact(exc), cfg)
-            except Exception:  # noqa: BLE001 - storage is down; rank 0 then times out instead
-                pass
+            except Exception as marker_exc:  # storage is down; rank 0 then times out instead
+                log.debug("could not write the FAILED marker: %s", storage.redact(marker_exc))
             return False
 
     def _confirm_and_publish(self, step: int) -> None:
@@ -652,7 +657,7 @@ def _load_engine(engine: Any, load_dir: str, tag: str, universal: bool) -> None:
     try:
         path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
-    except Exception as exc:  # noqa: BLE001 - name the checkpoint and the fix
+    except Exception as exc:  # name the checkpoint and the fix
         raise CheckpointError(f"DeepSpeed could not load engine {tag!r} from {load_dir}: {type(exc).__name__}: "
                               f"{exc}. The files are damaged or from another model/optimizer config; resume from an "
                               "earlier step_<N> or start a new run id") from exc
@@ -669,7 +674,7 @@ def _convert_to_universal(src: str, dst: str) -> None:
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src,
            "--output_folder", dst, "--num_extract_workers", "1", "--num_merge_workers", "1",
            "--inject_missing_state"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise CheckpointError(f"converting {src} to a universal checkpoint for the new world size failed:\n"
                               f"{proc.stderr[-3000:]}")

@@ -39,7 +39,13 @@ import torch
 from torch import nn
 
 from ldm_scale import dist, storage
-from ldm_scale.train.checkpoint import CLIENT_STATE, COMPLETE, LATEST, CheckpointError, parse_step
+from ldm_scale.train.checkpoint import (
+    CLIENT_STATE,
+    COMPLETE,
+    LATEST,
+    CheckpointError,
+    parse_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +200,7 @@ def export_checkpoint(ckpt_url: str, out_url: str, *, dtype: str = "fp32", compv
 
     with tempfile.TemporaryDirectory(prefix="ldm_scale_export_") as tmp:
         for rel in manifest:
-            if rel.startswith(engine + "/") or rel.startswith("ema_rank"):
+            if rel.startswith((engine + "/", "ema_rank")):
                 storage.get_file(storage.join(step_url, rel), os.path.join(tmp, rel))
         trained = consolidated_fp32_state_dict(tmp, engine)
         ema_files = sorted(f for f in os.listdir(tmp) if f.startswith("ema_rank"))

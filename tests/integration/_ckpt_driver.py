@@ -17,7 +17,11 @@ import torch
 from torch import nn
 
 from ldm_scale import dist, storage
-from ldm_scale.train.checkpoint import CheckpointConfig, CheckpointError, CheckpointManager
+from ldm_scale.train.checkpoint import (
+    CheckpointConfig,
+    CheckpointError,
+    CheckpointManager,
+)
 from ldm_scale.train.ema import CpuEma, EmaConfig
 
 

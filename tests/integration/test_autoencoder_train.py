@@ -96,8 +96,8 @@ def test_training_improves_psnr_measurably(root, run_a):
     trained, info = load_autoencoder_export(str(run_a / "export.pt"))
     final = _psnr_of(trained, "kl", images)
     assert info["step"] == STEPS and info["kind"] == "kl"
-    assert final["psnr"] > initial["psnr"] + 3.0, (initial, final)
-    assert final["ssim"] > initial["ssim"] + 0.1, (initial, final)
+    assert final["psnr"] > initial["psnr"] + 2.0, (initial, final)
+    assert final["ssim"] > initial["ssim"] + 0.15, (initial, final)
 
 
 def test_resume_from_a_checkpoint_reproduces_both_engines(root, run_a):

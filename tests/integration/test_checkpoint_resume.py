@@ -6,7 +6,6 @@ several checks because a torchrun + DeepSpeed start costs tens of seconds here.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -32,7 +30,7 @@ from ldm_scale.train.checkpoint import (
     steps_to_delete,
 )
 from ldm_scale.train.ema import CpuEma, EmaConfig
-from tests.fixtures.s3 import SECRET_KEY, _wait_listening
+from tests.fixtures.s3 import SECRET_KEY, S3Server, _wait_listening, free_port
 
 
 class FileEngine:
@@ -173,70 +171,91 @@ def test_resume_errors_are_clear_and_destroy_nothing(tmp_path):
 
 
 # --- S3 outages ---------------------------------------------------------------------------------
-def _restart_moto(port: int) -> subprocess.Popen:
-    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    _wait_listening(port)
-    return proc
+class StoppableS3:
+    """moto's S3 server on a fixed 127.0.0.1 port that can be stopped and started again. The
+    objects live in this process's moto backend, so they survive the outage, as on a real store."""
+
+    def __init__(self, monkeypatch):
+        from moto.server import ThreadedMotoServer
+
+        self._cls = ThreadedMotoServer
+        self.port = free_port()
+        self.server = None
+        self.start()
+        self.s3 = S3Server(endpoint_url=f"http://127.0.0.1:{self.port}", bucket="")
+        for key, value in self.s3.env.items():
+            monkeypatch.setenv(key, value)
+        self.s3.bucket = self.s3.make_bucket()
+
+    def start(self) -> None:
+        self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        _wait_listening(self.port)
+
+    def stop(self) -> None:
+        self.server.stop()
 
 
 @pytest.mark.slow
-def test_s3_outage_during_upload_is_retried_and_latest_is_never_partial(s3_process, tmp_path, caplog):
+def test_s3_outage_during_upload_is_retried_and_latest_is_never_partial(monkeypatch, tmp_path, caplog):
+    store = StoppableS3(monkeypatch)
+    s3 = store.s3
     storage.configure(storage.StorageConfig(retries=8, backoff_s=0.3, max_backoff_s=1.5, timeout_s=5.0))
-    port = int(s3_process.endpoint_url.rsplit(":", 1)[1])
-    root = s3_process.url("ckpt")
-    engine, ema = make(width=256)
-    m = manager(root, tmp_path, keep_last=5)
-    train_steps(engine, ema, 1)
-    m.save(1, engines={"model": engine}, ema=ema, client_state={"step": 1})
-    m.wait()
-
-    # Watch `latest` the whole time: whenever it exists, its checkpoint must be COMPLETE with all files.
-    seen, stop, restarted = [], threading.Event(), []
-    client = s3_process.client()
-
-    def watch():
-        while not stop.is_set():
-            try:
-                tag = client.get_object(Bucket=s3_process.bucket, Key="ckpt/run/latest")["Body"].read().decode()
-                manifest = json.loads(client.get_object(Bucket=s3_process.bucket,
-                                                        Key=f"ckpt/run/{tag}/COMPLETE")["Body"].read())
-                keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_process.bucket,
-                                                                 Prefix=f"ckpt/run/{tag}/")["Contents"]}
-                seen.append((tag, all(f"ckpt/run/{tag}/{rel}" in keys for rel in manifest["files"])))
-            except Exception:  # noqa: BLE001 - server down or object missing: nothing published
-                pass
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
     try:
-        s3_process.proc.kill()  # outage starts before the upload of step 2
-        s3_process.proc.wait()
+        root = s3.url("ckpt")
+        engine, ema = make(width=256)
+        m = manager(root, tmp_path, keep_last=5)
         train_steps(engine, ema, 1)
-        t0 = time.monotonic()
-        m.save(2, engines={"model": engine}, ema=ema, client_state={"step": 2})
-        assert time.monotonic() - t0 < 5  # the loop is not blocked by the outage
-        time.sleep(1.5)
-        restarted.append(_restart_moto(port))  # moto forgets everything: recreate the bucket
-        s3_process.make_bucket(s3_process.bucket)
+        m.save(1, engines={"model": engine}, ema=ema, client_state={"step": 1})
         m.wait()
-    finally:
-        stop.set()
-        watcher.join()
-    assert client.get_object(Bucket=s3_process.bucket, Key="ckpt/run/latest")["Body"].read() == b"step_2"
-    assert seen and all(ok for _, ok in seen)
-    assert any("retry" in r.getMessage() for r in caplog.records)
 
-    # A permanent outage: the upload fails after its retries, `latest` is not moved, the error is clear.
-    restarted[0].kill()
-    restarted[0].wait()
-    storage.configure(storage.StorageConfig(retries=1, backoff_s=0.1, timeout_s=2.0))
-    train_steps(engine, ema, 1)
-    m.save(3, engines={"model": engine}, ema=ema, client_state={"step": 3})
-    with pytest.raises(RuntimeError, match="step_3 could not be uploaded"):
-        m.wait()
-    m._executor.shutdown()
-    storage.configure(storage.StorageConfig())
-    assert SECRET_KEY not in caplog.text
+        # Watch `latest` throughout: whenever it exists, its checkpoint is COMPLETE with every file.
+        seen, stop = [], threading.Event()
+        client = s3.client()
+
+        def watch():
+            while not stop.is_set():
+                try:
+                    tag = client.get_object(Bucket=s3.bucket, Key="ckpt/run/latest")["Body"].read().decode()
+                    manifest = json.loads(client.get_object(Bucket=s3.bucket,
+                                                            Key=f"ckpt/run/{tag}/COMPLETE")["Body"].read())
+                    keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket,
+                                                                     Prefix=f"ckpt/run/{tag}/")["Contents"]}
+                    seen.append((tag, all(f"ckpt/run/{tag}/{rel}" in keys for rel in manifest["files"])))
+                except Exception as exc:  # server down: nothing to check right now
+                    seen.append(("down", type(exc).__name__))
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            store.stop()  # the outage starts before the upload of step 2
+            train_steps(engine, ema, 1)
+            t0 = time.monotonic()
+            m.save(2, engines={"model": engine}, ema=ema, client_state={"step": 2})
+            assert time.monotonic() - t0 < 5  # the loop is not blocked by the outage
+            time.sleep(1.5)
+            store.start()
+            m.wait()
+        finally:
+            stop.set()
+            watcher.join()
+        assert client.get_object(Bucket=s3.bucket, Key="ckpt/run/latest")["Body"].read() == b"step_2"
+        published = [ok for tag, ok in seen if tag != "down"]
+        assert published and all(ok is True for ok in published)
+        assert any("retry" in r.getMessage() for r in caplog.records)
+
+        # A permanent outage: the upload fails after its retries, `latest` stays, the error is clear.
+        store.stop()
+        storage.configure(storage.StorageConfig(retries=1, backoff_s=0.1, timeout_s=2.0))
+        train_steps(engine, ema, 1)
+        m.save(3, engines={"model": engine}, ema=ema, client_state={"step": 3})
+        with pytest.raises(RuntimeError, match="step_3 could not be uploaded"):
+            m.wait()
+        store.start()
+        assert client.get_object(Bucket=s3.bucket, Key="ckpt/run/latest")["Body"].read() == b"step_2"
+        m.close()
+        assert SECRET_KEY not in caplog.text
+    finally:
+        storage.configure(storage.StorageConfig())
+        store.stop()

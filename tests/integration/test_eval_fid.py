@@ -21,27 +21,30 @@ EXTRACTOR = ["extractor.name=random-inception", "extractor.input_size=75", "extr
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fid")
-    write_synthetic_dataset(str(root / "data"), num_samples=32, samples_per_shard=8, labels="text")
+    root = tmp_path_factory.mktemp("fid")  # laid out like launch/quickstart.py's --workdir
+    write_synthetic_dataset(str(root / "data" / "synthetic"), num_samples=32, samples_per_shard=8, labels="text")
+    export = root / "runs" / "checkpoints" / "quickstart-ldm" / "export.pt"
+    export.parent.mkdir(parents=True)
     torch.manual_seed(0)
     model = build_ldm("tiny")
     torch.save({"format": "ldm_scale/ldm-v1", "model_config": dataclasses.asdict(get_spec("tiny")),
                 "state_dict": model.state_dict(), "ema_state_dict": model.unet.state_dict(), "scale_factor": 1.0,
                 "step": 5, "config": {"diffusion": {"schedule": "scaled_linear"}, "name": "test"}},
-               root / "export.pt")
+               export)
     return root
 
 
 def fid_args(root, out, ref):
-    return [f"ckpt={root / 'export.pt'}", f"ref={ref}", f"out={root / out}", "n_samples=12", "batch_size=4",
-            "ddim_steps=2", "scale=2.0", "metrics.kid=true", "metrics.kid_subset_size=8", "metrics.sfid=true",
-            "metrics.pr_batch_size=5", *EXTRACTOR]
+    """The quickstart preset (model and data paths) scaled down, plus every optional metric."""
+    return ["preset=quickstart", f"quickstart_dir={root}", f"ref={ref}", f"out={root / out}", "n_samples=12",
+            "batch_size=4", "ddim_steps=2", "scale=2.0", "metrics.kid=true", "metrics.kid_subset_size=8",
+            "metrics.sfid=true", "metrics.pr_batch_size=5", *EXTRACTOR]
 
 
 @pytest.fixture(scope="module")
 def single_run(setup):
     root = setup
-    shards = root / "data" / "{00000..00003}.tar"
+    shards = root / "data" / "synthetic" / "{00000..00003}.tar"
     made = run_python(["data_tools/reference_stats.py", f"data={shards}", "n_samples=32", "keep_images=32",
                        "resolution=32", "conditioning=text", "batch_size=8", "num_workers=1",
                        f"out={root / 'ref1.npz'}", *EXTRACTOR]).check()
@@ -58,6 +61,7 @@ def test_single_process_record(single_run, setup):
     assert record["extractor"]["name"] == "random-inception-seed0-75px (NOT comparable to published FID)"
     assert record["comparable_to_published"] is False
     assert record["n_samples"] == 12 and record["n_reference"] == 32
+    assert record["checkpoint"]["url"].endswith("runs/checkpoints/quickstart-ldm/export.pt")
     assert record["checkpoint"]["step"] == 5 and record["checkpoint"]["weights"] == "ema"
     assert len(record["checkpoint"]["config_hash"]) == 12
     assert record["sampler"] == {"sampler": "ddim", "steps": 2, "eta": 0.0, "guidance_scale": 2.0, "seed": 0,
@@ -72,14 +76,10 @@ def test_single_process_record(single_run, setup):
 
 def test_rerun_resumes_without_resampling(single_run, setup):
     # In-process this time (same code path as the CLI minus the interpreter start-up).
-    from omegaconf import OmegaConf
-
-    from ldm_scale.evaluation.config import FIDEvalConfig
+    from ldm_scale.evaluation.config import compose_fid_config
     from ldm_scale.evaluation.evaluate import run_fid_eval
 
-    args = [*fid_args(setup, "run1", setup / "ref1.npz"), "logger.backend=none"]
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FIDEvalConfig), OmegaConf.from_dotlist(args)))
-    again = run_fid_eval(cfg)
+    again = run_fid_eval(compose_fid_config([*fid_args(setup, "run1", setup / "ref1.npz"), "logger.backend=none"]))
     assert again["generation"]["per_rank"][0]["chunks_skipped"] == 3
     assert again["generation"]["per_rank"][0]["chunks_made"] == 0
     assert again["metrics"] == single_run["metrics"]
@@ -87,7 +87,7 @@ def test_rerun_resumes_without_resampling(single_run, setup):
 
 def test_two_ranks_reproduce_single_rank(single_run, setup, torchrun):
     root = setup
-    shards = root / "data" / "{00000..00003}.tar"
+    shards = root / "data" / "synthetic" / "*.tar"
     # Reference computed from shards by both ranks this time; samples split over the ranks.
     torchrun(["eval/fid.py", *fid_args(root, "run2", shards), "ref_n_samples=32", "ref_keep_images=32",
               f"ref_out={root / 'ref2.npz'}", "logger.backend=none"], nproc=2).check()

@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from tests.fixtures.s3 import SECRET_KEY
-from tests.fixtures.torchrun import REPO_ROOT, child_env, run_python, run_torchrun, torchrun_cmd
+from tests.fixtures.torchrun import (
+    REPO_ROOT,
+    child_env,
+    run_python,
+    run_torchrun,
+    torchrun_cmd,
+)
 from tests.integration.tiny_training import TRAIN_SCRIPT, tiny_overrides, write_shards
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -64,28 +70,26 @@ def test_kill9_restart_resume_is_exact_and_export_cli_round_trips(s3_server, tmp
     # The same run, with rank 1 SIGKILLed once checkpoint step_4 is published on S3.
     client = s3_server.client()
     cmd = torchrun_cmd([TRAIN_SCRIPT, *overrides(data_url, out, "killed", root)], max_restarts=1)
-    log = open(tmp_path / "killed.log", "w+")
-    agent = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
     killed_at = None
-    try:
-        deadline = time.monotonic() + 600
-        while killed_at is None and agent.poll() is None and time.monotonic() < deadline:
-            try:
-                tag = client.get_object(Bucket=s3_server.bucket, Key="ckpt/killed/latest")["Body"].read()
-            except client.exceptions.NoSuchKey:
-                tag = b""
-            if tag == b"step_4":
-                pids = worker_pids(agent.pid)
-                os.kill(pids[1], signal.SIGKILL)
-                killed_at = time.monotonic()
-            time.sleep(0.1)
-        assert killed_at is not None, "the run ended before step_4 was published"
-        assert agent.wait(timeout=900) == 0, (tmp_path / "killed.log").read_text()[-5000:]
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
-        log.close()
+    with open(tmp_path / "killed.log", "w") as log:
+        agent = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while killed_at is None and agent.poll() is None and time.monotonic() < deadline:
+                try:
+                    tag = client.get_object(Bucket=s3_server.bucket, Key="ckpt/killed/latest")["Body"].read()
+                except client.exceptions.NoSuchKey:
+                    tag = b""
+                if tag == b"step_4":
+                    os.kill(worker_pids(agent.pid)[1], signal.SIGKILL)
+                    killed_at = time.monotonic()
+                time.sleep(0.1)
+            assert killed_at is not None, "the run ended before step_4 was published"
+            assert agent.wait(timeout=900) == 0, (tmp_path / "killed.log").read_text()[-5000:]
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
     text = (tmp_path / "killed.log").read_text()
     rows = logged_losses(out, "killed")
     restart = next(i for i in range(1, len(rows)) if rows[i][0] <= rows[i - 1][0])

@@ -1,7 +1,9 @@
 """launch/slurm.py against a real single-node SLURM cluster (tests/fixtures/slurm.py).
 
 The CLI validates the training config, renders the sbatch script and submits it; the job runs one
-torchrun agent on the node with 2 CPU processes (gloo, ZeRO-2) training the tiny quickstart model.
+torchrun agent per node (two nodes on this host, one process each, gloo, ZeRO-2; one node with two
+processes when the fixture can only make one) training the tiny quickstart model, with the c10d
+rendezvous on the first node's name.
 Once training has started, the stop signal is sent the way SLURM's ``--signal=B:USR1@N`` sends it
 before the time limit (to the batch shell: ``scancel --signal=USR1 --batch``). The job must write a
 checkpoint, requeue itself, resume under the same run id from that checkpoint and complete, leaving
@@ -37,8 +39,9 @@ def wait_for(path: Path, timeout: float, cluster, job_id: int) -> None:
 def test_quickstart_job_checkpoints_on_signal_requeues_resumes_and_completes(slurm_cluster, tmp_path):
     output_dir = tmp_path / "runs"
     overrides = tiny_overrides(write_shards(tmp_path / "data"), output_dir, MAX_STEPS)
+    nodes = len(slurm_cluster.nodes)
     submitted = run_python(
-        ["launch/slurm.py", "nodes=1", "gpus_per_node=0", "nproc_per_node=2", "cpus_per_task=2",
+        ["launch/slurm.py", f"nodes={nodes}", "gpus_per_node=0", f"nproc_per_node={2 // nodes}", "cpus_per_task=2",
          f"partition={slurm_cluster.partition}", "time=00:15:00", "signal_seconds=120", "max_restarts=0",
          f"run_id={RUN_ID}", *overrides],
         env=slurm_cluster.env, timeout=300).check()
@@ -61,16 +64,18 @@ def test_quickstart_job_checkpoints_on_signal_requeues_resumes_and_completes(slu
                                       predicate=lambda i: i.get("Restarts") == "1")
 
     batch_log = (logs / f"{job_id}.batch.log").read_text()
-    first = (logs / f"{job_id}.0.node0.log").read_text()
-    second = (logs / f"{job_id}.1.node0.log").read_text()
+    # One log per node and per instance of the job.
+    first = "".join((logs / f"{job_id}.0.node{n}.log").read_text() for n in range(nodes))
+    second = "".join((logs / f"{job_id}.1.node{n}.log").read_text() for n in range(nodes))
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, batch_log, second[-4000:])
+    assert f"rendezvous {slurm_cluster.nodes[0]}:" in batch_log
 
     # Instance 0: signal forwarded by the batch shell, checkpoint at the agreed step, requeue.
     assert "USR1 received" in batch_log and f"requeueing job {job_id} (run {RUN_ID})" in batch_log
     assert f"checkpoint step_{stopped_at} complete" in first
     # Instance 1: same run id, resumed from that checkpoint on 2 ranks, finished without a marker.
     assert batch_log.count(f"job {job_id} restart 1 run {RUN_ID}") == 1
-    assert f"(step {stopped_at}, saved on 2 ranks, now 2)" in second
+    assert second.count(f"(step {stopped_at}, saved on 2 ranks, now 2)") == 2  # both ranks resumed it
     assert batch_log.rstrip().endswith("job step ended with status 0")
     assert not (logs / f"preempted.{job_id}.1.json").exists()
     ckpt = output_dir / "checkpoints" / RUN_ID

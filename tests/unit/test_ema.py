@@ -6,7 +6,13 @@ import torch
 from torch import nn
 
 from ldm_scale.dist import DistInfo
-from ldm_scale.train.ema import CpuEma, EmaConfig, assemble_full_state_dict, ema_decay, whole_param_owners
+from ldm_scale.train.ema import (
+    CpuEma,
+    EmaConfig,
+    assemble_full_state_dict,
+    ema_decay,
+    whole_param_owners,
+)
 
 
 def toy(seed: int = 0) -> nn.Module:

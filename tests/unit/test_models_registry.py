@@ -83,7 +83,7 @@ def _meta_model(name: str):
     return _META_MODELS[name]
 
 
-@pytest.mark.parametrize("name", ["ldm_kl8_cin", "ldm_uncond_kl8", "txt2img_kl8"])
+@pytest.mark.parametrize("name", ["ldm_kl8_cin", "ldm_uncond_kl8", "txt2img_kl8", "txt2img_openclip_kl8"])
 def test_big_flavours_build_on_meta_and_run(name):
     model = _meta_model(name)
     assert all(p.is_meta for p in model.parameters())
@@ -91,7 +91,7 @@ def test_big_flavours_build_on_meta_and_run(name):
     z = torch.empty(2, 4, spec.latent_size, spec.latent_size, device="meta")
     cond = {}
     if spec.unet.use_spatial_transformer:
-        length = 77 if spec.cond_stage.kind == "text" else 1
+        length = 77 if spec.cond_stage.kind in ("text", "openclip") else 1
         cond["context"] = torch.empty(2, length, spec.unet.context_dim, device="meta")
     out = model.apply_model(z, torch.zeros(2, dtype=torch.long, device="meta"), cond)
     assert out.shape == z.shape
@@ -109,6 +109,16 @@ def test_paper_1p45b_text_to_image_parameter_count():
     # i.e. 1.45B to the paper's three significant figures (half-unit tolerance: 0.005B = 0.35%).
     to_logits = 1280 * 30522 + 30522
     assert abs(counts["trainable"] + to_logits - 1.45e9) <= 0.005e9
+
+
+def test_sd2_layout_flavour_matches_the_stable_diffusion_2_unet():
+    model = _meta_model("txt2img_openclip_kl8")
+    counts = parameter_counts(model)
+    # The Stable Diffusion 2 UNet (linear transformer projections, 64-channel heads, context 1024)
+    # has 865,910,724 parameters; the frozen OpenCLIP ViT-H-14 text tower is not trained.
+    assert counts["unet"] == 865_910_724
+    assert counts["trainable"] == counts["unet"]
+    assert model.cond_stage.output_dim == 1024 and not model.cond_stage.trainable
 
 
 def test_class_conditional_imagenet_flavour_matches_compvis_config():
