@@ -109,7 +109,7 @@ def ldm_payload(state_dict: Mapping[str, torch.Tensor], ema_sd: Optional[Mapping
                 dtype: str = "fp32", compvis: bool = False) -> Dict[str, Any]:
     """The exported-LDM dict (ldm_scale layout, or CompVis layout with ``compvis``)."""
     state, ema = _cast(state_dict, dtype), _cast(ema_sd, dtype)
-    state["scale_factor"] = torch.tensor(float(scale_factor))
+    state["scale_factor"] = torch.tensor(float(scale_factor))  # fp32 in every dtype: bf16 would round it
     if compvis:
         from ldm_scale.models.compat import ldm_to_compvis_state_dict
 

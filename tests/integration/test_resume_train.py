@@ -26,7 +26,7 @@ from tests.fixtures.torchrun import (
 from tests.integration.tiny_training import TRAIN_SCRIPT, tiny_overrides, write_shards
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
-STEPS = 12
+STEPS = 8
 
 
 def overrides(data_url: str, out: Path, run_id: str, ckpt_root: str) -> list[str]:
@@ -93,7 +93,7 @@ def test_kill9_restart_resume_is_exact_and_export_cli_round_trips(s3_server, tmp
     text = (tmp_path / "killed.log").read_text()
     rows = logged_losses(out, "killed")
     restart = next(i for i in range(1, len(rows)) if rows[i][0] <= rows[i - 1][0])
-    assert rows[restart][0] in (5, 9), rows  # resumed from a checkpoint, not from scratch
+    assert rows[restart][0] == 5, rows  # resumed from a checkpoint, not from scratch
     assert rows[-1][0] == STEPS
     for step, loss in rows:
         assert loss == reference[step], (step, loss, reference[step])
@@ -121,7 +121,7 @@ def test_kill9_restart_resume_is_exact_and_export_cli_round_trips(s3_server, tmp
     compvis = torch.load(compvis_path, map_location="cpu", weights_only=False)["state_dict"]
     assert any(k.startswith("model.diffusion_model.") for k in compvis)
     assert any(k.startswith("model_ema.") for k in compvis)
-    assert all(v.dtype == torch.bfloat16 for v in compvis.values() if v.is_floating_point())
+    assert all(v.dtype == torch.bfloat16 for k, v in compvis.items() if v.is_floating_point() and k != "scale_factor")
     from ldm_scale.sampling import load_checkpoint
 
     loaded = load_checkpoint(str(offline_path), use_ema=True)
