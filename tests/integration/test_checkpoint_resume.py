@@ -1,7 +1,8 @@
 """Checkpoints + CPU EMA with real DeepSpeed ZeRO engines under torchrun (2 ranks, gloo, CPU).
 
 The toy driver (``_ckpt_driver.py``) is independent of the training spine; each launch combines
-several checks because a torchrun + DeepSpeed start costs tens of seconds here.
+several checks because a torchrun + DeepSpeed start costs tens of seconds here. ZeRO-2 kill -> resume
+exactness is covered end to end through launch/train.py in test_resume_train.py.
 """
 from __future__ import annotations
 
@@ -59,18 +60,6 @@ def test_zero3_on_s3_kill9_restart_resumes_exactly(s3_server, tmp_path):
     for path in (out / "local").rglob("*"):
         if path.is_file():
             assert SECRET_KEY.encode() not in path.read_bytes(), path
-
-
-def test_zero2_kill9_restart_resumes_exactly(tmp_path):
-    out = tmp_path / "out"
-    res = run_torchrun([DRIVER, "--stage", "2", "--root", str(tmp_path / "ckpt"), "--run-id", "run-b",
-                        "--steps", "6", "--every", "3", "--accum", "2", "--kill-at", "5", "--out", str(out)],
-                       max_restarts=1, timeout=600)
-    res.check()
-    got = losses(out, rank=1)
-    for step in (4, 5):
-        assert got[(1, step)] == got[(0, step)]
-    assert (tmp_path / "ckpt" / "run-b" / "latest").read_text() == "step_6"
 
 
 def test_zero3_ema_matches_full_param_ema_then_resume_on_one_rank(tmp_path):
