@@ -175,14 +175,19 @@ class FrozenOpenCLIPEmbedder(nn.Module):
             raise ValueError(f"openclip.layer must be 'penultimate' or 'last', got {cfg.layer!r}")
         if cfg.model_config_path is not None:
             open_clip.add_model_config(cfg.model_config_path)
-        if cfg.pretrained is None:
+        # Build where the caller builds (e.g. inside `with torch.device("meta")` for counting).
+        device = torch.empty(0).device
+        on_meta = device.type == "meta"
+        if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
+            raise FileNotFoundError(f"OpenCLIP checkpoint not found: {cfg.pretrained!r} (openclip.pretrained must "
+                                    "be a local file; download it before training)")
+        if on_meta:
+            log.info("FrozenOpenCLIPEmbedder(arch=%s) built on meta: no weights are loaded", cfg.arch)
+        elif cfg.pretrained is None:
             log.warning("FrozenOpenCLIPEmbedder(arch=%s): no pretrained checkpoint given, the text encoder "
                         "has RANDOM weights. Set cond_stage.openclip.pretrained to a local checkpoint file "
                         "for real conditioning.", cfg.arch)
-        elif not os.path.isfile(cfg.pretrained):
-            raise FileNotFoundError(f"OpenCLIP checkpoint not found: {cfg.pretrained!r} (openclip.pretrained must "
-                                    "be a local file; download it before training)")
-        model = open_clip.create_model(cfg.arch, pretrained=cfg.pretrained, device="cpu")
+        model = open_clip.create_model(cfg.arch, pretrained=None if on_meta else cfg.pretrained, device=device)
         if not hasattr(model, "transformer") or not hasattr(model, "token_embedding"):
             raise ValueError(f"open_clip arch {cfg.arch!r} has no built-in CLIP text transformer "
                              "(custom/HF text towers are not supported)")

@@ -26,6 +26,7 @@ from .autoencoder import AutoencoderConfig, AutoencoderKL, VQConfig, VQModel
 from .conditioners import (
     ClassEmbedderConfig,
     ConditionerConfig,
+    OpenCLIPConfig,
     TextEmbedderConfig,
     build_conditioner,
 )
@@ -178,6 +179,18 @@ FLAVOURS: Dict[str, LDMSpec] = {
             vocab_size=30522, width=1280, depth=32, heads=8, dim_head=64, max_length=77,
             tokenizer=TokenizerConfig(kind="wordpiece", vocab_path=None, max_length=77))),
         image_size=256, scale_factor=0.18215, linear_start=0.00085, linear_end=0.012),
+    # Stable Diffusion 2 (512-base) layout: linear-projection transformers with 64-channel heads,
+    # cross-attention to the frozen OpenCLIP ViT-H-14 text tower (penultimate layer, width 1024).
+    # Set cond_stage.openclip.pretrained to a local OpenCLIP checkpoint; v-prediction for the 768 model.
+    "txt2img_openclip_kl8": LDMSpec(
+        name="txt2img_openclip_kl8",
+        unet=UNetConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=[1, 2, 4, 4],
+                        num_res_blocks=2, attention_resolutions=[4, 2, 1], num_heads=-1, num_head_channels=64,
+                        use_spatial_transformer=True, transformer_depth=1, context_dim=1024,
+                        use_linear_in_transformer=True),
+        first_stage=AUTOENCODERS["kl_f8"],
+        cond_stage=ConditionerConfig(kind="openclip", openclip=OpenCLIPConfig(arch="ViT-H-14", layer="penultimate")),
+        image_size=512, scale_factor=0.18215, linear_start=0.00085, linear_end=0.012),
 }
 
 
@@ -275,12 +288,12 @@ def _format_count(n: int) -> str:
 
 
 def main() -> None:
-    print(f"{'flavour':<16}{'unet':>11}{'first_stage':>13}{'cond_stage':>12}{'trainable':>12}{'total':>11}  latent")
+    print(f"{'flavour':<22}{'unet':>11}{'first_stage':>13}{'cond_stage':>12}{'trainable':>12}{'total':>11}  latent")
     for name, spec in FLAVOURS.items():
         model = build_ldm(name, device="meta")
         c = parameter_counts(model)
         latent = f"{spec.first_stage.latent_channels}x{spec.latent_size}x{spec.latent_size}"
-        print(f"{name:<16}{_format_count(c['unet']):>11}{_format_count(c['first_stage']):>13}"
+        print(f"{name:<22}{_format_count(c['unet']):>11}{_format_count(c['first_stage']):>13}"
               f"{_format_count(c['cond_stage']):>12}{_format_count(c['trainable']):>12}"
               f"{_format_count(c['total']):>11}  {latent}")
     print()
