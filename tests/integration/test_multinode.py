@@ -24,7 +24,7 @@ from tests.integration.tiny_training import TRAIN_SCRIPT, tiny_overrides, write_
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-MAX_STEPS = 6
+MAX_STEPS = 8  # leaves several steps after the checkpoint at step 2 for the kill to land in
 
 
 def start_agents(args: list[str], log_dir: Path) -> list[subprocess.Popen]:
