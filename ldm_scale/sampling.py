@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import pickle
+import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -102,30 +104,38 @@ def read_checkpoint(url: str, trust: bool = False) -> Dict[str, Any]:
     if not storage.exists(url):
         raise FileNotFoundError(f"checkpoint not found: {shown} (ckpt= takes a local path or an s3:// / gs:// / "
                                 "https:// URL of an exported checkpoint)")
-    with storage.open_url(url, "rb") as f:
-        head = f.read(4)
-        # torch.save writes a zip archive (legacy format: a raw pickle, protocol byte 0x80 first).
-        is_zip = head.startswith(b"PK\x03\x04")
-        if not (is_zip or head[:1] == b"\x80"):
-            raise ValueError(f"{shown} is not a readable torch checkpoint (neither a torch.save zip archive nor a pickle)")
-        f.seek(0)
-        try:
-            if storage.is_local(url) and is_zip:
-                # mmap: tensors are paged in from the file instead of held twice in memory.
-                ckpt = torch.load(storage.local_path(url), map_location="cpu", weights_only=not trust, mmap=True)
-            else:  # the storage stream is seekable: torch.load reads the archive in place
-                ckpt = torch.load(f, map_location="cpu", weights_only=not trust)
-        except pickle.UnpicklingError as exc:
-            if trust:
-                raise ValueError(f"{shown} is not a readable torch checkpoint: {exc}") from exc
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"{shown} holds objects beyond tensors and plain containers (typical of Lightning "
-                             f"checkpoints: {reason}); if you trust its origin, pass trust_checkpoint=true") from exc
-        except (RuntimeError, EOFError, OSError) as exc:
-            raise ValueError(f"{shown} is not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    if storage.is_local(url):
+        ckpt = _torch_load(storage.local_path(url), shown, trust, mmap=True)
+    else:
+        # One download, then a local load: torch.load seeks record by record, which over a ranged
+        # object-store stream would be one request per tensor.
+        with tempfile.TemporaryDirectory(prefix="ldm_scale_ckpt_") as tmp:
+            path = os.path.join(tmp, "checkpoint.pt")
+            storage.get_file(url, path)
+            ckpt = _torch_load(path, shown, trust, mmap=False)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{shown} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt
+
+
+def _torch_load(path: str, shown: str, trust: bool, mmap: bool) -> Any:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (legacy format: a raw pickle, protocol byte 0x80 first).
+    is_zip = head.startswith(b"PK\x03\x04")
+    if not (is_zip or head[:1] == b"\x80"):
+        raise ValueError(f"{shown} is not a readable torch checkpoint (neither a torch.save zip archive nor a pickle)")
+    try:
+        # mmap (zip only): tensors are paged in from the file instead of read into memory first.
+        return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap and is_zip)
+    except pickle.UnpicklingError as exc:
+        if trust:
+            raise ValueError(f"{shown} is not a readable torch checkpoint: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{shown} holds objects beyond tensors and plain containers (typical of Lightning "
+                         f"checkpoints: {reason}); if you trust its origin, pass trust_checkpoint=true") from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"{shown} is not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
 def _strip_prefix(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
