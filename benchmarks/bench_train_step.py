@@ -44,7 +44,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--channels", type=int, default=64, help="UNet model_channels (tiny flavour: 32)")
-    p.add_argument("--stage", type=int, default=2, help="ZeRO stage of our engine")
+    p.add_argument("--stage", type=int, default=0, help="ZeRO stage of our engine (0: nothing to shard at 1 rank)")
     args = p.parse_args()
     dist.init_distributed()
     torch.manual_seed(0)
