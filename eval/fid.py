@@ -4,6 +4,7 @@
         n_samples=50000 ddim_steps=200 ddim_eta=0 scale=1.5
     torchrun --nproc_per_node 8 eval/fid.py ckpt=... ref=data/reference_stats/inception-v3-fid-....npz
     python eval/fid.py ckpt=... ref=VIRTUAL_imagenet256_labeled.npz extractor.name=inception extractor.resize=tf_bilinear
+    python eval/fid.py preset=quickstart          # launch/quickstart.py's model and data, offline
 
 Arguments are ``key=value`` overrides of ``ldm_scale.evaluation.config.FIDEvalConfig`` (nested keys
 with dots: ``extractor.name=random-inception metrics.kid=true``). Re-running the same command
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from omegaconf import OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from ldm_scale.evaluation.config import FIDEvalConfig  # noqa: E402
+from ldm_scale.evaluation.config import FIDEvalConfig, compose_fid_config  # noqa: E402
 from ldm_scale.evaluation.evaluate import run_fid_eval  # noqa: E402
 
 
@@ -34,10 +35,9 @@ def parse_config(argv: list[str]) -> FIDEvalConfig:
     if bad:
         raise SystemExit(f"arguments must be key=value overrides, got {bad}; see --help")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(FIDEvalConfig), OmegaConf.from_dotlist(argv))
-    except OmegaConfBaseException as exc:
+        return compose_fid_config(argv)
+    except (OmegaConfBaseException, ValueError) as exc:
         raise SystemExit(f"bad argument: {exc}") from None
-    return OmegaConf.to_object(merged)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,8 @@ class MetricsConfig:
 class FIDEvalConfig:
     """``python eval/fid.py ckpt=... ref=... n_samples=50000 ddim_steps=200 ddim_eta=0 scale=1.5``."""
 
+    preset: Optional[str] = None  # "quickstart": defaults for launch/quickstart.py's outputs (see PRESETS)
+    quickstart_dir: str = "quickstart"  # launch/quickstart.py --workdir
     ckpt: Optional[str] = None  # exported checkpoint (path or URL) or a training checkpoint directory
     ref: Optional[str] = None  # reference .npz (ours or ADM's) or shard URLs to compute it from
     ref_n_samples: int = 50000  # when `ref` is shards: images in mu/sigma
@@ -97,3 +99,31 @@ class ReferenceStatsConfig:
     checkpoint_every: int = 20  # batches between resume checkpoints
     extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+def _quickstart_preset(workdir: str) -> List[str]:
+    """The outputs of ``launch/quickstart.py`` (tiny text LDM on the synthetic shapes), evaluated
+    offline in minutes on 2 CPU cores: few samples, and without the real Inception weights the
+    random-weight Inception at 96 px (``auto`` uses the real one when its weights are present)."""
+    return [f"ckpt={workdir}/runs/checkpoints/quickstart-ldm/export.pt", f"ref={workdir}/data/synthetic/*.tar",
+            "ref_n_samples=4096", "ref_keep_images=4096", "n_samples=512", "batch_size=32", "ddim_steps=25",
+            "scale=3.0", "extractor.input_size=96", "extractor.batch_size=32", "metrics.pr_batch_size=4096"]
+
+
+PRESETS = {"quickstart": _quickstart_preset}
+
+
+def compose_fid_config(overrides: List[str]) -> FIDEvalConfig:
+    """``key=value`` overrides on the schema; ``preset=<name>`` first applies that preset's values
+    (explicit overrides still win). Unknown keys and wrong types raise."""
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(FIDEvalConfig)
+    user = OmegaConf.from_dotlist(list(overrides))
+    merged = OmegaConf.merge(schema, user)
+    if merged.preset is not None:
+        if merged.preset not in PRESETS:
+            raise ValueError(f"unknown preset {merged.preset!r}; known: {sorted(PRESETS)}")
+        preset = OmegaConf.from_dotlist(PRESETS[merged.preset](merged.quickstart_dir))
+        merged = OmegaConf.merge(schema, preset, user)
+    return OmegaConf.to_object(merged)
