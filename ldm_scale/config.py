@@ -326,6 +326,12 @@ def _check_autoencoder(cfg: Config, problems: List[str]) -> Optional[FirstStageC
     ae = _merge_overrides(copy.deepcopy(AUTOENCODERS[name]), cfg.model.overrides, "model.overrides", problems)
     if cfg.data.input != "image":
         problems.append("task=autoencoder trains on images: set data.input=image")
+    from ldm_scale.train.autoencoder_task import check_autoencoder_plan
+
+    try:
+        check_autoencoder_plan(ae, cfg.autoencoder_loss, cfg.deepspeed.zero.stage, cfg.data.resolution)
+    except ValueError as exc:
+        problems.append(str(exc))
     return ae
 
 
