@@ -27,8 +27,13 @@ from ldm_scale import dist, storage
 from ldm_scale.evaluation.config import FIDEvalConfig
 from ldm_scale.evaluation.features import FeatureExtractor, extract_features, extractor_from_config, get_extractor
 from ldm_scale.evaluation.fid import fid_from_stats, gaussian_stats, warn_if_undersampled
-from ldm_scale.evaluation.generate import (extract_chunk_features, generate_samples, load_features,
-                                           load_samples, write_adm_npz)
+from ldm_scale.evaluation.generate import (
+    extract_chunk_features,
+    generate_samples,
+    load_features,
+    load_samples,
+    write_adm_npz,
+)
 from ldm_scale.evaluation.inception_score import inception_score
 from ldm_scale.evaluation.kid import kernel_inception_distance
 from ldm_scale.evaluation.precision_recall import precision_recall

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ldm_scale.evaluation import inception as inc
 from ldm_scale.evaluation.preprocess import RESIZE_MODES, quantize_to_uint8, resize_for_extractor
@@ -100,10 +100,8 @@ class CLIPExtractor(FeatureExtractor):
         std = getattr(model.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
-        dim = int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") else None
-        with torch.no_grad():
-            probe = model.encode_image(torch.zeros(1, 3, self.input_size, self.input_size))
-        dim = int(probe.shape[-1]) if dim is None else dim
+        with torch.no_grad():  # the embedding width differs between towers: measure it
+            dim = int(model.encode_image(torch.zeros(1, 3, self.input_size, self.input_size)).shape[-1])
         self.feature_dims = {"pool": dim, "embedding": dim}
 
     def _features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:

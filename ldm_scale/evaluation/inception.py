@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"

@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from ldm_scale.evaluation.config import FIDEvalConfig
-from ldm_scale.evaluation.generate import (chunk_ranges, chunk_url, generate_samples, initial_noise, load_samples,
-                                           write_adm_npz)
+from ldm_scale.evaluation.generate import (
+    chunk_ranges,
+    chunk_url,
+    generate_samples,
+    initial_noise,
+    load_samples,
+    write_adm_npz,
+)
 from ldm_scale.evaluation.model_sampler import load_model_sampler
 from ldm_scale.models.registry import build_ldm, get_spec
 

@@ -8,8 +8,7 @@ import scipy.linalg
 import torch
 
 from ldm_scale.evaluation.clip_score import clip_score
-from ldm_scale.evaluation.fid import (StreamingMoments, fid_from_features, frechet_distance,
-                                      gaussian_stats)
+from ldm_scale.evaluation.fid import StreamingMoments, fid_from_features, frechet_distance, gaussian_stats
 from ldm_scale.evaluation.inception_score import inception_score
 from ldm_scale.evaluation.kid import kernel_inception_distance
 from ldm_scale.evaluation.precision_recall import knn_radii, precision_recall

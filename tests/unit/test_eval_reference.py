@@ -3,15 +3,13 @@ import io
 
 import numpy as np
 import pytest
-import torch
 
 from ldm_scale import storage
 from ldm_scale.data.synthetic import write_synthetic_dataset
 from ldm_scale.evaluation.features import extract_features, get_extractor
 from ldm_scale.evaluation.fid import GaussianStats, gaussian_stats
 from ldm_scale.evaluation.preprocess import nchw_uint8
-from ldm_scale.evaluation.reference import (ReferenceStats, load_reference, reference_from_shards,
-                                            save_reference)
+from ldm_scale.evaluation.reference import ReferenceStats, load_reference, reference_from_shards, save_reference
 
 SHARDS = "{00000..00005}.tar"
 
