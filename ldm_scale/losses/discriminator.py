@@ -6,6 +6,7 @@ classifies overlapping patches, so its output is a logit map, not one logit per 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,22 @@ class DiscriminatorConfig:
     num_layers: int = 3
     base_channels: int = 64
     norm: str = "batch"  # batch | none
+
+
+class BatchNormFP32(nn.BatchNorm2d):
+    """``BatchNorm2d`` evaluated in fp32 whatever the input / weight dtype (same state-dict keys).
+
+    DeepSpeed's bf16/fp16 engines cast parameters but keep buffers in fp32, so the affine weights
+    and the running statistics end up in different dtypes; normalising in fp32 is also what
+    autocast would do.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        out = F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(), self.bias.float(),
+                           self.training or not self.track_running_stats, self.momentum, self.eps)
+        return out.to(x.dtype)
 
 
 class PatchDiscriminator(nn.Module):
@@ -43,7 +60,7 @@ class PatchDiscriminator(nn.Module):
             # A conv followed by batch norm needs no bias (the norm's shift replaces it).
             layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 4, stride, 1, bias=not use_norm)]
             if use_norm:
-                layers.append(nn.BatchNorm2d(c_out))
+                layers.append(BatchNormFP32(c_out))
             layers.append(nn.LeakyReLU(0.2, inplace=True))
             return layers
 
@@ -59,8 +76,15 @@ class PatchDiscriminator(nn.Module):
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, C, H, W]`` -> patch logits ``[B, 1, h, w]``."""
-        return self.main(x)
+        """Images ``[B, C, H, W]`` -> patch logits ``[B, 1, h, w]``, in the weights' dtype.
+
+        The input follows the weights' dtype (a DeepSpeed bf16 engine holds bf16 weights) and
+        autocast is off, so the convolutions run in that dtype and batch norm in fp32.
+        """
+        no_autocast = (torch.autocast(device_type=x.device.type, enabled=False)
+                       if torch.amp.is_autocast_available(x.device.type) else contextlib.nullcontext())
+        with no_autocast:  # (meta tensors, used for FLOP counting, have no autocast)
+            return self.main(x.to(self.main[0].weight.dtype))
 
 
 def _init_weights(module: nn.Module) -> None:

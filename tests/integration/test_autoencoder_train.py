@@ -4,7 +4,7 @@
   shards; the GAN switches on at step 100; checkpoints at 55 and 110 and the final 120;
 - run B: a new run resumed from A's step_110 checkpoint reaches step 120 with A's weights (both
   engines' optimizer states, data position and RNG restored);
-- run C: the VQ flavour under ZeRO-1 for a few steps across disc_start;
+- run C: the VQ flavour under ZeRO-1 in bf16 for a few steps across disc_start;
 - `eval/recon.py` on A's export, split over 2 ranks, against the same metrics computed here.
 """
 from __future__ import annotations
@@ -119,8 +119,9 @@ def test_resume_from_a_checkpoint_reproduces_both_engines(root, run_a):
     assert last_b["train/disc_loss"] == pytest.approx(last_a["train/disc_loss"], rel=1e-4)
 
 
-def test_vq_under_zero1_trains_both_engines(root):
-    run_torchrun(_train_args(root, "ae-vq", "model.autoencoder=vq_tiny", "deepspeed=zero1", "train.max_steps=6",
+def test_vq_under_zero1_bf16_trains_both_engines(root):
+    run_torchrun(_train_args(root, "ae-vq", "model.autoencoder=vq_tiny", "deepspeed=zero1", "deepspeed.precision=bf16",
+                             "train.max_steps=6",
                              "train.log_every=3", "autoencoder_loss.disc_start=3", "autoencoder_loss.nll_reduction=mean",
                              "autoencoder_loss.learn_logvar=false", "checkpoint.every_steps=0",
                              "checkpoint.export_final=false"), timeout=900).check()
