@@ -228,7 +228,10 @@ def load_autoencoder_export(url: str, *, use_ema: bool = True) -> Tuple[torch.nn
     model = build_autoencoder(first_stage)
     ema = payload.get("ema_state_dict")
     weights = "ema" if use_ema and ema else "raw"
-    model.load_state_dict({k: v.float() for k, v in (ema if weights == "ema" else payload["state_dict"]).items()})
+    state = dict(payload["state_dict"])
+    if weights == "ema":  # the EMA covers parameters; buffers come from the raw weights
+        state.update(ema)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
     dd = first_stage.kl.ddconfig if first_stage.kind == "kl" else first_stage.vq.ddconfig
     info = {"kind": first_stage.kind, "step": payload.get("step"), "weights": weights,
             "downsample_factor": first_stage.downsample_factor, "latent_channels": first_stage.latent_channels,

@@ -4,7 +4,7 @@
   shards; the GAN switches on at step 100; checkpoints at 55 and 110 and the final 120;
 - run B: a new run resumed from A's step_110 checkpoint reaches step 120 with A's weights (both
   engines' optimizer states, data position and RNG restored);
-- run C: the VQ flavour under ZeRO-1 in bf16 for a few steps across disc_start;
+- run C: the VQ flavour under ZeRO-1 in bf16 with an EMA for a few steps across disc_start;
 - `eval/recon.py` on A's export, split over 2 ranks, against the same metrics computed here.
 """
 from __future__ import annotations
@@ -123,13 +123,20 @@ def test_vq_under_zero1_bf16_trains_both_engines(root):
     run_torchrun(_train_args(root, "ae-vq", "model.autoencoder=vq_tiny", "deepspeed=zero1", "deepspeed.precision=bf16",
                              "train.max_steps=6",
                              "train.log_every=3", "autoencoder_loss.disc_start=3", "autoencoder_loss.nll_reduction=mean",
-                             "autoencoder_loss.learn_logvar=false", "checkpoint.every_steps=0",
-                             "checkpoint.export_final=false"), timeout=900).check()
+                             "autoencoder_loss.learn_logvar=false", "checkpoint.every_steps=0", "ema.enabled=true",
+                             "ema.decay=0.9"), timeout=900).check()
     rows = {r["step"]: r for r in _metrics(root, "ae-vq") if "train/loss" in r}
     assert 1 <= rows[6]["train/perplexity"] <= 256 and 0 < rows[6]["train/codebook_usage"] <= 1
     assert rows[6]["train/codebook_loss"] > 0 and rows[6]["discriminator/lr"] > 0
     assert "train/logits_fake" not in rows[3] and "train/logits_fake" in rows[6]
     assert _client_state(root / "runs" / "checkpoints" / "ae-vq" / "step_6")["discriminator_steps"] == 3
+    # the optional EMA of the autoencoder's weights is exported next to the raw weights
+    export = torch.load(root / "runs" / "checkpoints" / "ae-vq" / "export.pt", map_location="cpu", weights_only=False)
+    assert export["format"] == "ldm_scale/autoencoder-v1" and export["model_config"]["kind"] == "vq"
+    assert export["ema_state_dict"].keys() <= export["state_dict"].keys()
+    assert "quantize.embedding.weight" in export["ema_state_dict"]
+    ema_model, info = load_autoencoder_export(str(root / "runs" / "checkpoints" / "ae-vq" / "export.pt"))
+    assert info["weights"] == "ema" and info["kind"] == "vq"
 
 
 def test_recon_cli_over_two_ranks_matches_in_process_metrics(root, run_a):
