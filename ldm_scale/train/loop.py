@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Dict
 
 import numpy as np
-import torch
 
 from ldm_scale import config as config_lib
 from ldm_scale import dist, preemption, storage
@@ -123,9 +122,14 @@ def train(cfg: Config) -> TrainResult:
     guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite)
     progress = _progress_bar(info.is_main and cfg.train.progress_bar, step, cfg.train.max_steps)
 
+    wandb_run_id = resumed.get("wandb_run_id", run_id)
+
     def client_state() -> Dict[str, Any]:
-        return {"step": step, "samples_seen": samples_seen, "wandb_run_id": resumed.get("wandb_run_id", run_id),
-                "config": resolved, **task.client_state()}
+        return {"step": step, "samples_seen": samples_seen, "wandb_run_id": wandb_run_id, "config": resolved,
+                **task.client_state()}
+
+    def save_checkpoint() -> None:
+        checkpoints.save(step, engines=task.engines, ema=ema, loader=loader, client_state=client_state())
 
     def log_samples() -> None:
         for key, images, captions in task.log_images(step):
@@ -134,53 +138,62 @@ def train(cfg: Config) -> TrainResult:
     # --- 5. The loop -------------------------------------------------------------------------
     batches = loader.infinite()
     stopped_early = False
-    while step < cfg.train.max_steps:
-        metrics = task.train_step(next(batches))
-        guard.update(metrics, step)  # raises after K non-finite micro-batches in a row
-        meter.add(metrics)
-        if task.global_step == step:
-            continue  # accumulating gradients (or a skipped micro-batch)
-        step = task.global_step
-        samples_seen += plan.batch.global_batch_size
-        throughput.add(plan.batch.global_batch_size)
-        if ema is not None:
-            ema.update(step)
-        if progress is not None:
-            progress.update(1)
-
-        if step % cfg.train.log_every == 0:
-            values = {f"train/{k}": v for k, v in meter.reduce().items() if k != "nonfinite"}
-            values.update(task.optimizer_stats())
-            values.update(throughput.read())
-            values.update({f"data/{k}": v for k, v in sum_over_ranks(loader.metrics()).items()})
-            values["train/nonfinite_skipped_total"] = float(guard.total)
-            values["train/samples_seen"] = float(samples_seen)
+    try:
+        while step < cfg.train.max_steps:
+            metrics = task.train_step(next(batches))
+            guard.update(metrics, step)  # raises after K non-finite micro-batches in a row
+            meter.add(metrics)
+            if task.global_step == step:
+                continue  # accumulating gradients (or a skipped micro-batch)
+            step = task.global_step
+            samples_seen += plan.batch.global_batch_size
+            throughput.add(plan.batch.global_batch_size)
             if ema is not None:
-                values["ema/decay"] = float(ema.decay_at(step))
-            logger.log(values, step=step)
+                ema.update(step)
             if progress is not None:
-                progress.set_postfix_str(console_line(step, cfg.train.max_steps, values,
-                                                      ["train/loss", "lr", "grad_norm", "perf/samples_per_s"]))
-        if cfg.eval.sample_every and step % cfg.eval.sample_every == 0:
-            log_samples()
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-            checkpoints.save(step, engines=task.engines, ema=ema, loader=loader, client_state=client_state())
-        if preemption.requested(step):
-            if not (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
-                checkpoints.save(step, engines=task.engines, ema=ema, loader=loader, client_state=client_state())
-            checkpoints.wait()
-            preemption.acknowledge(step)
-            stopped_early = True
-            break
+                progress.update(1)
+
+            if step % cfg.train.log_every == 0:
+                values = {f"train/{k}": v for k, v in meter.reduce().items() if k != "nonfinite"}
+                values.update(task.optimizer_stats())
+                values.update(throughput.read())
+                values.update({f"data/{k}": v for k, v in sum_over_ranks(loader.metrics()).items()})
+                values["train/nonfinite_skipped_total"] = float(guard.total)
+                values["train/samples_seen"] = float(samples_seen)
+                if ema is not None:
+                    values["ema/decay"] = float(ema.decay_at(step))
+                logger.log(values, step=step)
+                if progress is not None:
+                    progress.set_postfix_str(console_line(step, cfg.train.max_steps, values,
+                                                          ["train/loss", "lr", "grad_norm", "perf/samples_per_s"]))
+            if cfg.eval.sample_every and step % cfg.eval.sample_every == 0:
+                log_samples()
+            if checkpoints.due(step):
+                save_checkpoint()
+            if preemption.requested(step):
+                if not checkpoints.due(step):
+                    save_checkpoint()
+                checkpoints.wait()
+                preemption.acknowledge(step)
+                stopped_early = True
+                break
+    except NonFiniteLossError:
+        # Every rank raised at the same micro-batch: earlier checkpoints still finish uploading
+        # (a collective, safe here); the bad weights were never stepped, and nothing is saved.
+        checkpoints.close()
+        logger.finish(exit_code=1)
+        raise
+    except BaseException:
+        logger.finish(exit_code=1)  # local only: other ranks may not have failed
+        raise
 
     # --- 6. The end: final checkpoint, samples, export ----------------------------------------
     if progress is not None:
         progress.close()
     final: Dict[str, float] = {}
     if not stopped_early:
-        already_saved = bool(cfg.checkpoint.every_steps) and step % cfg.checkpoint.every_steps == 0
-        if cfg.checkpoint.save_final and not already_saved:
-            checkpoints.save(step, engines=task.engines, ema=ema, loader=loader, client_state=client_state())
+        if cfg.checkpoint.save_final and checkpoints.last_saved_step != step:
+            save_checkpoint()
         if cfg.eval.sample_at_end:
             log_samples()
         if cfg.eval.prompt_adherence_samples > 0:

@@ -322,7 +322,7 @@ class LDMTask:
             model_fn = classifier_free(lambda x, t, c: self.ldm.apply_model(x, t, c).float(), cond, uncond,
                                        sampler.guidance_scale)
 
-            def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            def guided(x: torch.Tensor, t: torch.Tensor, model_fn=model_fn) -> torch.Tensor:
                 with self._autocast():
                     return model_fn(x, t)
 
