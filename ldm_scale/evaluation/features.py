@@ -62,8 +62,10 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
-        x = resize_for_extractor(quantize_to_uint8(images).cpu(), self.input_size, self.resize)
-        out = self._features(x.to(self.device))
+        x = quantize_to_uint8(images)
+        # PIL resizes on the CPU; the bilinear rules run wherever the extractor lives.
+        x = x.cpu() if self.resize == "pil_bicubic" else x.to(self.device)
+        out = self._features(resize_for_extractor(x, self.input_size, self.resize).to(self.device))
         return {k: v.float().cpu() for k, v in out.items()}
 
 
