@@ -115,3 +115,64 @@ def test_load_compvis_autoencoder_drops_loss_weights(tiny):
     del sd["quant_conv.weight"]
     with pytest.raises(CompVisKeyMismatch, match="missing"):
         load_compvis_autoencoder(tiny.first_stage, sd)
+
+
+class _XTransformersReplica(torch.nn.Module):
+    """The CompVis-vendored x-transformers ``TransformerWrapper(Encoder(...))`` structure
+    (ldm/modules/x_transformer.py: pre-norm layers [norm, block, residual] alternating attention and
+    feed-forward, final norm, LM head), written out to check that our key mapping puts every
+    CompVis weight in the slot that computes the same function."""
+
+    def __init__(self, vocab: int, dim: int, depth: int, heads: int, dim_head: int, max_len: int = 77):
+        super().__init__()
+        nn = torch.nn
+        self.heads, self.scale = heads, dim_head ** -0.5
+        self.token_emb = nn.Embedding(vocab, dim)
+        self.pos_emb = nn.Module()
+        self.pos_emb.emb = nn.Embedding(max_len, dim)
+        self.attn_layers = nn.Module()
+        self.attn_layers.layers = nn.ModuleList()
+        inner = heads * dim_head
+        for _ in range(depth):
+            attn = nn.Module()
+            attn.to_q, attn.to_k, attn.to_v = (nn.Linear(dim, inner, bias=False) for _ in range(3))
+            attn.to_out = nn.Linear(inner, dim)
+            ff = nn.Module()
+            ff.net = nn.Sequential(nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU()), nn.Dropout(0.0),
+                                   nn.Linear(4 * dim, dim))
+            self.attn_layers.layers.append(nn.ModuleList([nn.LayerNorm(dim), attn]))
+            self.attn_layers.layers.append(nn.ModuleList([nn.LayerNorm(dim), ff]))
+        self.norm = nn.LayerNorm(dim)
+        self.to_logits = nn.Linear(dim, vocab)
+
+    def forward(self, tokens):
+        x = self.token_emb(tokens) + self.pos_emb.emb(torch.arange(tokens.shape[1]))[None]
+        for i, (norm, block) in enumerate(self.attn_layers.layers):
+            h = norm(x)
+            if i % 2 == 0:
+                b, n, _ = h.shape
+                projections = (block.to_q, block.to_k, block.to_v)
+                q, k, v = (f(h).reshape(b, n, self.heads, -1).transpose(1, 2) for f in projections)
+                attn = torch.softmax(q @ k.transpose(-1, -2) * self.scale, dim=-1)
+                h = block.to_out((attn @ v).transpose(1, 2).reshape(b, n, -1))
+            else:
+                h = block.net(h)
+            x = x + h
+        return self.norm(x)
+
+
+def test_xtransformers_weights_compute_the_same_function():
+    from ldm_scale.models.conditioners import TextEmbedderConfig, TransformerEmbedder
+
+    torch.manual_seed(0)
+    theirs = _XTransformersReplica(vocab=100, dim=32, depth=3, heads=2, dim_head=8)
+    with torch.no_grad():
+        for p in theirs.parameters():  # LayerNorm weights/biases away from 1/0 too
+            p.add_(torch.randn_like(p) * 0.1)
+    compvis = {"cond_stage_model.transformer." + k: v for k, v in theirs.state_dict().items()}
+    ours_sd = compvis_to_ldm_state_dict(compvis, use_ema=False)
+    ours = TransformerEmbedder(TextEmbedderConfig(vocab_size=100, width=32, depth=3, heads=2, dim_head=8))
+    ours.load_state_dict({k[len("cond_stage."):]: v for k, v in ours_sd.items()}, strict=True)
+    tokens = torch.randint(0, 100, (2, 77))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_tokens(tokens), theirs(tokens), atol=1e-5, rtol=1e-5)
