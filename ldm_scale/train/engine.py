@@ -160,6 +160,10 @@ def model_init_context(ds_config: Dict[str, Any]) -> contextlib.AbstractContextM
         return contextlib.nullcontext()
     import deepspeed
 
+    if torch.distributed.is_initialized():
+        # zero.Init reads the world size from deepspeed.comm, which otherwise is only set up by
+        # deepspeed.initialize (later): adopt the process group dist.init_distributed created.
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     remote_device = "cpu" if "offload_param" in zero else None
     return deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=remote_device,
                                pin_memory=bool(zero.get("offload_param", {}).get("pin_memory", False)))
