@@ -292,7 +292,8 @@ def _check_ldm(cfg: Config, problems: List[str]) -> Optional[LDMSpec]:
     if m.scale_factor_mode == "estimate" and m.scale_factor is not None:
         problems.append("model.scale_factor is set but model.scale_factor_mode=estimate would replace it: "
                         "set model.scale_factor=null or model.scale_factor_mode=spec")
-    if not _is_url_set(m.first_stage_ckpt) and not m.allow_random_first_stage and cfg.data.input == "image":
+    # Needed with latent shards too: sample grids are decoded by the first stage.
+    if not _is_url_set(m.first_stage_ckpt) and not m.allow_random_first_stage:
         problems.append("model.first_stage_ckpt is not set: give the exported autoencoder checkpoint "
                         "(train one with experiment=autoencoder_* ) or set model.allow_random_first_stage=true "
                         "for tests")
