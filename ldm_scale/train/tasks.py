@@ -208,6 +208,9 @@ class LDMTask:
         factor = scale_factor_from_moments(moments)
         self.ldm.scale_factor.fill_(factor)
         self.scale_factor_ready = True
+        if dist.get_dist_info().is_main:
+            log.info("latent scale factor %.5f = 1/std of %d first-batch latent values over all ranks",
+                     factor, int(moments[0]))
         return factor
 
     def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
