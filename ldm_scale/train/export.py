@@ -5,7 +5,7 @@ Format (docs/architecture.md), a single ``torch.save`` dict::
     {"format": "ldm_scale/ldm-v1" | "ldm_scale/autoencoder-v1",
      "model_config": LDMSpec / FirstStageConfig as a dict,
      "state_dict": full LatentDiffusion (or autoencoder) state dict,
-     "ema_state_dict": EMA weights keyed like state_dict (LDM: unet.* [+ cond_stage.*]) or None,
+     "ema_state_dict": EMA weights keyed like state_dict (LDM: the UNet's, unet.*) or None,
      "scale_factor": float, "step": int, "config": resolved training config, "dtype": "fp32" | "bf16"}
 
 With ``compvis=True`` the LDM is written in the CompVis layout instead (``state_dict`` with
@@ -107,14 +107,18 @@ def write_export(url: str, payload: Mapping[str, Any]) -> None:
 def ldm_payload(state_dict: Mapping[str, torch.Tensor], ema_sd: Optional[Mapping[str, torch.Tensor]],
                 model_config: Mapping[str, Any], *, scale_factor: float, step: int, config: Mapping[str, Any],
                 dtype: str = "fp32", compvis: bool = False) -> Dict[str, Any]:
-    """The exported-LDM dict (ldm_scale layout, or CompVis layout with ``compvis``)."""
+    """The exported-LDM dict (ldm_scale layout, or CompVis layout with ``compvis``).
+
+    Only the UNet's EMA is exported (as CompVis' LitEma, which averages ``model.diffusion_model``
+    alone); the EMA of a jointly trained text encoder stays in the training checkpoints."""
+    if ema_sd is not None:
+        ema_sd = {k: v for k, v in ema_sd.items() if k.startswith("unet.")}
     state, ema = _cast(state_dict, dtype), _cast(ema_sd, dtype)
     state["scale_factor"] = torch.tensor(float(scale_factor))  # fp32 in every dtype: bf16 would round it
     if compvis:
         from ldm_scale.models.compat import ldm_to_compvis_state_dict
 
-        unet_ema = {k: v for k, v in (ema or {}).items() if k.startswith("unet.")} or None
-        return {"state_dict": ldm_to_compvis_state_dict(state, unet_ema), "global_step": int(step),
+        return {"state_dict": ldm_to_compvis_state_dict(state, ema), "global_step": int(step),
                 "ldm_scale_model_config": dict(model_config), "config": dict(config)}
     return {"format": LDM_FORMAT, "model_config": dict(model_config), "state_dict": state, "ema_state_dict": ema,
             "scale_factor": float(scale_factor), "step": int(step), "config": dict(config), "dtype": dtype}
