@@ -36,7 +36,16 @@ def parse(argv: list[str]) -> SampleConfig:
         raise ValueError(str(exc).splitlines()[0] + f" (valid keys: {', '.join(schema.keys())})") from None
 
 
+def usage() -> str:
+    fields = OmegaConf.structured(SampleConfig)
+    keys = "\n".join(f"  {k}={OmegaConf.to_yaml({k: v}).split(': ', 1)[1].strip()}" for k, v in fields.items())
+    return f"{__doc__}\nKeys and defaults:\n{keys}"
+
+
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(usage())
+        return 0
     try:
         cfg = parse(argv)
         summary = run(cfg)

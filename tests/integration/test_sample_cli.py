@@ -159,6 +159,7 @@ def test_clear_errors(ckpts, cli, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err, (argv, err)
         assert "Traceback" not in err
+    assert cli(["--help"]) == 0 and "ddim_steps=50" in capsys.readouterr().out
     res = run_python([SCRIPT, f"ckpt={tmp_path / 'missing.pt'}"], timeout=120)
     assert res.returncode == 2 and "checkpoint not found" in res.stderr
 
