@@ -48,6 +48,7 @@ def ckpts(tmp_path_factory):
         "cin": export(get_spec("tiny_cin"), str(root / "tiny_cin.pt")),
         "cin_no_ema": export(get_spec("tiny_cin"), str(root / "tiny_cin_no_ema.pt"), with_ema=False),
         "inpaint": export(inpaint, str(root / "tiny_inpaint.pt")),
+        "uncond": export(get_spec("tiny_uncond"), str(root / "tiny_uncond.pt")),
     }
 
 
@@ -196,3 +197,11 @@ def test_generate_with_given_noise_ignores_batching(ckpts):
     torch.testing.assert_close(both[1:], second, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="x_T has shape"):
         generate(loaded, torch.tensor([1]), 1, cfg, height=32, width=32, generator=torch.Generator(), x_T=x_T)
+
+
+def test_unconditional_model_needs_no_prompt(ckpts, cli, tmp_path):
+    out = tmp_path / "out"
+    assert cli([f"ckpt={ckpts['uncond']}", "n_samples=2", "n_iter=2", "ddim_steps=2", "H=16", "W=32",
+                f"outdir={out}", "progress=false"]) == 0
+    assert [Image.open(f).size for f in pngs(out)] == [(32, 16)] * 4
+    assert Image.open(out / "grid-0000.png").size[::-1] == grid_size(2, 2, 16, 32)
