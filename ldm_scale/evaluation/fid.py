@@ -5,10 +5,11 @@ FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule ...", eq.
     d^2 = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})
 
 Statistics are accumulated in float64. Tr((S_1 S_2)^{1/2}) is computed without a general (non-
-symmetric) matrix square root: S_1 S_2 is similar to the symmetric PSD matrix
-A = S_1^{1/2} S_2 S_1^{1/2}, so Tr((S_1 S_2)^{1/2}) = sum_i sqrt(lambda_i(A)). Two symmetric
-eigendecompositions are exact for PSD inputs, never produce the imaginary parts scipy's ``sqrtm``
-returns for near-singular products, and are faster than ``sqrtm`` / ``eigvals``.
+symmetric) matrix square root: S_1 S_2 is similar to a symmetric PSD matrix A (L^T S_1 L with
+S_2 = L L^T, or S_1^{1/2} S_2 S_1^{1/2} when S_2 is singular), so Tr((S_1 S_2)^{1/2}) =
+sum_i sqrt(lambda_i(A)). Symmetric eigenvalue problems are exact for PSD inputs, never produce the
+imaginary parts scipy's ``sqrtm`` returns for near-singular products, and cost a fraction of
+``sqrtm`` / non-symmetric ``eigvals``.
 sFID (Nash et al. 2021) is the same distance on spatial features.
 """
 from __future__ import annotations
@@ -143,12 +144,27 @@ def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
     return (eigvec * np.sqrt(np.clip(eigval, 0.0, None))) @ eigvec.T
 
 
-def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """Tr((S_1 S_2)^{1/2}) for symmetric PSD S_1, S_2, via the eigenvalues of S_1^{1/2} S_2 S_1^{1/2}."""
-    root1 = _psd_sqrt(_as_float64(sigma1))
-    inner = root1 @ _as_float64(sigma2) @ root1
-    eigval = np.linalg.eigvalsh((inner + inner.T) / 2)
+def _sum_sqrt_eigvalsh(m: np.ndarray) -> float:
+    # eigh, not eigvalsh: LAPACK's divide-and-conquer path (with vectors) is several times faster
+    # at n = 2048 than the vector-free one (measured: 1.5 s vs 5-8 s); the vectors are discarded.
+    eigval = np.linalg.eigh((m + m.T) / 2)[0]
     return float(np.sqrt(np.clip(eigval, 0.0, None)).sum())
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((S_1 S_2)^{1/2}) for symmetric PSD S_1, S_2.
+
+    S_1 S_2 has the eigenvalues of a symmetric PSD matrix: L^T S_1 L when S_2 = L L^T is positive
+    definite (a Cholesky factor: ~4 n^3 flops in all), else S_1^{1/2} S_2 S_1^{1/2} (an eigendecomposition
+    for the square root, for singular covariances, e.g. N < dim). Either way no complex arithmetic.
+    """
+    sigma1, sigma2 = _as_float64(sigma1), _as_float64(sigma2)
+    try:
+        chol = np.linalg.cholesky(sigma2)
+    except np.linalg.LinAlgError:
+        root1 = _psd_sqrt(sigma1)
+        return _sum_sqrt_eigvalsh(root1 @ sigma2 @ root1)
+    return _sum_sqrt_eigvalsh(chol.T @ sigma1 @ chol)
 
 
 def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:

@@ -12,7 +12,7 @@ results summed, so every rank returns the same numbers.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -70,28 +70,35 @@ def knn_radii(features: ArrayLike, k: int = 3, *, batch_size: int = 10000,
     return _sum_over_ranks(radii, distributed)
 
 
-def manifold_membership(query: ArrayLike, support: ArrayLike, support_radii: torch.Tensor, *,
-                        batch_size: int = 10000, device: Optional[torch.device] = None,
-                        dtype: torch.dtype = torch.float32, distributed: bool = False) -> torch.Tensor:
-    """Bool [len(query)]: does each query point fall inside some ball (support_i, radius_i)?"""
+def cross_membership(fake: ArrayLike, real: ArrayLike, fake_radii: torch.Tensor, real_radii: torch.Tensor, *,
+                     batch_size: int = 10000, device: Optional[torch.device] = None,
+                     dtype: torch.dtype = torch.float32, distributed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(fake point inside some real ball [len(fake)], real point inside some fake ball [len(real)]).
+
+    Both directions read the same fake-to-real distance block, so it is computed once: three
+    N x N distance passes in all (two for the radii, one here) instead of four.
+    """
     device = torch.device(device or "cpu")
-    q = _as_tensor(query, device, dtype)
-    s = _as_tensor(support, device, dtype)
-    if q.shape[1] != s.shape[1]:
-        raise ValueError(f"feature dimensions differ: {q.shape[1]} vs {s.shape[1]}")
-    radii = support_radii.to(device=device, dtype=dtype)
-    s_sq = (s * s).sum(dim=1)
-    inside = torch.zeros(len(q), dtype=torch.float64)
-    for r0, r1 in _my_blocks(len(q), batch_size, distributed):
+    f = _as_tensor(fake, device, dtype)
+    r = _as_tensor(real, device, dtype)
+    if f.shape[1] != r.shape[1]:
+        raise ValueError(f"feature dimensions differ: {f.shape[1]} vs {r.shape[1]}")
+    fake_radii = fake_radii.to(device=device, dtype=dtype)
+    real_radii = real_radii.to(device=device, dtype=dtype)
+    r_sq = (r * r).sum(dim=1)
+    fake_hit = torch.zeros(len(f), dtype=torch.float64)
+    real_hit = torch.zeros(len(r), dtype=torch.bool, device=device)
+    for r0, r1 in _my_blocks(len(f), batch_size, distributed):
         hit = torch.zeros(r1 - r0, dtype=torch.bool, device=device)
-        for c0 in range(0, len(s), batch_size):
-            c1 = min(c0 + batch_size, len(s))
-            d = _squared_distances(q[r0:r1], s[c0:c1], s_sq[c0:c1])
-            hit |= (d <= radii[None, c0:c1]).any(dim=1)
-            if bool(hit.all()):
-                break
-        inside[r0:r1] = hit.to("cpu", torch.float64)
-    return _sum_over_ranks(inside, distributed) > 0.5
+        for c0 in range(0, len(r), batch_size):
+            c1 = min(c0 + batch_size, len(r))
+            d = _squared_distances(f[r0:r1], r[c0:c1], r_sq[c0:c1])
+            hit |= (d <= real_radii[None, c0:c1]).any(dim=1)
+            real_hit[c0:c1] |= (d <= fake_radii[r0:r1, None]).any(dim=0)
+        fake_hit[r0:r1] = hit.to("cpu", torch.float64)
+    fake_hit = _sum_over_ranks(fake_hit, distributed) > 0.5
+    real_hit = _sum_over_ranks(real_hit.to("cpu", torch.float64), distributed) > 0.5
+    return fake_hit, real_hit
 
 
 def precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 3, *, batch_size: int = 10000,
@@ -101,6 +108,5 @@ def precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 3, *, batch_size
     kw = dict(batch_size=batch_size, device=device, dtype=dtype, distributed=distributed)
     real_radii = knn_radii(real, k, **kw)
     fake_radii = knn_radii(fake, k, **kw)
-    precision = manifold_membership(fake, real, real_radii, **kw).double().mean().item()
-    recall = manifold_membership(real, fake, fake_radii, **kw).double().mean().item()
-    return {"precision": precision, "recall": recall}
+    fake_in_real, real_in_fake = cross_membership(fake, real, fake_radii, real_radii, **kw)
+    return {"precision": fake_in_real.double().mean().item(), "recall": real_in_fake.double().mean().item()}
