@@ -67,13 +67,15 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
 
 
 def stack_images(images: List[torch.Tensor]) -> torch.Tensor:
-    """[B, 3, R, R] float32 in [-1, 1] from uint8 images. Inside a DataLoader worker the result is
-    written straight into shared memory, so sending it to the main process copies nothing more."""
-    stacked = torch.stack(images)
-    out = torch.empty(stacked.shape, dtype=torch.float32)
+    """[B, 3, R, R] float32 in [-1, 1] from uint8 images (same values as :func:`to_unit_range`).
+    Each image is cast straight into its slot of the output; inside a DataLoader worker the output
+    lives in shared memory, so sending it to the main process copies nothing more."""
+    out = torch.empty((len(images), *images[0].shape), dtype=torch.float32)
     if torch.utils.data.get_worker_info() is not None:
         out.share_memory_()
-    return out.copy_(stacked).div_(127.5).sub_(1.0)  # same values as to_unit_range, ~3x faster than div(out=)
+    for slot, image in zip(out, images):
+        slot.copy_(image)
+    return out.div_(127.5).sub_(1.0)
 
 
 def decode_latent(data: bytes) -> Tuple[torch.Tensor, torch.Tensor]:
