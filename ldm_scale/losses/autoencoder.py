@@ -194,7 +194,8 @@ class AutoencoderLoss(nn.Module):
 
         logs = {
             "loss": loss, "nll_loss": nll_loss, "rec_loss": (inputs - recon).abs().mean(),
-            "logvar": logvar, reg_name: reg_value, "g_loss": g_loss, "d_weight": d_weight,
+            # clone: the log-variance is a view of a parameter the optimizer updates in place
+            "logvar": logvar.detach().clone(), reg_name: reg_value, "g_loss": g_loss, "d_weight": d_weight,
             "disc_factor": torch.tensor(factor),
         }
         if p_dist is not None:

@@ -13,8 +13,8 @@ The network has two parts with different origins:
 - ``"torchvision"``: the torch hub cache, downloading into it if it is empty (clusters with internet);
 - a path or URL (anything ``ldm_scale.storage`` opens) to a torchvision state dict
   (``features.<i>.weight`` keys, e.g. ``vgg16-397923af.pth``) or to a saved LPIPS trunk state dict;
-- ``"random"``: a randomly initialised trunk. Only meaningful for offline tests: distances are then
-  not perceptual. A warning says so in the log.
+- ``"random"``: a randomly initialised trunk (seeded, the same network in every process). Only
+  meaningful for offline tests: distances are then not perceptual. A warning says so in the log.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # torchvision's ImageNet weight files, as named in the torch hub cache.
 TORCHVISION_WEIGHT_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
+RANDOM_TRUNK_SEED = 0
 
 
 @dataclass
@@ -108,7 +109,11 @@ def build_lpips(cfg: PerceptualConfig) -> FrozenLPIPS:
                 "loss.perceptual.backbone_weights=<path or URL>, or 'random' for offline tests.") from err
         log.info("LPIPS %s trunk: torchvision ImageNet weights from %s", cfg.net, cached)
     else:
-        net = lpips.LPIPS(net=cfg.net, pretrained=cfg.calibrated_heads, pnet_rand=True, verbose=False)
+        # A random trunk must be the same network in every process and after every restart (it is
+        # not checkpointed): draw it from a fixed seed without touching the global RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_TRUNK_SEED)
+            net = lpips.LPIPS(net=cfg.net, pretrained=cfg.calibrated_heads, pnet_rand=True, verbose=False)
         if source == "random":
             log.warning(
                 "LPIPS %s trunk is RANDOMLY INITIALISED (loss.perceptual.backbone_weights=random): "

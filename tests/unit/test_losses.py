@@ -194,6 +194,16 @@ def test_lpips_random_trunk_logs_warning_and_is_frozen(random_lpips, caplog):
     assert (d > 0).all() and y.grad.abs().sum() > 0
 
 
+def test_lpips_random_trunk_is_seeded_and_leaves_the_global_rng_alone(random_lpips):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    again = build_lpips(PerceptualConfig(net="vgg", backbone_weights="random"))
+    assert torch.equal(torch.rand(3), expected)  # the global stream did not move
+    for a, b in zip(random_lpips.parameters(), again.parameters()):
+        assert torch.equal(a, b)  # same network in every process / after a restart
+
+
 def test_lpips_heads_come_from_the_package(random_lpips):
     import os
 
