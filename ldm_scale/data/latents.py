@@ -90,6 +90,18 @@ def _latent_bytes(moments: torch.Tensor, dtype: str) -> bytes:
     return buf.getvalue()
 
 
+def _encode_into(pending: List[Dict[str, Any]], samples: List[Dict[str, Any]], model: nn.Module,
+                 device: torch.device, dtype: str) -> None:
+    """Encode the images of ``pending`` in one batch, move the samples (now with latents) to ``samples``."""
+    if not pending:
+        return
+    images = torch.stack([p.pop("image") for p in pending]).to(device)
+    for p, m in zip(pending, posterior_moments(model, images)):
+        p["latent.npy"] = _latent_bytes(m, dtype)
+        samples.append(p)
+    pending.clear()
+
+
 def precompute_latents(
     src_urls: Sequence[str] | str,
     out_url: str,
@@ -128,15 +140,6 @@ def precompute_latents(
         samples: List[Dict[str, Any]] = []
         pending: List[Dict[str, Any]] = []
 
-        def flush() -> None:
-            if not pending:
-                return
-            images = torch.stack([p.pop("image") for p in pending]).to(device)
-            for p, m in zip(pending, posterior_moments(model, images)):
-                p["latent.npy"] = _latent_bytes(m, dtype)
-                samples.append(p)
-            pending.clear()
-
         for raw in iter_tar_samples(src, i, counters, cfg):
             counters["samples_read"] += 1
             reason = check_sample(raw, check_cfg)
@@ -155,8 +158,8 @@ def precompute_latents(
                     out[ext] = raw[ext]
             pending.append(out)
             if len(pending) == batch_size:
-                flush()
-        flush()
+                _encode_into(pending, samples, model, device, dtype)
+        _encode_into(pending, samples, model, device, dtype)
         digits = len(stem) if stem.isdigit() else 5
         shard_id = int(stem) if stem.isdigit() else i
         # The tar is written before _stats.json: _stats.json marks the shard complete.

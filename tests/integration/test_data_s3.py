@@ -128,7 +128,7 @@ def test_stream_survives_short_outage(s3_server):
         got = bytearray()
         with storage.open_url(url, "rb", cfg, block_size=64 << 10) as f:
             got += f.read(100_000)
-            proxy.outage(0.4)
+            proxy.outage(1.5)  # long enough that no pooled-connection retry can hide it
             while chunk := f.read(500_000):
                 got += chunk
             assert f.raw.reopens >= 1

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
-from collections import Counter
 
 import numpy as np
 import pytest
