@@ -363,7 +363,7 @@ class ShardLoader:
     # ------------------------------------------------------------------ metrics
     def metrics(self) -> Dict[str, float]:
         """Cumulative counts for this rank: ``samples_read``, ``samples_yielded``, ``skip/<reason>``
-        (corrupt_tar, truncated_member, decode_error, missing_*, bad_metadata), ``filter/<name>``,
+        (corrupt_tar, truncated_member, missing_shard, decode_error, missing_*, bad_metadata), ``filter/<name>``,
         plus ``epoch`` and ``batches_in_epoch``. Counts cover batches handed out so far."""
         self._roll_epoch_if_done()
         total = Counter(self._metrics_base)

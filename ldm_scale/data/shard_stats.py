@@ -78,7 +78,11 @@ def inspect_shard(url: str, cfg: Optional[storage.StorageConfig] = None) -> Dict
                 value = next((meta[k] for k in keys if meta.get(k) is not None), None)
                 if value is not None:
                     meta_values[name].append(float(value))
-    return {"url": url, "samples": samples, "bytes": storage.size(url, cfg), "members": dict(exts),
+    try:
+        nbytes = storage.size(url, cfg)
+    except FileNotFoundError:
+        nbytes = 0  # counted as skip/missing_shard by the reader
+    return {"url": url, "samples": samples, "bytes": nbytes, "members": dict(exts),
             "damage": {k: v for k, v in counters.items() if k != "members"}, "caption_lengths": captions,
             "widths": widths, "heights": heights, "meta": dict(meta_values), "status": dict(status)}
 

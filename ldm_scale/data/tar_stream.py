@@ -3,17 +3,20 @@
 A sample is a dict ``{"__key__", "__url__", "__shard__", "__index__", "<ext>": bytes, ...}`` where the
 key is a member name up to the first dot of its basename and ``ext`` the rest (``jpg``, ``txt``,
 ``json``, ``latent.npy``), as in webdataset. A corrupt tar header or a truncated member ends the
-shard (the partial sample is dropped) and is counted; storage failures that outlast their retries are
+shard (the partial sample is dropped) and is counted, and so is a missing shard; storage failures that outlast their retries are
 not data errors and propagate as :class:`ldm_scale.storage.StorageError`, naming the URL.
 """
 from __future__ import annotations
 
+import logging
 import tarfile
 import zlib
 from typing import MutableMapping
 from typing import Dict, Iterator, Optional
 
 from ldm_scale import storage
+
+log = logging.getLogger(__name__)
 
 
 def _split_name(name: str):
@@ -28,7 +31,16 @@ def iter_tar_samples(url: str, shard_index: int, counters: MutableMapping[str, i
                      cfg: Optional[storage.StorageConfig] = None) -> Iterator[Dict]:
     """Samples of the tar at ``url`` in file order; ``counters`` gets ``skip/corrupt_tar`` and
     ``skip/truncated_member`` for damaged shards and ``members`` per member read."""
-    with storage.open_url(url, "rb", cfg) as stream:
+    try:
+        stream = storage.open_url(url, "rb", cfg)
+    except FileNotFoundError:
+        # One lost shard among thousands (e.g. an img2dataset job that failed) should not end a
+        # week-long run; it is counted and logged. A wrong pattern fails at start-up instead,
+        # where the loader checks that the first shard exists.
+        counters["skip/missing_shard"] += 1
+        log.error("shard %s does not exist; skipped", storage.redact(url))
+        return
+    with stream:
         mode = "r|gz" if url.endswith((".tar.gz", ".tgz")) else "r|"
         try:
             tar = tarfile.open(fileobj=stream, mode=mode)

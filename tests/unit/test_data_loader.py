@@ -159,16 +159,16 @@ def test_bad_data_is_skipped_and_counted(tmp_path):
     cut = len(tar_bytes(good[3:5])) + 512 + 100  # inside the data of the first member of sample 5
     storage.write_bytes(root + "/00001.tar", whole[:cut])
     storage.write_bytes(root + "/00002.tar", b"this is not a tar archive at all" * 40)
-    write_sizes(root, {"00000.tar": 10, "00001.tar": 3, "00002.tar": 2})
-    cfg = DataConfig(urls=[root + "/{00000..00002}.tar"], resolution=32, num_workers=0, shuffle_buffer=0,
-                     shards_per_block=3, filters=FilterConfig(min_width=16, min_height=16, min_aesthetic=4.5))
+    write_sizes(root, {"00000.tar": 10, "00001.tar": 3, "00002.tar": 2, "00003.tar": 1})  # 00003.tar is lost
+    cfg = DataConfig(urls=[root + "/{00000..00003}.tar"], resolution=32, num_workers=0, shuffle_buffer=0,
+                     shards_per_block=4, filters=FilterConfig(min_width=16, min_height=16, min_aesthetic=4.5))
     loader = build_loader(cfg, ONE, batch_size=1, seed=0)
     keys = [b["key"][0] for b in loader]
     assert sorted(set(keys)) == ["g000", "g001", "g002", "g003", "g004"]
     m = loader.metrics()
     assert m["skip/missing_image"] >= 1 and m["skip/decode_error"] >= 1 and m["skip/missing_caption"] >= 2
     assert m["filter/min_width"] >= 1 and m["filter/min_aesthetic"] >= 1 and m["skip/bad_metadata"] >= 1
-    assert m["skip/truncated_member"] >= 1 and m["skip/corrupt_tar"] >= 1
+    assert m["skip/truncated_member"] >= 1 and m["skip/corrupt_tar"] >= 1 and m["skip/missing_shard"] >= 1
 
 
 def test_captions_are_cleaned(tmp_path):
