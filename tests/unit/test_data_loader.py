@@ -53,9 +53,10 @@ def test_batches_have_the_contract_shape(shapes):
     assert [k for x in loader for k in x["key"]] != keys
 
 
-@pytest.mark.parametrize("workers,stop", [(2, 7), (0, 11), (2, 30)])
-def test_exact_resume_is_bitwise(shapes, workers, stop):
-    cfg = _cfg(shapes, num_workers=workers)
+@pytest.mark.parametrize("workers,stop,mode", [(2, 7, "epoch"), (0, 11, "epoch"), (2, 30, "epoch"),
+                                              (2, 9, "resampled")])
+def test_exact_resume_is_bitwise(shapes, workers, stop, mode):
+    cfg = _cfg(shapes, num_workers=workers, mode=mode)
     ref_loader = build_loader(cfg, ONE, batch_size=4, seed=5)
     reference = list(ref_loader) + list(ref_loader)  # two epochs uninterrupted
 
