@@ -84,3 +84,33 @@ def test_unreachable_endpoint_names_url_and_retries(monkeypatch):
         storage.read_bytes("s3://nobucket/shard-000.tar", cfg)
     msg = str(info.value)
     assert "s3://nobucket/shard-000.tar" in msg and "2 attempt(s)" in msg and "s3cr3tvalue" not in msg
+
+
+def test_http_shards_through_the_loader(tmp_path):
+    """Shards served over http(s) read like any other URL (range requests, no listing needed)."""
+    import functools
+    import http.server
+    import threading
+
+    from ldm_scale.data import DataConfig, build_loader
+    from ldm_scale.data.synthetic import write_synthetic_dataset
+    from ldm_scale.dist import DistInfo
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    write_synthetic_dataset(str(tmp_path), num_samples=16, samples_per_shard=8, seed=0, min_size=32, max_size=36)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        assert storage.read_text(base + "/sizes.json").startswith("{")
+        cfg = DataConfig(urls=[base + "/{00000..00001}.tar"], resolution=32, num_workers=0, shuffle_buffer=0)
+        keys = [k for batch in build_loader(cfg, DistInfo(), batch_size=4, seed=0) for k in batch["key"]]
+        assert sorted(keys) == [f"{s:05d}{i:04d}" for s in range(2) for i in range(8)]
+        with pytest.raises(FileNotFoundError, match="nope.tar"):
+            storage.read_bytes(base + "/nope.tar", FAST)
+    finally:
+        server.shutdown()
+        server.server_close()
