@@ -12,8 +12,9 @@ One micro-batch:
      last layer; the forward returns the generator loss;
   2. generator backward + step;
   3. if the GAN is active: discriminator engine forward on the input and on the detached
-     reconstruction -> discriminator loss, backward + step. Before ``disc_start`` the discriminator engine is never called,
-     so its weights and optimizer state stay at their initial values.
+     reconstruction -> discriminator loss, backward + step. Before ``disc_start`` the
+     discriminator engine is never called, so its weights and optimizer state stay at their
+     initial values.
 
 ZeRO-3 is refused: the adaptive weight needs ``autograd.grad`` of two losses w.r.t. the decoder's
 last-layer weight, and ZeRO-3 partitions that parameter across ranks (each rank holds a flat shard
@@ -46,7 +47,10 @@ log = logging.getLogger(__name__)
 
 def check_autoencoder_plan(first_stage: FirstStageConfig, loss: AutoencoderLossConfig, zero_stage: int,
                            image_size: Optional[int] = None) -> None:
-    """Cross-field checks for autoencoder training, run by ``config.validate()`` before allocation."""
+    """Cross-field checks for autoencoder training (ValueError naming the setting and the fix).
+
+    Run first thing when the task is built, before any model or engine is allocated; meant for
+    ``config.validate()`` as well, so that a bad plan fails with the other config problems."""
     loss.check()
     if zero_stage == 3:
         raise ValueError(

@@ -200,7 +200,7 @@ def test_lpips_random_trunk_is_seeded_and_leaves_the_global_rng_alone(random_lpi
     torch.manual_seed(123)
     again = build_lpips(PerceptualConfig(net="vgg", backbone_weights="random"))
     assert torch.equal(torch.rand(3), expected)  # the global stream did not move
-    for a, b in zip(random_lpips.parameters(), again.parameters()):
+    for a, b in zip(random_lpips.parameters(), again.parameters(), strict=True):
         assert torch.equal(a, b)  # same network in every process / after a restart
 
 
