@@ -1,9 +1,8 @@
 """An exported LDM checkpoint as a batch sampler for evaluation: EMA weights, DDIM/PLMS/DDPM, CFG.
 
 Loading (export format, EMA weights, CompVis layout, errors) is ``ldm_scale.sampling.load_checkpoint``.
-The batch function differs from ``sampling.generate`` in one way evaluation needs: it takes the
-initial noise ``x_T`` from the caller, so that sample ``i`` starts from noise seeded by (seed, i)
-whatever batch or rank it lands in (``generate.py``).
+Sampling is ``ldm_scale.sampling.generate`` with the initial noise ``x_T`` passed in, so that sample
+``i`` starts from noise seeded by (seed, i) whatever batch or rank it lands in (``generate.py``).
 """
 from __future__ import annotations
 
@@ -18,8 +17,6 @@ from typing import Any, Callable, Dict, Iterator, Tuple
 import torch
 
 from ldm_scale import storage
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -51,8 +48,8 @@ def _local_copy(url: str) -> Iterator[str]:
 
 def load_model_sampler(cfg, device: torch.device) -> ModelSampler:
     """Build the sampler of ``cfg.ckpt`` (an ``FIDEvalConfig``) on ``device``."""
-    from ldm_scale.diffusion import SamplerConfig, classifier_free, sample
-    from ldm_scale.sampling import condition_kind, load_checkpoint
+    from ldm_scale.diffusion import SamplerConfig
+    from ldm_scale.sampling import PRECISIONS, condition_kind, generate, load_checkpoint
 
     if not cfg.ckpt:
         raise ValueError("ckpt= is required: an exported checkpoint (path or URL) written by the training run")
@@ -73,27 +70,12 @@ def load_model_sampler(cfg, device: torch.device) -> ModelSampler:
         raise ValueError(f"{spec.name} is a {kind!r}-conditioned model (inpainting): there is no FID protocol for it here")
     sampler_cfg = SamplerConfig(sampler=cfg.sampler, steps=cfg.ddim_steps, eta=cfg.ddim_eta, guidance_scale=cfg.scale)
     sampler_cfg.validate()
-    dtype = PRECISIONS[cfg.precision]
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-
-    def denoise(x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor]) -> torch.Tensor:
-        with autocast():
-            return model.apply_model(x, t, c).float()
 
     def sample_batch(x_T: torch.Tensor, raw: Any, generator: torch.Generator) -> torch.Tensor:
         if isinstance(raw, torch.Tensor):
             raw = raw.to(device)
-        with autocast():
-            cond = model.condition(raw)
-            guided = bool(cond) and cfg.scale != 1.0
-            uncond = model.condition(model.cond_stage.null_raw(len(x_T))) if guided else cond
-        model_fn = classifier_free(denoise, cond, uncond, cfg.scale if guided else 1.0)
-        z = sample(model_fn, x_T.float(), loaded.schedule, sampler_cfg, parameterization=model.parameterization,
-                   generator=generator)
-        with autocast():
-            return model.decode_latents(z).float()
+        return generate(loaded, raw, len(x_T), sampler_cfg, height=spec.image_size, width=spec.image_size,
+                        generator=generator, precision=cfg.precision, x_T=x_T)
 
     info = {"step": loaded.step, "weights": "ema" if loaded.used_ema else "raw", "flavour": spec.name,
             "scale_factor": float(model.scale_factor), "config_hash": config_hash(ckpt_config),
