@@ -85,3 +85,14 @@ def test_plan_check_refuses_zero3_with_the_reason():
         check_autoencoder_plan(fs, AutoencoderLossConfig(), zero_stage=2, image_size=30)
     with pytest.raises(ValueError, match="kind"):
         check_autoencoder_plan(FirstStageConfig(kind="gan"), AutoencoderLossConfig(), zero_stage=1)
+
+
+def test_config_validate_refuses_zero3_for_autoencoders():
+    from ldm_scale import config as config_lib
+
+    cfg = config_lib.to_object(config_lib.compose(
+        ["experiment=autoencoder_tiny", "deepspeed=zero3", "data.urls=['/data/{00000..00007}.tar']"]))
+    with pytest.raises(config_lib.ConfigError, match="zero.stage=3.*last-layer weight"):
+        config_lib.validate(cfg, world_size=2)
+    cfg.deepspeed.zero.stage = 2
+    assert config_lib.validate(cfg, world_size=2).autoencoder.kind == "kl"
