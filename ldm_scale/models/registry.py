@@ -138,8 +138,9 @@ FLAVOURS: Dict[str, LDMSpec] = {
     # Tiny text-to-image LDM over kl_tiny: the test and quickstart flavour.
     "tiny": LDMSpec(name="tiny", unet=_tiny_unet(64), first_stage=AUTOENCODERS["kl_tiny"],
                     cond_stage=ConditionerConfig(kind="text", text=_TINY_TEXT), image_size=32),
+    # 15 classes: the synthetic .cls shards label 5 colours x 3 shapes (ldm_scale.data.synthetic).
     "tiny_cin": LDMSpec(name="tiny_cin", unet=_tiny_unet(64), first_stage=AUTOENCODERS["kl_tiny"],
-                        cond_stage=ConditionerConfig(kind="class", classes=ClassEmbedderConfig(10, 64)),
+                        cond_stage=ConditionerConfig(kind="class", classes=ClassEmbedderConfig(15, 64)),
                         image_size=32, linear_start=0.0015, linear_end=0.0195),
     "tiny_uncond": LDMSpec(name="tiny_uncond", unet=_tiny_unet(None, spatial_transformer=False),
                            first_stage=AUTOENCODERS["kl_tiny"], cond_stage=ConditionerConfig(kind="none"),

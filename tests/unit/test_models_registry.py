@@ -217,3 +217,11 @@ def test_meta_build_then_load_with_assign_matches_the_real_model():
         assert expected.abs().mean() > 1e-3
         torch.testing.assert_close(meta.apply_model(z, torch.tensor([5, 6]), meta.condition(torch.tensor([3, 10]))),
                                    expected)
+
+
+def test_tiny_cin_covers_every_synthetic_class():
+    """The class-conditional test flavour must embed every label the synthetic .cls shards carry."""
+    from ldm_scale.data.synthetic import CLASS_NAMES
+    from ldm_scale.models.registry import FLAVOURS
+
+    assert FLAVOURS["tiny_cin"].cond_stage.classes.n_classes == len(CLASS_NAMES)
