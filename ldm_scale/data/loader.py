@@ -327,15 +327,10 @@ class ShardLoader:
     def _source(self, plan: _Plan) -> Iterator[Tuple[Dict[str, Any], int, Dict[str, Any]]]:
         if self.cfg.num_workers == 0:
             return iter(_EpochDataset(plan))
-        # An explicit generator: without it DataLoader draws its worker base seed from the global
-        # torch RNG, which the trainer restores on resume, so every later noise/timestep draw of a
-        # resumed run would shift. Sample randomness itself is seeded from (seed, epoch, position).
-        base_seed = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         loader = torch.utils.data.DataLoader(
             _EpochDataset(plan), batch_size=None, num_workers=self.cfg.num_workers,
             prefetch_factor=self.cfg.prefetch_factor, pin_memory=self.cfg.pin_memory,
-            multiprocessing_context=self.cfg.multiprocessing_context, persistent_workers=False,
-            generator=base_seed)
+            multiprocessing_context=self.cfg.multiprocessing_context, persistent_workers=False)
         return iter(loader)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:

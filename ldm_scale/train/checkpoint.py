@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import hashlib
 import os
 import random
 import re
@@ -248,11 +247,7 @@ class CheckpointManager:
         self.info = dist_info or dist.get_dist_info()
         self.run_url = storage.join(self.cfg.root, run_id)
         base = self.cfg.local_dir or os.path.join(tempfile.gettempdir(), "ldm_scale_ckpt")
-        # Staged files are reused on resume when their size matches the manifest, so the staging
-        # folder must belong to exactly one (root, run_id): two runs that share a run id but write
-        # to different roots would otherwise load each other's weights.
-        root_key = hashlib.sha256(storage.redact(self.run_url).encode()).hexdigest()[:12]
-        self.local_run_dir = os.path.join(os.path.abspath(base), f"{run_id}-{root_key}")
+        self.local_run_dir = os.path.join(os.path.abspath(base), run_id)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload",
                                             initializer=_lower_thread_priority)
         self._pending: Optional[Future] = None
