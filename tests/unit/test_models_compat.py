@@ -99,12 +99,14 @@ def test_wrong_keys_raise_a_clear_error(tiny):
 def test_class_embedding_without_null_row_keeps_ours():
     torch.manual_seed(0)
     cin = build_ldm("tiny_cin")
+    n = cin.cond_stage.embedding.weight.shape[0] - 1  # our table: n classes + the null row
+    dim = cin.cond_stage.embedding.weight.shape[1]
     compvis = ldm_to_compvis_state_dict(cin.state_dict())
-    compvis["cond_stage_model.embedding.weight"] = torch.ones(10, 64)  # CompVis cin: n_classes rows
-    null_row = cin.cond_stage.embedding.weight[10].detach().clone()
+    compvis["cond_stage_model.embedding.weight"] = torch.ones(n, dim)  # CompVis cin: n_classes rows
+    null_row = cin.cond_stage.embedding.weight[n].detach().clone()
     load_compvis_checkpoint(cin, compvis)
-    assert torch.equal(cin.cond_stage.embedding.weight[:10], torch.ones(10, 64))
-    assert torch.equal(cin.cond_stage.embedding.weight[10], null_row)
+    assert torch.equal(cin.cond_stage.embedding.weight[:n], torch.ones(n, dim))
+    assert torch.equal(cin.cond_stage.embedding.weight[n], null_row)
 
 
 def test_load_compvis_autoencoder_drops_loss_weights(tiny):
