@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -85,6 +85,14 @@ class StepPlan:
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    @staticmethod
+    def over(schedule: NoiseSchedule, timesteps: List[int], final_alpha: float) -> "StepPlan":
+        """The plan visiting ``timesteps`` (descending): step i goes to the next one's abar, the last
+        step to ``final_alpha``. abar is read in float64 (the per-step coefficients are float64)."""
+        ac = schedule.alphas_cumprod.double().cpu()
+        alphas = [float(ac[t]) for t in timesteps]
+        return StepPlan(timesteps, alphas, alphas[1:] + [final_alpha])
+
     def last(self, n: int) -> "StepPlan":
         return StepPlan(self.timesteps[-n:], self.alphas[-n:], self.alphas_prev[-n:])
 
@@ -107,9 +115,7 @@ def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform")
 def ddim_plan(schedule: NoiseSchedule, steps: int, spacing: str = "uniform") -> StepPlan:
     """DDIM/PLMS plan: each step goes to the next lower plan timestep, the last to abar_0."""
     ts = sampling_timesteps(schedule.num_timesteps, steps, spacing).tolist()[::-1]
-    ac = schedule.alphas_cumprod.double().cpu()
-    alphas = [float(ac[t]) for t in ts]
-    return StepPlan(ts, alphas, alphas[1:] + [float(ac[0])])
+    return StepPlan.over(schedule, ts, float(schedule.alphas_cumprod[0]))
 
 
 def ddpm_plan(schedule: NoiseSchedule, steps: Optional[int] = None) -> StepPlan:
@@ -123,9 +129,7 @@ def ddpm_plan(schedule: NoiseSchedule, steps: Optional[int] = None) -> StepPlan:
         ts = list(range(T - 1, -1, -1))
     else:
         ts = (torch.arange(steps, dtype=torch.long) * (T // steps)).tolist()[::-1]
-    ac = schedule.alphas_cumprod.double().cpu()
-    alphas = [float(ac[t]) for t in ts]
-    return StepPlan(ts, alphas, alphas[1:] + [1.0])
+    return StepPlan.over(schedule, ts, 1.0)
 
 
 def ddim_update(x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, a: float, a_prev: float,
@@ -145,15 +149,26 @@ def ddim_update(x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, a: float, 
     return out
 
 
-def _t(x: torch.Tensor, t: int) -> torch.Tensor:
-    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+def _predict(model_fn: ModelFn, x: torch.Tensor, t: int, alpha: float,
+             parameterization: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) from one denoiser call at plan timestep ``t`` (noise level ``alpha``), in x's dtype."""
+    t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    return x0_and_eps(model_fn(x, t_batch).to(x.dtype), x, alpha, parameterization)
 
 
-class _Inpaint:
-    """Start state and known-region pasting shared by all samplers (see the module docstring)."""
+# One sampler's update at step i of its plan: (i, x_t, t, abar_t, abar_prev) -> (x_prev, x0_pred).
+StepFn = Callable[[int, torch.Tensor, int, float, float], Tuple[torch.Tensor, torch.Tensor]]
 
-    def __init__(self, x_T: torch.Tensor, plan: StepPlan, init_latent: Optional[torch.Tensor],
-                 strength: float, mask: Optional[torch.Tensor], generator: Optional[torch.Generator]):
+
+class _SamplingLoop:
+    """The loop every sampler runs around its own update (conventions in the module docstring): the
+    plan's last floor(strength S) steps (img2img), the start state, known-region pasting before every
+    step and at the end (inpainting), and the ``on_step`` report after every step."""
+
+    def __init__(self, plan: StepPlan, x_T: torch.Tensor, parameterization: str,
+                 init_latent: Optional[torch.Tensor], strength: float, mask: Optional[torch.Tensor],
+                 generator: Optional[torch.Generator]):
+        check_parameterization(parameterization)
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         if (strength < 1.0 or mask is not None) and init_latent is None:
@@ -173,14 +188,20 @@ class _Inpaint:
         else:
             self.x_start = x_T
 
-    def paste(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    def run(self, step: StepFn, on_step: Optional[StepCallback]) -> torch.Tensor:
+        x, n = self.x_start, len(self.plan)
+        for i, (t, a, a_prev) in enumerate(zip(self.plan.timesteps, self.plan.alphas, self.plan.alphas_prev)):
+            x = self._paste(x, a)
+            x, x0 = step(i, x, t, a, a_prev)
+            if on_step is not None:
+                on_step(i, n, x, x0)
+        return x if self.mask is None else self.mask * self.init + (1 - self.mask) * x
+
+    def _paste(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
         if self.mask is None:
             return x
         known = math.sqrt(alpha) * self.init + math.sqrt(1 - alpha) * randn_like(x, self.generator)
         return self.mask * known + (1 - self.mask) * x
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.mask is None else self.mask * self.init + (1 - self.mask) * x
 
 
 @torch.no_grad()
@@ -203,17 +224,14 @@ def ddim_sample(
 
     ``on_step(i, n, x, x0_pred)`` is called after each step. Noise for eta > 0 is drawn once per step.
     """
-    check_parameterization(parameterization)
-    state = _Inpaint(x_T, ddim_plan(schedule, steps, spacing), init_latent, strength, inpaint_mask, generator)
-    plan, x = state.plan, state.x_start
-    for i, (t, a, a_prev) in enumerate(zip(plan.timesteps, plan.alphas, plan.alphas_prev)):
-        x = state.paste(x, a)
-        x0, eps = x0_and_eps(model_fn(x, _t(x, t)).to(x.dtype), x, a, parameterization)
+    def ddim_step(i: int, x: torch.Tensor, t: int, a: float, a_prev: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        x0, eps = _predict(model_fn, x, t, a, parameterization)
         noise = randn_like(x, generator) if eta > 0 else None
-        x = ddim_update(x, x0, eps, a, a_prev, eta, noise)
-        if on_step is not None:
-            on_step(i, len(plan), x, x0)
-    return state.finish(x)
+        return ddim_update(x, x0, eps, a, a_prev, eta, noise), x0
+
+    loop = _SamplingLoop(ddim_plan(schedule, steps, spacing), x_T, parameterization, init_latent, strength,
+                         inpaint_mask, generator)
+    return loop.run(ddim_step, on_step)
 
 
 @torch.no_grad()
@@ -240,7 +258,7 @@ def ddim_invert(
     n = len(plan)
     for k, i in enumerate(range(n - 1, -1, -1)):
         a, a_prev, t_prev = plan.alphas[i], plan.alphas_prev[i], timesteps_prev[i]
-        x0_pred, eps = x0_and_eps(model_fn(x, _t(x, t_prev)).to(x.dtype), x, a_prev, parameterization)
+        x0_pred, eps = _predict(model_fn, x, t_prev, a_prev, parameterization)
         x = ddim_update(x, x0_pred, eps, a_prev, a)
         if on_step is not None:
             on_step(k, n, x, x0_pred)
@@ -273,21 +291,20 @@ def plms_sample(
     """
     if eta != 0:
         raise ValueError(f"PLMS is deterministic: eta must be 0, got {eta}")
-    check_parameterization(parameterization)
-    state = _Inpaint(x_T, ddim_plan(schedule, steps, spacing), init_latent, strength, inpaint_mask, generator)
-    plan, x = state.plan, state.x_start
-    n = len(plan)
-    history: List[torch.Tensor] = []
-    for i, (t, a, a_prev) in enumerate(zip(plan.timesteps, plan.alphas, plan.alphas_prev)):
-        x = state.paste(x, a)
-        eps = x0_and_eps(model_fn(x, _t(x, t)).to(x.dtype), x, a, parameterization)[1]
+    loop = _SamplingLoop(ddim_plan(schedule, steps, spacing), x_T, parameterization, init_latent, strength,
+                         inpaint_mask, generator)
+    plan = loop.plan
+    history: List[torch.Tensor] = []  # eps of the previous (up to) three steps, oldest first
+
+    def plms_step(i: int, x: torch.Tensor, t: int, a: float, a_prev: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        nonlocal history
+        eps = _predict(model_fn, x, t, a, parameterization)[1]
         if not history:
             x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
             x_next = ddim_update(x, x0, eps, a, a_prev)
-            j = min(i + 1, n - 1)
+            j = min(i + 1, len(plan) - 1)
             a_next = plan.alphas[j] if j > i else a
-            eps_next = x0_and_eps(model_fn(x_next, _t(x, plan.timesteps[j])).to(x.dtype), x_next, a_next,
-                                  parameterization)[1]
+            eps_next = _predict(model_fn, x_next, plan.timesteps[j], a_next, parameterization)[1]
             eps_prime = (eps + eps_next) / 2
         elif len(history) == 1:
             eps_prime = (3 * eps - history[-1]) / 2
@@ -296,11 +313,10 @@ def plms_sample(
         else:
             eps_prime = (55 * eps - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
         x0 = (x - math.sqrt(1 - a) * eps_prime) / math.sqrt(a)
-        x = ddim_update(x, x0, eps_prime, a, a_prev)
         history = (history + [eps])[-3:]
-        if on_step is not None:
-            on_step(i, n, x, x0)
-    return state.finish(x)
+        return ddim_update(x, x0, eps_prime, a, a_prev), x0
+
+    return loop.run(plms_step, on_step)
 
 
 @torch.no_grad()
@@ -322,24 +338,20 @@ def ddpm_sample(
 
     Noise is drawn at every step whose timestep is > 0 (none at the final t = 0 step).
     """
-    check_parameterization(parameterization)
-    state = _Inpaint(x_T, ddpm_plan(schedule, steps), init_latent, strength, inpaint_mask, generator)
-    plan, x = state.plan, state.x_start
-    for i, (t, a, a_prev) in enumerate(zip(plan.timesteps, plan.alphas, plan.alphas_prev)):
-        x = state.paste(x, a)
-        x0, _ = x0_and_eps(model_fn(x, _t(x, t)).to(x.dtype), x, a, parameterization)
+    def ddpm_step(i: int, x: torch.Tensor, t: int, a: float, a_prev: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        x0, _ = _predict(model_fn, x, t, a, parameterization)
         beta = 1 - a / a_prev
         coef_x0 = math.sqrt(a_prev) * beta / (1 - a)
         coef_xt = math.sqrt(1 - beta) * (1 - a_prev) / (1 - a)
         x_mean = coef_x0 * x0 + coef_xt * x
-        if t > 0:
-            variance = max((1 - a_prev) / (1 - a) * beta, 1e-20)
-            x = x_mean + math.sqrt(variance) * randn_like(x, generator)
-        else:
-            x = x_mean
-        if on_step is not None:
-            on_step(i, len(plan), x, x0)
-    return state.finish(x)
+        if t == 0:
+            return x_mean, x0
+        variance = max((1 - a_prev) / (1 - a) * beta, 1e-20)
+        return x_mean + math.sqrt(variance) * randn_like(x, generator), x0
+
+    loop = _SamplingLoop(ddpm_plan(schedule, steps), x_T, parameterization, init_latent, strength, inpaint_mask,
+                         generator)
+    return loop.run(ddpm_step, on_step)
 
 
 def sample(
