@@ -18,27 +18,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omegaconf import OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
-
 from ldm_scale import dist, storage  # noqa: E402
+from ldm_scale.evaluation.cli import config_from_argv  # noqa: E402
 from ldm_scale.evaluation.config import ReferenceStatsConfig  # noqa: E402
 from ldm_scale.evaluation.features import extractor_from_config  # noqa: E402
 from ldm_scale.evaluation.reference import load_reference, reference_from_shards  # noqa: E402
 
 
 def parse_config(argv: list[str]) -> ReferenceStatsConfig:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__ + "\nDefaults:\n" + OmegaConf.to_yaml(OmegaConf.structured(ReferenceStatsConfig)))
-        raise SystemExit(0)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ReferenceStatsConfig), OmegaConf.from_dotlist(argv))
-    except OmegaConfBaseException as exc:
-        raise SystemExit(f"bad argument: {exc}") from None
-    cfg = OmegaConf.to_object(merged)
-    if not cfg.data:
-        raise SystemExit("data= is required: shard URLs, e.g. data='s3://bucket/set/{00000..00099}.tar'")
-    return cfg
+    return config_from_argv(argv, ReferenceStatsConfig, program="data_tools/reference_stats.py", doc=__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,24 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omegaconf import OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
-
+from ldm_scale.evaluation.cli import config_from_argv  # noqa: E402
 from ldm_scale.evaluation.config import FIDEvalConfig, compose_fid_config  # noqa: E402
 from ldm_scale.evaluation.evaluate import run_fid_eval  # noqa: E402
 
 
 def parse_config(argv: list[str]) -> FIDEvalConfig:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__ + "\nDefaults:\n" + OmegaConf.to_yaml(OmegaConf.structured(FIDEvalConfig)))
-        raise SystemExit(0)
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise SystemExit(f"arguments must be key=value overrides, got {bad}; see --help")
-    try:
-        return compose_fid_config(argv)
-    except (OmegaConfBaseException, ValueError) as exc:
-        raise SystemExit(f"bad argument: {exc}") from None
+    return config_from_argv(argv, FIDEvalConfig, program="eval/fid.py", doc=__doc__, compose=compose_fid_config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,26 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omegaconf import OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
-
+from ldm_scale.evaluation.cli import config_from_argv  # noqa: E402
 from ldm_scale.evaluation.recon import ReconEvalConfig, run_recon_eval  # noqa: E402
 
 
 def parse_config(argv: list[str]) -> ReconEvalConfig:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__ + "\nDefaults:\n" + OmegaConf.to_yaml(OmegaConf.structured(ReconEvalConfig)))
-        raise SystemExit(0)
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise SystemExit(f"arguments must be key=value overrides, got {bad}; see --help")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ReconEvalConfig), OmegaConf.from_dotlist(argv))
-        cfg = OmegaConf.to_object(merged)
-        cfg.check()
-    except (OmegaConfBaseException, ValueError) as exc:
-        raise SystemExit(f"eval/recon.py: {exc}") from None
-    return cfg
+    return config_from_argv(argv, ReconEvalConfig, program="eval/recon.py", doc=__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:

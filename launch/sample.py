@@ -18,22 +18,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omegaconf import OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
+from ldm_scale.evaluation.cli import compose_config  # noqa: E402
 from ldm_scale.sampling import SampleConfig, run  # noqa: E402
 
 
 def parse(argv: list[str]) -> SampleConfig:
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise ValueError(f"arguments are key=value pairs, got {bad}; e.g. ckpt=model.pt prompt=\"a cat\"")
-    schema = OmegaConf.structured(SampleConfig)
-    try:
-        merged = OmegaConf.merge(schema, OmegaConf.from_dotlist(argv))
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        # e.g. an unknown key or a wrong type; the first line names the key.
-        raise ValueError(str(exc).splitlines()[0] + f" (valid keys: {', '.join(schema.keys())})") from None
+    """``key=value`` arguments on ``SampleConfig``; a bad key or value raises ``ValueError`` naming it."""
+    return compose_config(SampleConfig, argv)
 
 
 def usage() -> str:

@@ -1,14 +1,16 @@
 """Typed configs of the evaluation CLIs (``eval/fid.py``, ``data_tools/reference_stats.py``).
 
-OmegaConf structured configs: ``key=value`` arguments are merged onto these, so a misspelt key or a
-wrong type fails before any work starts.
+OmegaConf structured configs: ``key=value`` arguments are merged onto these by
+``ldm_scale.evaluation.cli.compose_config``, so a misspelt key or a wrong type fails before any work
+starts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from ldm_scale.config import LoggerConfig
+from ldm_scale.evaluation.cli import Preset, compose_config
 from ldm_scale.evaluation.inception import FID_WEIGHTS_SHA256
 from ldm_scale.storage import StorageConfig
 
@@ -100,30 +102,26 @@ class ReferenceStatsConfig:
     extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
+    def check(self) -> None:
+        if not self.data:
+            raise ValueError("data= is required: shard URLs, e.g. data='s3://bucket/set/{00000..00099}.tar'")
 
-def _quickstart_preset(workdir: str) -> List[str]:
-    """The outputs of ``launch/quickstart.py`` (tiny text LDM on the synthetic shapes), evaluated
-    offline in minutes on 2 CPU cores: few samples, and without the real Inception weights the
-    random-weight Inception at 96 px (``auto`` uses the real one when its weights are present)."""
+
+def _quickstart_preset(cfg: "FIDEvalConfig") -> List[str]:
+    """The outputs of ``launch/quickstart.py`` (tiny text LDM on the synthetic shapes) in
+    ``cfg.quickstart_dir``, evaluated offline in minutes on 2 CPU cores: few samples, and without the
+    real Inception weights the random-weight Inception at 96 px (``auto`` uses the real one when its
+    weights are present)."""
+    workdir = cfg.quickstart_dir
     return [f"ckpt={workdir}/runs/checkpoints/quickstart-ldm/export.pt", f"ref={workdir}/data/synthetic/*.tar",
             "ref_n_samples=4096", "ref_keep_images=4096", "n_samples=512", "batch_size=32", "ddim_steps=25",
             "scale=3.0", "extractor.input_size=96", "extractor.batch_size=32", "metrics.pr_batch_size=4096"]
 
 
-PRESETS = {"quickstart": _quickstart_preset}
+PRESETS: Dict[str, Preset] = {"quickstart": _quickstart_preset}
 
 
 def compose_fid_config(overrides: List[str]) -> FIDEvalConfig:
     """``key=value`` overrides on the schema; ``preset=<name>`` first applies that preset's values
-    (explicit overrides still win). Unknown keys and wrong types raise."""
-    from omegaconf import OmegaConf
-
-    schema = OmegaConf.structured(FIDEvalConfig)
-    user = OmegaConf.from_dotlist(list(overrides))
-    merged = OmegaConf.merge(schema, user)
-    if merged.preset is not None:
-        if merged.preset not in PRESETS:
-            raise ValueError(f"unknown preset {merged.preset!r}; known: {sorted(PRESETS)}")
-        preset = OmegaConf.from_dotlist(PRESETS[merged.preset](merged.quickstart_dir))
-        merged = OmegaConf.merge(schema, preset, user)
-    return OmegaConf.to_object(merged)
+    (explicit overrides still win). Unknown keys and wrong types raise ``ValueError``."""
+    return compose_config(FIDEvalConfig, overrides, presets=PRESETS)
