@@ -13,7 +13,7 @@ import json
 import os
 import pickle
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -74,11 +74,38 @@ class LoadedModel:
     spec: Any  # ldm_scale.models.registry.LDMSpec
     schedule: NoiseSchedule  # float32 on the model's device
     step: Optional[int]
-    used_ema: bool
+    used_ema: bool  # the UNet holds the EMA weights (a jointly trained encoder is raw: see ema_coverage)
+    # The resolved training config stored in the file (ldm_scale exports, CompVis-layout exports
+    # written by ldm_scale), or None (e.g. CompVis' own Lightning checkpoints).
+    config: Optional[Dict[str, Any]] = None
+    # What the file records about its weights (train/export.py): {"ema": [...], "raw": [...],
+    # "frozen": [...]} by top-level part, or None for files written without it.
+    ema_coverage: Optional[Dict[str, List[str]]] = None
 
     @property
     def device(self) -> torch.device:
         return self.model.scale_factor.device
+
+    @property
+    def scale_factor(self) -> float:
+        return float(self.model.scale_factor)
+
+    @property
+    def experiment(self) -> Optional[str]:
+        """The training run's experiment name (config ``name``), when the file has a config."""
+        return (self.config or {}).get("name")
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return (self.config or {}).get("run_id")
+
+    def training_sampler(self) -> Optional[SamplerConfig]:
+        """The sampler settings the run used for its own sample grids (config ``eval.sampler``), or None."""
+        stored = ((self.config or {}).get("eval") or {}).get("sampler")
+        if not isinstance(stored, dict):
+            return None
+        known = {f.name for f in fields(SamplerConfig)}
+        return SamplerConfig(**{k: v for k, v in stored.items() if k in known})
 
     @property
     def size_multiple(self) -> int:
@@ -211,7 +238,10 @@ def load_checkpoint(url: str, *, use_ema: bool = True, flavour: Optional[str] = 
                          "(ldm_scale export) or a CompVis checkpoint with flavour=")
     model.to(device).eval().requires_grad_(False)
     schedule = make_schedule(_schedule_kind(ckpt), spec.num_timesteps, spec.linear_start, spec.linear_end)
-    return LoadedModel(model, spec, schedule.to(device), step, use_ema)
+    config = ckpt.get("config")
+    coverage = ckpt.get("ema_coverage", ckpt.get("ldm_scale_ema_coverage"))
+    return LoadedModel(model, spec, schedule.to(device), step, use_ema,
+                       config=dict(config) if isinstance(config, dict) else None, ema_coverage=coverage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,7 +527,7 @@ def run(cfg: SampleConfig) -> Dict[str, Any]:
     grid_path = storage.join(cfg.outdir, f"grid-{grid_count:04d}.png")
     save_png(to_uint8(grid[None])[0], grid_path)
     summary = {"ckpt": storage.redact(cfg.ckpt), "step": loaded.step, "use_ema": loaded.used_ema,
-               "flavour": loaded.spec.name, "height": height, "width": width, "strength": strength,
+               "experiment": loaded.experiment, "run_id": loaded.run_id, "flavour": loaded.spec.name, "height": height, "width": width, "strength": strength,
                "sampler": asdict(sampler_cfg), "seed": cfg.seed, "precision": cfg.precision,
                "grid": grid_path, "grid_shape": list(grid.shape), "samples": written}
     storage.write_text(storage.join(cfg.outdir, "samples.json"), json.dumps(summary, indent=2))

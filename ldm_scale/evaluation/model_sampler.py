@@ -6,13 +6,10 @@ Sampling is ``ldm_scale.sampling.generate`` with the initial noise ``x_T`` passe
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 
@@ -34,18 +31,6 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-@contextlib.contextmanager
-def _local_copy(url: str) -> Iterator[str]:
-    """A local path of ``url``: itself when local, else a temporary download (fetched once)."""
-    if storage.is_local(url):
-        yield storage.local_path(url)
-        return
-    with tempfile.TemporaryDirectory(prefix="ldm_scale_ckpt_") as tmp:
-        path = os.path.join(tmp, os.path.basename(url.rstrip("/")) or "checkpoint.pt")
-        storage.get_file(url, path)
-        yield path
-
-
 def load_model_sampler(cfg, device: torch.device) -> ModelSampler:
     """Build the sampler of ``cfg.ckpt`` (an ``FIDEvalConfig``) on ``device``."""
     from ldm_scale.diffusion import SamplerConfig
@@ -58,13 +43,10 @@ def load_model_sampler(cfg, device: torch.device) -> ModelSampler:
                          "(ldm_scale/train/export.py) and evaluate the export")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision={cfg.precision!r}: choose one of {sorted(PRECISIONS)}")
-    with _local_copy(cfg.ckpt) as path:
-        loaded = load_checkpoint(path, use_ema=cfg.use_ema, flavour=cfg.flavour, device=device,
-                                 trust=cfg.trust_checkpoint)
-        # The training config's hash identifies the run the weights came from (recorded with every
-        # result); mmap reads only the pickled metadata, not the weights a second time.
-        ckpt_config = torch.load(path, map_location="cpu", mmap=True, weights_only=not cfg.trust_checkpoint).get("config")
-    model, spec = loaded.model, loaded.spec
+    # One read of the file (a remote one is downloaded once): weights, training config, EMA coverage.
+    loaded = load_checkpoint(cfg.ckpt, use_ema=cfg.use_ema, flavour=cfg.flavour, device=device,
+                             trust=cfg.trust_checkpoint)
+    spec = loaded.spec
     kind = condition_kind(spec)
     if kind not in ("text", "class", "none"):
         raise ValueError(f"{spec.name} is a {kind!r}-conditioned model (inpainting): there is no FID protocol for it here")
@@ -77,8 +59,13 @@ def load_model_sampler(cfg, device: torch.device) -> ModelSampler:
         return generate(loaded, raw, len(x_T), sampler_cfg, height=spec.image_size, width=spec.image_size,
                         generator=generator, precision=cfg.precision, x_T=x_T)
 
+    training_sampler = loaded.training_sampler()
+    # The training config's hash identifies the run the weights came from (recorded with every result).
     info = {"step": loaded.step, "weights": "ema" if loaded.used_ema else "raw", "flavour": spec.name,
-            "scale_factor": float(model.scale_factor), "config_hash": config_hash(ckpt_config),
+            "scale_factor": loaded.scale_factor, "config_hash": config_hash(loaded.config),
+            "experiment": loaded.experiment, "run_id": loaded.run_id,
+            "ema_coverage": loaded.ema_coverage if loaded.used_ema else None,
+            "training_sampler": asdict(training_sampler) if training_sampler is not None else None,
             "precision": cfg.precision}
     latent = (spec.first_stage.latent_channels, spec.latent_size, spec.latent_size)
     return ModelSampler(sample_batch, latent, spec.image_size, kind, info)

@@ -6,11 +6,21 @@ Format (docs/architecture.md), a single ``torch.save`` dict::
      "model_config": LDMSpec / FirstStageConfig as a dict,
      "state_dict": full LatentDiffusion (or autoencoder) state dict,
      "ema_state_dict": EMA weights keyed like state_dict (LDM: the UNet's, unet.*) or None,
+     "ema_coverage": {"ema": [...], "raw": [...], "frozen": [...]},
      "scale_factor": float, "step": int, "config": resolved training config, "dtype": "fp32" | "bf16"}
+
+``ema_coverage`` names the model's top-level parts (state-dict prefixes) by where their weights come
+from: ``ema``, covered by ``ema_state_dict``; ``raw``, trained but exported with their raw weights
+only; ``frozen``, never trained. The LDM export follows CompVis: its ``LitEma`` averages only
+``model`` (the ``DiffusionWrapper`` around the UNet), so a jointly trained text or class encoder
+(``cond_stage_trainable``) is sampled with its raw weights, e.g. ``{"ema": ["unet"], "raw":
+["cond_stage"], "frozen": ["first_stage"]}`` for txt2img_kl8. (The training EMA also averages that
+encoder; its average stays in the training checkpoint's ``ema_rank<R>.pt`` shards.)
 
 With ``compvis=True`` the LDM is written in the CompVis layout instead (``state_dict`` with
 ``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*`` and ``model_ema.*``;
-mapping in ``ldm_scale.models.compat``), plus ``global_step``, loadable by CompVis' own code.
+mapping in ``ldm_scale.models.compat``), plus ``global_step``, loadable by CompVis' own code, and the
+coverage as ``ldm_scale_ema_coverage``.
 
 Two ways in:
 
@@ -33,7 +43,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -92,6 +102,33 @@ def ema_in_namespace(ema_sd: Mapping[str, torch.Tensor], ema: Any, module: nn.Mo
     return out
 
 
+def _part(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def ema_coverage(state_keys: Iterable[str], ema_keys: Iterable[str], trained_parts: Iterable[str]) -> Dict[str, List[str]]:
+    """Which top-level parts of the exported model have EMA weights (``ema``), were trained but are
+    exported raw only (``raw``), or were never trained (``frozen``). Parts are state-dict prefixes;
+    top-level buffers without one (``scale_factor``) belong to no part."""
+    parts = sorted({_part(k) for k in state_keys if "." in k})
+    ema = sorted({_part(k) for k in ema_keys})
+    trained = set(trained_parts)
+    return {"ema": ema, "raw": [p for p in parts if p in trained and p not in ema],
+            "frozen": [p for p in parts if p not in trained and p not in ema]}
+
+
+def describe_coverage(coverage: Mapping[str, Sequence[str]]) -> str:
+    """One line for the export log, e.g. ``EMA: unet; raw (trained, no EMA): cond_stage; frozen: first_stage``."""
+    labels = {"ema": "EMA", "raw": "raw (trained, no EMA)", "frozen": "frozen"}
+    return "; ".join(f"{label}: {', '.join(coverage[k]) or '-'}" for k, label in labels.items())
+
+
+def ldm_trained_parts(ldm: nn.Module) -> List[str]:
+    """The parts of a LatentDiffusion that training optimises: the UNet, and the condition encoder
+    when it is trained jointly (its ``trainable`` attribute, docs/architecture.md)."""
+    return ["unet"] + (["cond_stage"] if getattr(ldm.cond_stage, "trainable", False) else [])
+
+
 def write_export(url: str, payload: Mapping[str, Any]) -> None:
     """torch.save to a local temp file, then one upload (atomic rename locally, one PUT on S3)."""
     fd, tmp = tempfile.mkstemp(suffix=".pt", prefix="ldm_scale_export_")
@@ -101,35 +138,45 @@ def write_export(url: str, payload: Mapping[str, Any]) -> None:
         storage.put_file(tmp, url)
     finally:
         os.unlink(tmp)
-    log.info("exported %s", storage.redact(url))
+    coverage = payload.get("ema_coverage") or payload.get("ldm_scale_ema_coverage")
+    log.info("exported %s (weights: %s)", storage.redact(url), describe_coverage(coverage))
 
 
 def ldm_payload(state_dict: Mapping[str, torch.Tensor], ema_sd: Optional[Mapping[str, torch.Tensor]],
                 model_config: Mapping[str, Any], *, scale_factor: float, step: int, config: Mapping[str, Any],
-                dtype: str = "fp32", compvis: bool = False) -> Dict[str, Any]:
+                dtype: str = "fp32", compvis: bool = False,
+                trained_parts: Sequence[str] = ("unet",)) -> Dict[str, Any]:
     """The exported-LDM dict (ldm_scale layout, or CompVis layout with ``compvis``).
 
     Only the UNet's EMA is exported (as CompVis' LitEma, which averages ``model.diffusion_model``
-    alone); the EMA of a jointly trained text encoder stays in the training checkpoints."""
+    alone); a jointly trained condition encoder (in ``trained_parts``) is exported with its raw
+    weights and listed as ``raw`` in ``ema_coverage``."""
     if ema_sd is not None:
         ema_sd = {k: v for k, v in ema_sd.items() if k.startswith("unet.")}
     state, ema = _cast(state_dict, dtype), _cast(ema_sd, dtype)
+    coverage = ema_coverage(state, ema or {}, trained_parts)
     state["scale_factor"] = torch.tensor(float(scale_factor))  # fp32 in every dtype: bf16 would round it
     if compvis:
         from ldm_scale.models.compat import ldm_to_compvis_state_dict
 
         return {"state_dict": ldm_to_compvis_state_dict(state, ema), "global_step": int(step),
-                "ldm_scale_model_config": dict(model_config), "config": dict(config)}
+                "ldm_scale_model_config": dict(model_config), "ldm_scale_ema_coverage": coverage,
+                "config": dict(config)}
     return {"format": LDM_FORMAT, "model_config": dict(model_config), "state_dict": state, "ema_state_dict": ema,
-            "scale_factor": float(scale_factor), "step": int(step), "config": dict(config), "dtype": dtype}
+            "ema_coverage": coverage, "scale_factor": float(scale_factor), "step": int(step),
+            "config": dict(config), "dtype": dtype}
 
 
 def autoencoder_payload(state_dict: Mapping[str, torch.Tensor], ema_sd: Optional[Mapping[str, torch.Tensor]],
                         model_config: Mapping[str, Any], *, step: int, config: Mapping[str, Any],
                         dtype: str = "fp32") -> Dict[str, Any]:
-    return {"format": AUTOENCODER_FORMAT, "model_config": dict(model_config), "state_dict": _cast(state_dict, dtype),
-            "ema_state_dict": _cast(ema_sd, dtype), "scale_factor": None, "step": int(step),
-            "config": dict(config), "dtype": dtype}
+    """The exported-autoencoder dict; every part of the autoencoder is trained (and EMA-tracked when
+    the run kept an EMA)."""
+    state = _cast(state_dict, dtype)
+    coverage = ema_coverage(state, ema_sd or {}, {_part(k) for k in state})
+    return {"format": AUTOENCODER_FORMAT, "model_config": dict(model_config), "state_dict": state,
+            "ema_state_dict": _cast(ema_sd, dtype), "ema_coverage": coverage, "scale_factor": None,
+            "step": int(step), "config": dict(config), "dtype": dtype}
 
 
 def export_ldm(url: str, ldm: nn.Module, ema: Any, spec: Any, *, config: Mapping[str, Any], step: int,
@@ -140,7 +187,8 @@ def export_ldm(url: str, ldm: nn.Module, ema: Any, spec: Any, *, config: Mapping
     if dist.get_dist_info().is_main:
         ema_named = ema_in_namespace(ema_sd, ema, ldm) if ema is not None else None
         write_export(url, ldm_payload(state, ema_named, dataclasses.asdict(spec), scale_factor=float(ldm.scale_factor),
-                                      step=step, config=config, dtype=dtype, compvis=compvis))
+                                      step=step, config=config, dtype=dtype, compvis=compvis,
+                                      trained_parts=ldm_trained_parts(ldm)))
     dist.barrier()
 
 
@@ -178,7 +226,7 @@ def _strip(sd: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tenso
 def export_checkpoint(ckpt_url: str, out_url: str, *, dtype: str = "fp32", compvis: bool = False) -> Dict[str, Any]:
     """Consolidate a training checkpoint into an exported file (one process, no collectives).
 
-    Returns a summary (format, step, number of tensors, whether an EMA was included).
+    Returns a summary (format, step, number of tensors, whether an EMA was included, ``ema_coverage``).
     """
     from omegaconf import OmegaConf
 
@@ -215,7 +263,7 @@ def export_checkpoint(ckpt_url: str, out_url: str, *, dtype: str = "fp32", compv
     config = meta["config"]
     if engine == "model":
         from ldm_scale.models.conditioners import build_conditioner
-        from ldm_scale.train.tasks import JOINTLY_TRAINED_CONDITIONERS, LDMTask
+        from ldm_scale.train.tasks import LDMTask
 
         spec = plan.spec
         device = torch.device("cpu")
@@ -225,14 +273,14 @@ def export_checkpoint(ckpt_url: str, out_url: str, *, dtype: str = "fp32", compv
         # Trained parts come from the checkpoint (keys unet.* / cond_stage.* as in LatentDiffusion);
         # frozen parts were rebuilt above from their own sources, as training did.
         missing, unexpected = ldm.load_state_dict(trained, strict=False)
-        trained_prefixes = ("unet.",) + (("cond_stage.",) if spec.cond_stage.kind in JOINTLY_TRAINED_CONDITIONERS else ())
-        missing = [k for k in missing if k.startswith(trained_prefixes)]
+        trained = ldm_trained_parts(ldm)
+        missing = [k for k in missing if _part(k) in trained]
         if missing or unexpected:
             raise CheckpointError(f"checkpoint {shown} does not match the model its config describes (missing "
                                   f"{missing[:3]}, unexpected {unexpected[:3]})")
         payload = ldm_payload(ldm.state_dict(), ema_full, dataclasses.asdict(spec),
                               scale_factor=float(meta.get("scale_factor", spec.scale_factor)), step=step,
-                              config=config, dtype=dtype, compvis=compvis)
+                              config=config, dtype=dtype, compvis=compvis, trained_parts=trained)
     else:
         if compvis:
             raise ValueError("--compvis applies to LDM checkpoints; autoencoders are exported in the ldm_scale layout")
@@ -242,7 +290,8 @@ def export_checkpoint(ckpt_url: str, out_url: str, *, dtype: str = "fp32", compv
                                       step=step, config=config, dtype=dtype)
     write_export(out_url, payload)
     return {"format": payload.get("format", "compvis"), "step": step, "tensors": len(payload["state_dict"]),
-            "ema": ema_full is not None}
+            "ema": ema_full is not None,
+            "ema_coverage": payload.get("ema_coverage") or payload.get("ldm_scale_ema_coverage")}
 
 
 def main(argv: Optional[list] = None) -> None:
