@@ -327,10 +327,17 @@ class ShardLoader:
     def _source(self, plan: _Plan) -> Iterator[Tuple[Dict[str, Any], int, Dict[str, Any]]]:
         if self.cfg.num_workers == 0:
             return iter(_EpochDataset(plan))
+        # An explicit generator: without one, DataLoader draws its worker base seed from the global
+        # torch RNG, which the trainer also uses (noise, timesteps) and restores on resume, so data
+        # workers would shift every later draw of the run. Sample randomness itself never uses the
+        # worker seed: it is seeded from (seed, epoch, position).
+        worker_seed = np.random.SeedSequence(
+            [self.seed % (1 << 64), plan.epoch, plan.salt, plan.rank, plan.batches_done]).generate_state(1)[0]
         loader = torch.utils.data.DataLoader(
             _EpochDataset(plan), batch_size=None, num_workers=self.cfg.num_workers,
             prefetch_factor=self.cfg.prefetch_factor, pin_memory=self.cfg.pin_memory,
-            multiprocessing_context=self.cfg.multiprocessing_context, persistent_workers=False)
+            multiprocessing_context=self.cfg.multiprocessing_context, persistent_workers=False,
+            generator=torch.Generator().manual_seed(int(worker_seed)))
         return iter(loader)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:

@@ -211,3 +211,18 @@ def test_config_errors_name_the_field():
         DataConfig(urls=["a", "b"], weights=[1.0, 2.0]).validate()
     with pytest.raises(ValueError, match="data.crop"):
         DataConfig(urls=["a"], crop="middle").validate()
+
+
+def test_workers_leave_the_global_torch_rng_alone(shapes):
+    # The trainer draws noise and timesteps from the global torch RNG and restores it on resume:
+    # starting data workers must neither consume it nor depend on it.
+    cfg = _cfg(shapes, num_workers=2)
+    batches = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        stream = build_loader(cfg, ONE, batch_size=4, seed=3).infinite()
+        batches.append([next(stream) for _ in range(5)])
+        del stream
+        assert torch.equal(torch.get_rng_state(), before)
+    assert _same(*batches)
