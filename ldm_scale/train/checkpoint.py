@@ -15,7 +15,7 @@ Layout on storage (any URL ``ldm_scale.storage`` understands: local path, ``s3:/
             COMPLETE                 merged manifest, written by rank 0 once all DONE files exist
 
 Saving (``save``, every rank, main thread): DeepSpeed's ``save_checkpoint`` (a collective, local
-directories only) and our per-rank files go to ``<local_dir>/<run_id>/step_<N>/``; then a single
+directories only) and our per-rank files go to ``<local_dir>/<run_id>-<hash of the run URL>/step_<N>/``; then a single
 upload thread per rank puts the files this rank *owns* (its ``*rank<R>*`` files; rank 0 also the
 shared ones) to storage and writes ``DONE/rank<R>.json``. Rank 0's upload thread then polls for every
 rank's DONE file, writes ``COMPLETE``, then ``latest``, then prunes old checkpoints. The upload threads
@@ -35,6 +35,7 @@ epoch.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -247,7 +248,11 @@ class CheckpointManager:
         self.info = dist_info or dist.get_dist_info()
         self.run_url = storage.join(self.cfg.root, run_id)
         base = self.cfg.local_dir or os.path.join(tempfile.gettempdir(), "ldm_scale_ckpt")
-        self.local_run_dir = os.path.join(os.path.abspath(base), run_id)
+        # Staged files are reused on resume when their size matches the manifest, so a staging folder
+        # must belong to exactly one (root, run_id): two runs sharing a run id but writing to
+        # different roots would otherwise load each other's weights.
+        root_key = hashlib.sha256(storage.redact(self.run_url).encode()).hexdigest()[:12]
+        self.local_run_dir = os.path.join(os.path.abspath(base), f"{run_id}-{root_key}")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload",
                                             initializer=_lower_thread_priority)
         self._pending: Optional[Future] = None
@@ -596,6 +601,8 @@ class CheckpointManager:
         # RNG last: nothing after this may draw random numbers before the first training step.
         set_rng_state(_torch_load(os.path.join(local, f"rng_rank{src_rank}.pt"), "RNG state"), generators)
         self._consecutive_failures = 0
+        # The resumed step is already durable: a run restarted at its last step must not write it again.
+        self.last_saved_step = step
         return meta
 
     def _download(self, url: str, local: str, files: Mapping[str, int], saved_world: int, same_world: bool) -> None:

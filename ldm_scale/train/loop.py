@@ -174,7 +174,7 @@ def train(cfg: Config) -> TrainResult:
                 if not checkpoints.due(step):
                     save_checkpoint()
                 checkpoints.wait()
-                preemption.acknowledge(step)
+                preemption.acknowledge(step, storage.redact(checkpoints.step_url(step)))
                 stopped_early = True
                 break
     except NonFiniteLossError:

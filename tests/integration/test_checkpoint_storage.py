@@ -117,7 +117,10 @@ def test_save_resume_prune_on_local_disk(tmp_path):
     run = tmp_path / "ckpt" / "run"
     assert (run / "latest").read_text() == "step_6"
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("step_")) == ["step_4", "step_5", "step_6"]
-    assert sorted(os.listdir(tmp_path / "local" / "run")) == ["step_6"]  # keep_local=1
+    assert sorted(os.listdir(m.local_run_dir)) == ["step_6"]  # keep_local=1
+    assert os.path.dirname(m.local_run_dir) == str(tmp_path / "local")
+    # Same run id under another root: its own staging folder, never the other run's staged weights.
+    assert manager(str(tmp_path / "other_root"), tmp_path).local_run_dir != m.local_run_dir
     complete = json.loads((run / "step_6" / "COMPLETE").read_text())
     assert complete["world_size"] == 1 and "model/mp_rank_00_model_states.pt" in complete["files"]
     expected = {k: v.clone() for k, v in ema.full_state_dict().items()}
@@ -134,7 +137,9 @@ def test_save_resume_prune_on_local_disk(tmp_path):
 
     shutil.rmtree(shutil_local)  # force a download from the root
     torch.manual_seed(99)
-    meta = manager(root, tmp_path).resume(engines={"model": engine2}, ema=ema2, generators={"noise": gen2})
+    m2 = manager(root, tmp_path)
+    meta = m2.resume(engines={"model": engine2}, ema=ema2, generators={"noise": gen2})
+    assert m2.last_saved_step == 6  # a run restarted at its last step does not save that step again
     assert meta["step"] == 6 and meta["samples_seen"] == 48 and engine2.global_steps == 6
     for k, v in engine2.module.state_dict().items():
         assert torch.equal(v, weights[k])
