@@ -3,13 +3,16 @@
     python launch/quickstart.py [--workdir quickstart] [--nproc 2]
 
 On a machine with only Python and 2 CPU cores (after ``pip install -e .``) this runs, through the
-same entry point and configs as a cluster job:
+same entry points and configs as a cluster job:
 
 1. ``data_tools``' synthetic LAION-shaped shards (coloured shapes with captions) under
-   ``<workdir>/data/synthetic``;
+   ``<workdir>/data/synthetic``, and a word-level WordPiece ``vocab.txt`` of their captions;
 2. ``torchrun launch/train.py experiment=autoencoder_tiny`` (KL f=4 autoencoder, ZeRO-2, 2 ranks);
-3. ``torchrun launch/train.py experiment=quickstart`` (tiny text-conditional LDM over that
-   autoencoder, ZeRO-2, 2 ranks), which writes a DDIM + classifier-free-guidance sample grid and the
+3. ``data_tools/precompute_latents.py``: the shards encoded once by that autoencoder into latent
+   shards (posterior mean + log-variance) under ``<workdir>/data/latents``, so LDM steps skip
+   JPEG decoding and the encoder (paper Sec. 3: the first stage is trained once and reused);
+4. ``torchrun launch/train.py experiment=quickstart`` (tiny text-conditional LDM on those latents,
+   ZeRO-2, 2 ranks), which writes a DDIM + classifier-free-guidance sample grid and the
    prompt-adherence score: the synthetic dataset's attribute detector applied to images generated
    for random prompts (chance level ~0.24).
 
@@ -30,16 +33,53 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from ldm_scale.data.synthetic import CHANCE_ADHERENCE, write_synthetic_dataset  # noqa: E402
 
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 
-def torchrun(nproc: int, overrides: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO_ROOT / "launch" / "train.py"), *overrides]
+
+def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank: the ranks share the cores
     env.setdefault("WANDB_SILENT", "true")
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def torchrun(nproc: int, overrides: list[str]) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO_ROOT / "launch" / "train.py"), *overrides]
     print("+ " + " ".join(cmd[3:]), flush=True)
-    subprocess.run(cmd, env=env, cwd=REPO_ROOT, check=True)
+    subprocess.run(cmd, env=_env(), cwd=REPO_ROOT, check=True)
+
+
+def python_tool(args: list[str]) -> None:
+    """Run a repository CLI (one process) with the quickstart's environment."""
+    print("+ python " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, *args], env=_env(), cwd=REPO_ROOT, check=True)
+
+
+def write_caption_vocab(shard_urls: list[str], path: Path) -> int:
+    """Write a WordPiece ``vocab.txt``: BERT's special tokens, then every word of the shards' captions
+    (split by the tokenizer's own basic tokenisation). Returns the vocabulary size.
+
+    The LDM's text encoder is trained from scratch, so a vocabulary of the ~20 words the captions use
+    behaves like CLIP's 49408-token BPE on them while its embedding table is 64 rows instead of 49408:
+    that table (3.2M of the 5M trained parameters) would otherwise dominate the optimizer step and
+    the gradient exchange of every CPU step.
+    """
+    from collections import Counter
+
+    from ldm_scale.data.tar_stream import iter_tar_samples
+    from ldm_scale.models.tokenizers import WordPieceTokenizer
+
+    path.write_text("\n".join(SPECIAL_TOKENS) + "\n")
+    splitter = WordPieceTokenizer(str(path))  # basic tokenisation only needs the special tokens
+    words: set[str] = set()
+    for index, url in enumerate(shard_urls):
+        for sample in iter_tar_samples(url, index, Counter()):
+            words.update(splitter.basic_tokenize(sample["txt"].decode("utf-8")))
+    tokens = [*SPECIAL_TOKENS, *sorted(words)]
+    path.write_text("\n".join(tokens) + "\n")
+    return len(tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,31 +94,47 @@ def main(argv: list[str] | None = None) -> int:
     runs = work / "runs"
     t0 = time.time()
 
-    # 1. Synthetic shards.
+    # 1. Synthetic shards and the vocabulary of their captions.
     data = work / "data" / "synthetic"
     per_shard = 256
     num_shards = -(-args.num_samples // per_shard)
+    shards = f"{{{0:05d}..{num_shards - 1:05d}}}.tar"
     if not (data / "dataset.json").exists():
-        print(f"[1/3] writing {args.num_samples} synthetic images to {data}", flush=True)
+        print(f"[1/4] writing {args.num_samples} synthetic images to {data}", flush=True)
         write_synthetic_dataset(str(data), num_samples=args.num_samples, samples_per_shard=per_shard, seed=0)
-    urls = f"data.urls=['{data}/{{{0:05d}..{num_shards - 1:05d}}}.tar']"
-    common = [urls, f"output_dir={runs}", f"checkpoint.root={runs}/checkpoints",
-              f"checkpoint.local_dir={work}/staging"]
+    vocab = work / "data" / "vocab.txt"
+    if not vocab.exists():
+        size = write_caption_vocab([str(data / f"{i:05d}.tar") for i in range(num_shards)], vocab)
+        print(f"      caption vocabulary: {size} tokens in {vocab}", flush=True)
+    common = [f"output_dir={runs}", f"checkpoint.root={runs}/checkpoints", f"checkpoint.local_dir={work}/staging"]
 
     # 2. The tiny autoencoder (the LDM's frozen first stage).
     ae_export = runs / "checkpoints" / "quickstart-ae" / "export.pt"
     if not ae_export.exists():
-        print("[2/3] training the tiny autoencoder", flush=True)
+        print("[2/4] training the tiny autoencoder", flush=True)
         steps = [f"train.max_steps={args.ae_steps}"] if args.ae_steps else []
-        torchrun(args.nproc, ["experiment=autoencoder_tiny", "run_id=quickstart-ae", *common, *steps])
+        torchrun(args.nproc, ["experiment=autoencoder_tiny", "run_id=quickstart-ae", f"data.urls=['{data}/{shards}']",
+                              *common, *steps])
 
-    # 3. The tiny text-to-image LDM, its samples and the prompt-adherence score.
+    # 3. Latent shards: the images encoded once by the frozen autoencoder.
+    latents = work / "data" / "latents"
+    if not (latents / "dataset.json").exists():
+        print(f"[3/4] encoding the images into latent shards under {latents}", flush=True)
+        python_tool(["data_tools/precompute_latents.py", "--src", f"{data}/{shards}", "--out", str(latents),
+                     "--ckpt", str(ae_export), "--resolution", "32", "--batch-size", "64"])
+
+    # 4. The tiny text-to-image LDM, its samples and the prompt-adherence score.
     result_path = runs / "quickstart-ldm" / "result.json"
     if not result_path.exists():
-        print("[3/3] training the tiny text-to-image LDM", flush=True)
+        print("[4/4] training the tiny text-to-image LDM", flush=True)
         steps = [f"train.max_steps={args.ldm_steps}"] if args.ldm_steps else []
+        # Latent shards read in the rank's own process (no decoding left to parallelise), and the
+        # captions' word vocabulary (write_caption_vocab) in place of CLIP's BPE.
+        latent_data = [f"data.urls=['{latents}/{shards}']", "data.input=latent", "data.num_workers=0"]
+        text = "model.overrides.cond_stage.text"
+        wordpiece = [f"++{text}.vocab_size=64", f"++{text}.tokenizer.kind=wordpiece", f"++{text}.tokenizer.vocab_path={vocab}"]
         torchrun(args.nproc, ["experiment=quickstart", "run_id=quickstart-ldm", f"model.first_stage_ckpt={ae_export}",
-                              *common, *steps])
+                              *latent_data, *wordpiece, *common, *steps])
 
     result = json.loads(result_path.read_text())
     grids = sorted((runs / "quickstart-ldm" / "samples").glob("*.png"))
