@@ -115,6 +115,9 @@ class EvalConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     # Images generated at the end to score prompt adherence (synthetic shapes data); 0 = off.
     prompt_adherence_samples: int = 0
+    # Sample grids and scores with the EMA weights (CompVis' ema_scope: what export ships); False:
+    # the raw trained weights. Ignored when ema.enabled is false.
+    use_ema: bool = True
 
 
 @dataclass

@@ -17,8 +17,8 @@ Where the EMA lives
   gather, no bf16 rounding). Memory per rank: 4 bytes x params / world.
 * Anything else (ZeRO-0/1/2, or a plain module): every rank holds the full parameters, and the EMA is
   still sharded: rank r owns a contiguous run of whole parameters holding about 1/world of the
-  elements. We chose sharding over "rank 0 keeps everything" because a 1.45B-parameter UNet has a
-  5.8 GB fp32 EMA and its update reads/writes ~17 GB of memory per step: on rank 0 alone that is
+  elements. We chose sharding over "rank 0 keeps everything" because the 1.45B model's 872M-parameter
+  UNet has a 3.5 GB fp32 EMA and its update reads/writes ~10 GB of memory per step: on rank 0 alone that is
   W times the memory and CPU time of the sharded version and makes rank 0 the straggler, while the
   sharded version costs nothing extra in code (the shard format is the same as under ZeRO-3, so
   checkpoints, resharding and export share one path). Under bf16 ZeRO-1/2 the module weights are the
@@ -34,17 +34,24 @@ updates the fp32 EMA with a single ``lerp_`` over one flat buffer. On CPU the co
 (needed anyway: the next optimizer step overwrites the weights in place). The next ``update()``,
 ``state_dict()`` or ``close()`` first waits for the pending lerp.
 
+Sampling with the EMA
+---------------------
+:meth:`CpuEma.swapped_in` loads the EMA into the live parameters for the duration of a ``with``
+block and restores the trained weights afterwards (CompVis' ``ema_scope`` around ``log_images``),
+so periodic sample grids and end-of-run scores show the weights that are exported.
+
 A full EMA state dict is assembled only on request (:meth:`CpuEma.full_state_dict`, a collective) or
 offline from the per-rank shards of a checkpoint (:func:`assemble_full_state_dict`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as torch_dist
@@ -353,6 +360,77 @@ class CpuEma:
         shards = [None] * world if self.dist_info.rank == dst else None
         torch_dist.gather_object(shard, shards, dst=dst)
         return assemble_full_state_dict(shards) if self.dist_info.rank == dst else None
+
+
+    @contextlib.contextmanager
+    def swapped_in(self, chunk_numel: int = 1 << 26) -> Iterator[None]:
+        """Run the ``with`` block with the EMA weights in the tracked parameters (a collective).
+
+        The trained weights are restored on exit, also when the block raises, so the next optimizer
+        step continues from them: under ZeRO-1/2 from a CPU copy of the module weights, under ZeRO-3
+        from the fp32 master partitions, which the optimizer owns and this never touches. Cost: the
+        full fp32 EMA is assembled on every rank's CPU for the block (4 bytes x tracked parameters)
+        plus, outside ZeRO-3, a CPU copy of the module weights. Under ZeRO-3 parameters are gathered
+        ``chunk_numel`` elements at a time (``GatheredParameters``, modified on rank 0, then
+        re-partitioned by DeepSpeed), so no rank ever materialises the whole model on the device.
+        """
+        full = self.full_state_dict(dst=None)
+        named = list(zip(self.all_names, self.tracked_params))
+        if self.layout == "zero3":
+            self._zero3_assign(named, lambda name, p: full[name], chunk_numel)
+            del full
+            try:
+                yield
+            finally:
+                # Partitions back from the optimizer's fp32 masters (what the next step starts from).
+                self._zero3_restore(named, chunk_numel)
+            return
+        backup = {name: p.detach().to("cpu", copy=True) for name, p in named}
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(full[name].reshape(p.shape))
+        del full
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in named:
+                    p.copy_(backup[name])
+
+    @staticmethod
+    def _zero3_chunks(named: list, chunk_numel: int) -> Iterator[list]:
+        chunk, size = [], 0
+        for item in named:
+            chunk.append(item)
+            size += int(item[1].ds_numel)
+            if size >= chunk_numel:
+                yield chunk
+                chunk, size = [], 0
+        if chunk:
+            yield chunk
+
+    def _zero3_assign(self, named: list, value: Callable[[str, torch.nn.Parameter], torch.Tensor],
+                      chunk_numel: int) -> None:
+        """Write ``value(name, param)`` (called on every rank, in order: it may be a collective) into
+        ZeRO-3 parameters, ``chunk_numel`` gathered elements at a time."""
+        import deepspeed
+
+        rank0 = self.dist_info.rank == 0
+        for chunk in self._zero3_chunks(named, chunk_numel):
+            params = [p for _, p in chunk]
+            # Rank 0 writes the gathered full tensors; on exit DeepSpeed broadcasts them and every
+            # rank keeps its partition (persistent small parameters stay whole, updated too).
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+                for name, p in chunk:
+                    tensor = value(name, p)
+                    if rank0:
+                        p.data.copy_(tensor.reshape(p.shape))
+
+    def _zero3_restore(self, named: list, chunk_numel: int) -> None:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        # The optimizer's fp32 masters are the trained weights (the partitions are their casts).
+        self._zero3_assign(named, lambda name, p: safe_get_full_fp32_param(p), chunk_numel)
 
 
 def _check_format(state: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ a step computes lives in the task (``train/tasks.py``), everything DeepSpeed in
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -131,9 +132,15 @@ def train(cfg: Config) -> TrainResult:
     def save_checkpoint() -> None:
         checkpoints.save(step, engines=task.engines, ema=ema, loader=loader, client_state=client_state())
 
+    def sampling_weights():
+        """EMA weights in the model while sampling (restored after), or the raw ones."""
+        return ema.swapped_in() if ema is not None and cfg.eval.use_ema else contextlib.nullcontext()
+
     def log_samples() -> None:
-        for key, images, captions in task.log_images(step):
-            logger.log_images(key, images, step, captions)
+        with sampling_weights():
+            images = task.log_images(step)
+        for key, grid, captions in images:
+            logger.log_images(key, grid, step, captions)
 
     # --- 5. The loop -------------------------------------------------------------------------
     batches = loader.infinite()
@@ -197,8 +204,9 @@ def train(cfg: Config) -> TrainResult:
         if cfg.eval.sample_at_end:
             log_samples()
         if cfg.eval.prompt_adherence_samples > 0:
-            final.update(prompt_adherence_eval(task, cfg.eval.prompt_adherence_samples, cfg.eval.seed,
-                                               cfg.eval.sampler))
+            with sampling_weights():
+                final.update(prompt_adherence_eval(task, cfg.eval.prompt_adherence_samples, cfg.eval.seed,
+                                                   cfg.eval.sampler))
             logger.log(final, step=step)
             logger.summary(final)
         if cfg.checkpoint.export_final:
@@ -208,7 +216,8 @@ def train(cfg: Config) -> TrainResult:
     if ema is not None:
         ema.close()
     if info.is_main:
-        summary = {"run_id": run_id, "step": step, "samples_seen": samples_seen, **final}
+        summary = {"run_id": run_id, "step": step, "samples_seen": samples_seen,
+                   "sample_weights": "ema" if ema is not None and cfg.eval.use_ema else "raw", **final}
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info("finished at step %d: %s", step, summary)
     logger.finish()

@@ -41,6 +41,7 @@ def test_run_directory_has_config_plan_result_and_samples(run):
     result = json.loads((run_dir / "result.json").read_text())
     assert result["step"] == 6 and result["samples_seen"] == 6 * 8
     assert 0.0 <= result["eval/prompt_adherence"] <= 1.0
+    assert result["sample_weights"] == "ema"  # grids and score use the weights export ships
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == [
         "samples_step0000003.png", "samples_step0000006.png"]
 
@@ -76,6 +77,9 @@ def test_checkpoint_and_export_carry_config_and_scale_factor(run):
     client = json.loads((ckpt / "step_6" / "client_state.json").read_text())
     state = client.get("client_state", client)
     assert state["step"] == 6 and state["config"]["name"] == "quickstart"
+    # The EMA tracks the UNet only (CompVis LitEma); the jointly trained text encoder is not averaged.
+    ema_names = torch.load(ckpt / "step_6" / "ema_rank0.pt", map_location="cpu", weights_only=False)["names"]
+    assert ema_names and all(n.startswith("unet.") for n in ema_names)
     assert state["scale_factor_ready"] and state["scale_factor"] > 0 and state["scale_factor"] != 1.0
     export = torch.load(ckpt / "export.pt", map_location="cpu", weights_only=False)
     assert export["format"] == "ldm_scale/ldm-v1" and export["step"] == 6

@@ -186,3 +186,27 @@ def test_accepts_a_foreign_config_object():
     assert ema.cfg.decay == 0.5 and not ema.cfg.use_num_updates
     with pytest.raises(ValueError, match="decay"):
         CpuEma(toy(), EmaConfig(decay=1.5))
+
+
+def test_swapped_in_loads_the_ema_and_restores_the_weights_even_on_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    ema = CpuEma(model, EmaConfig(decay=0.5, async_update=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(1)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    averaged = ema.full_state_dict()
+    assert any(not torch.equal(averaged[k], trained[k]) for k in trained)
+    with ema.swapped_in():
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, averaged[k])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, trained[k])
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        with ema.swapped_in():
+            raise RuntimeError("sampling failed")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, trained[k])
+    ema.close()
