@@ -11,8 +11,16 @@ resumable: a stream that breaks mid-way is reopened at the byte it had reached, 
 survives a short outage. A missing object or a denied request is not retried.
 
 Credentials never come from the config: s3fs/botocore read the environment (``AWS_ACCESS_KEY_ID``,
-``AWS_PROFILE``, ...) or the instance role; gcsfs uses Google's default credentials. :func:`redact`
-strips secrets from any text before it is logged or raised.
+``AWS_PROFILE``, ...) or the instance role; gcsfs uses Google's default credentials
+(``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's login, the metadata server), or none with
+``anon=True`` (public buckets, emulators). :func:`redact` strips secrets from any text before it is
+logged or raised.
+
+GCS goes through gcsfs's JSON-API client with its endpoint configurable (``gcs_endpoint_url`` or
+``STORAGE_EMULATOR_HOST``), so emulators and gateways work like Google. gcsfs's internal retry
+loop (6 tries, sleeps up to 32 s, ~30 s before a refused connection surfaces) is bypassed like
+s3fs's, and its experimental gRPC layer is not used: its bucket-type probe waits 60 s per bucket
+on any endpoint that is not Google's.
 
 Filesystem objects are created lazily per process (fsspec drops its instance cache when the PID
 changes), so DataLoader workers never share an s3fs client with their parent: s3fs is not fork-safe.
@@ -47,8 +55,9 @@ class StorageConfig:
     backoff_s: float = 0.5  # first sleep; doubles per attempt, with +-25% jitter
     max_backoff_s: float = 20.0
     timeout_s: float = 60.0  # connect and read timeout of one request
-    anon: bool = False  # unsigned requests (public buckets)
+    anon: bool = False  # unsigned requests (public buckets; GCS emulators)
     region: Optional[str] = None
+    gcs_endpoint_url: Optional[str] = None  # GCS JSON-API endpoint; None: STORAGE_EMULATOR_HOST / Google
 
 
 class StorageError(OSError):
@@ -78,15 +87,17 @@ _SECRET_QUERY = re.compile(
     r"(?i)(?P<k>(?:x-amz-(?:signature|credential|security-token)|signature|awsaccesskeyid|"
     r"sig|token|access_token|secret|password|key)=)[^&\s\"']+"
 )
+_BEARER = re.compile(r"(?i)(?P<k>bearer\s+)[A-Za-z0-9._~+/=-]+")
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "GOOGLE_OAUTH_ACCESS_TOKEN")
 
 
 def redact(text: Any) -> str:
-    """``text`` with credentials removed: URL user:password, signed-URL query secrets, and the values
-    of AWS/GCS secret environment variables wherever they appear."""
+    """``text`` with credentials removed: URL user:password, signed-URL query secrets, OAuth bearer
+    tokens, and the values of AWS/GCS secret environment variables wherever they appear."""
     text = str(text)
     text = _USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
     text = _SECRET_QUERY.sub(lambda m: m.group("k") + "***", text)
+    text = _BEARER.sub(lambda m: m.group("k") + "***", text)
     for name in _SECRET_ENV:
         value = os.environ.get(name)
         if value and len(value) >= 4:
@@ -162,8 +173,46 @@ def _fs_options(proto: str, cfg: StorageConfig) -> dict:
         return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=cfg.timeout_s,
                                                                    sock_read=cfg.timeout_s)}}
     if proto == "gs":
-        return {"token": "anon"} if cfg.anon else {}
+        return _gs_options(cfg)
     return {}
+
+
+def _gs_options(cfg: StorageConfig) -> dict:
+    import aiohttp  # gcsfs's transport
+
+    opts: dict = {"session_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=cfg.timeout_s,
+                                                                      sock_read=cfg.timeout_s)}}
+    endpoint = cfg.gcs_endpoint_url or os.environ.get("STORAGE_EMULATOR_HOST")
+    if endpoint:
+        # gcsfs wants scheme://host:port; STORAGE_EMULATOR_HOST is often given as host:port.
+        opts["endpoint_url"] = endpoint if "://" in endpoint else "http://" + endpoint
+    if cfg.anon:
+        opts["token"] = "anon"
+    return opts
+
+
+_GCS_CLASS = None
+
+
+def _gcs_class():
+    """gcsfs's JSON-API filesystem with its retry decorators unwrapped (see the module docstring):
+    ``with_retries`` and the resumable reader do the retrying, as configured."""
+    global _GCS_CLASS
+    if _GCS_CLASS is None:
+        from gcsfs.core import GCSFileSystem
+
+        unwrapped = {name: getattr(GCSFileSystem, name).__wrapped__
+                     for name in ("_request", "_get_file_request", "_get_file_concurrent")
+                     if hasattr(getattr(GCSFileSystem, name, None), "__wrapped__")}
+        _GCS_CLASS = type("SingleTryGCSFileSystem", (GCSFileSystem,), {"__module__": __name__, **unwrapped})
+    return _GCS_CLASS
+
+
+def __getattr__(name: str):
+    # Lets pickle find the lazily built class by name (gcsfs is imported only when gs:// is used).
+    if name == "SingleTryGCSFileSystem":
+        return _gcs_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def filesystem(url: str, cfg: Optional[StorageConfig] = None) -> "fsspec.AbstractFileSystem":
@@ -171,7 +220,8 @@ def filesystem(url: str, cfg: Optional[StorageConfig] = None) -> "fsspec.Abstrac
     cfg = cfg or _default_cfg
     proto = protocol(url)
     try:
-        fs = fsspec.filesystem(proto, **_fs_options(proto, cfg))
+        opts = _fs_options(proto, cfg)
+        fs = _gcs_class()(**opts) if proto == "gs" else fsspec.filesystem(proto, **opts)
     except ImportError as e:
         extra = {"gs": "gcsfs", "s3": "s3fs", "http": "aiohttp", "https": "aiohttp"}.get(proto, proto)
         raise StorageError(f"no filesystem for {proto}:// URLs ({e}); install `{extra}`") from e
