@@ -6,4 +6,4 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.torchrun", "tests.fixtures.slurm"]
+pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.gcs", "tests.fixtures.torchrun", "tests.fixtures.slurm"]
