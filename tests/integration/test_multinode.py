@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.s3 import free_port
-from tests.fixtures.torchrun import REPO_ROOT, child_env, torchrun_cmd
+from tests.fixtures.torchrun import kill_group, start_group, torchrun_cmd
 from tests.integration.tiny_training import TRAIN_SCRIPT, tiny_overrides, write_shards
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -31,8 +31,8 @@ def start_agents(args: list[str], log_dir: Path) -> list[subprocess.Popen]:
     """Two torchrun agents as two "nodes" sharing one rendezvous endpoint on loopback."""
     log_dir.mkdir(parents=True)
     cmd = torchrun_cmd(args, nproc=1, nnodes=2, max_restarts=1, port=free_port(), extra=["--rdzv-id=multinode-test"])
-    return [subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stdout=open(log_dir / f"agent{i}.log", "w"),
-                             stderr=subprocess.STDOUT) for i in range(2)]
+    return [start_group(cmd, stdout=open(log_dir / f"agent{i}.log", "w"), stderr=subprocess.STDOUT)
+            for i in range(2)]
 
 
 def finish(agents: list[subprocess.Popen], log_dir: Path, timeout: float = 600) -> list[str]:
@@ -42,9 +42,7 @@ def finish(agents: list[subprocess.Popen], log_dir: Path, timeout: float = 600) 
             agent.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         for agent in agents:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
+            kill_group(agent)  # a timed-out agent, and any worker left behind by a finished one
     logs = [(log_dir / f"agent{i}.log").read_text() for i in range(2)]
     assert [a.returncode for a in agents] == [0, 0], "\n\n".join(log[-6000:] for log in logs)
     return logs

@@ -17,10 +17,10 @@ import torch
 
 from tests.fixtures.s3 import SECRET_KEY
 from tests.fixtures.torchrun import (
-    REPO_ROOT,
-    child_env,
+    kill_group,
     run_python,
     run_torchrun,
+    start_group,
     torchrun_cmd,
 )
 from tests.integration.tiny_training import TRAIN_SCRIPT, tiny_overrides, write_shards
@@ -72,7 +72,7 @@ def test_kill9_restart_resume_is_exact_and_export_cli_round_trips(s3_server, tmp
     cmd = torchrun_cmd([TRAIN_SCRIPT, *overrides(data_url, out, "killed", root)], max_restarts=1)
     killed_at = None
     with open(tmp_path / "killed.log", "w") as log:
-        agent = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+        agent = start_group(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 600
             while killed_at is None and agent.poll() is None and time.monotonic() < deadline:
@@ -87,9 +87,7 @@ def test_kill9_restart_resume_is_exact_and_export_cli_round_trips(s3_server, tmp
             assert killed_at is not None, "the run ended before step_4 was published"
             assert agent.wait(timeout=900) == 0, (tmp_path / "killed.log").read_text()[-5000:]
         finally:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
+            kill_group(agent)
     text = (tmp_path / "killed.log").read_text()
     rows = logged_losses(out, "killed")
     restart = next(i for i in range(1, len(rows)) if rows[i][0] <= rows[i - 1][0])
