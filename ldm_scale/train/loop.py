@@ -132,9 +132,11 @@ def train(cfg: Config) -> TrainResult:
     def save_checkpoint() -> None:
         checkpoints.save(step, engines=task.engines, ema=ema, loader=loader, client_state=client_state())
 
+    sample_with_ema = ema is not None and cfg.eval.use_ema
+
     def sampling_weights():
         """EMA weights in the model while sampling (restored after), or the raw ones."""
-        return ema.swapped_in() if ema is not None and cfg.eval.use_ema else contextlib.nullcontext()
+        return ema.swapped_in() if sample_with_ema else contextlib.nullcontext()
 
     def log_samples() -> None:
         with sampling_weights():
@@ -217,7 +219,7 @@ def train(cfg: Config) -> TrainResult:
         ema.close()
     if info.is_main:
         summary = {"run_id": run_id, "step": step, "samples_seen": samples_seen,
-                   "sample_weights": "ema" if ema is not None and cfg.eval.use_ema else "raw", **final}
+                   "sample_weights": "ema" if sample_with_ema else "raw", **final}
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info("finished at step %d: %s", step, summary)
     logger.finish()
