@@ -12,11 +12,18 @@ The rendered sbatch script (``launch/templates/sbatch.sh.j2``) is kept in the ru
 rendezvous (c10d) on the first node of the allocation, forwards the stop signal and requeues the job
 after a preemption checkpoint; the run id is fixed at submission, so every node and every requeue
 resumes the same run. ``--dry-run`` prints the script and submits nothing. See docs/launch.md.
+
+The script never holds a credential: one in a training override (URL userinfo, a presigned URL's
+signature, a secret environment value) is replaced by ``${oc.env:LDM_SCALE_SECRET_<n>}``, and an
+``env.`` entry with a secret name or value is left out; both travel in sbatch's own environment,
+which SLURM hands to the job (:func:`hide_secrets`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import os
 import re
 import secrets
 import shlex
@@ -24,12 +31,15 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # like launch/train.py: runnable from a checkout without installing
+
+from ldm_scale import storage  # noqa: E402
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE = "sbatch.sh.j2"
+SECRET_ENV_PREFIX = "LDM_SCALE_SECRET_"
 
 
 @dataclass
@@ -95,6 +105,8 @@ class SlurmJob:
     run_dir: Path
     workdir: Path
     train_args: List[str]
+    # Credentials for the job, passed in sbatch's environment and never rendered (hide_secrets).
+    secret_env: Dict[str, str] = field(default_factory=dict)
 
     @property
     def log_dir(self) -> Path:
@@ -185,7 +197,14 @@ def check(cfg: SlurmConfig) -> None:
             problems.append(f"env.{key}: not a valid environment variable name")
     for line in cfg.sbatch_args:
         if not line.startswith("--") or "\n" in line:
-            problems.append(f"sbatch_args entry {line!r}: give one long option per entry, e.g. --reservation=r1")
+            problems.append(f"sbatch_args entry {storage.redact(line)!r}: give one long option per entry, "
+                            "e.g. --reservation=r1")
+    for what, lines in (("setup", cfg.setup), ("sbatch_args", cfg.sbatch_args)):
+        for line in lines:
+            if storage.redact(line) != line:
+                problems.append(f"{what} entry {storage.redact(line)!r} holds a credential, which the script "
+                                "would keep: export it in the shell you submit from (sbatch passes the "
+                                "environment on to the job) or give it as env.<NAME>=...")
     if problems:
         raise SystemExit("launch/slurm.py: invalid launcher arguments:\n  - " + "\n  - ".join(problems))
 
@@ -234,9 +253,81 @@ def prepare(cfg: SlurmConfig, overrides: Sequence[str], workdir: Path | None = N
     out = Path(output_dir or "runs")
     out = out if out.is_absolute() else workdir / out
     train_args = [o for o in overrides if _key(o) != "output_dir"] + [f"run_id={run_id}", f"output_dir={out}"]
-    if cfg.job_name is None:
-        cfg = dataclasses.replace(cfg, job_name=name)
-    return SlurmJob(cfg=cfg, run_id=run_id, run_dir=out / run_id, workdir=workdir, train_args=train_args)
+    train_args, public_env, secret_env = hide_secrets(train_args, cfg.env)
+    if secret_env and cfg.check_config:
+        _check_same_config(overrides, train_args, secret_env)
+    cfg = dataclasses.replace(cfg, job_name=cfg.job_name or name, env=public_env)
+    return SlurmJob(cfg=cfg, run_id=run_id, run_dir=out / run_id, workdir=workdir, train_args=train_args,
+                    secret_env=secret_env)
+
+
+def hide_secrets(train_args: Sequence[str], env: Mapping[str, str]) -> tuple[List[str], Dict[str, str], Dict[str, str]]:
+    """Split credentials out of what the script would hold: returns (training overrides, ``env.``
+    entries, secret environment).
+
+    Each credential in an override (see ``storage.replace_secrets``; or the whole value of a key
+    that names one, e.g. ``+x.api_key=...``) becomes ``${oc.env:LDM_SCALE_SECRET_<n>}``, which the
+    training process resolves from its environment; an ``env.`` entry whose name or value is
+    secret moves as it is. The secret environment is given to sbatch, not written anywhere.
+    """
+    hidden: Dict[str, str] = {}
+
+    def reference(secret: str) -> str:
+        name = next((n for n, v in hidden.items() if v == secret), None)
+        if name is None:
+            name = f"{SECRET_ENV_PREFIX}{len(hidden)}"
+            hidden[name] = secret
+        return "${oc.env:" + name + "}"
+
+    args = []
+    for arg in train_args:
+        key, sep, value = arg.partition("=")
+        if sep and value and storage.is_secret_name(_key(arg).rsplit(".", 1)[-1]):
+            args.append(key + "=" + reference(value))
+        else:
+            args.append(storage.replace_secrets(arg, reference))
+    public_env = {}
+    for key, value in env.items():
+        if storage.is_secret_name(key) or storage.redact(value) != value:
+            hidden[key] = value
+        else:
+            public_env[key] = value
+    return args, public_env, hidden
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _check_same_config(original: Sequence[str], rewritten: Sequence[str], secret_env: Mapping[str, str]) -> None:
+    """The overrides with references must compose, in the job's environment, to the config the
+    original ones give (a quoting slip would otherwise surface after the queue)."""
+    from ldm_scale import config as config_lib
+
+    def keep(args: Sequence[str]) -> List[str]:
+        return [a for a in args if _key(a) not in ("run_id", "output_dir")]
+
+    want = config_lib.to_object(config_lib.compose(keep(original)))
+    with _environment(secret_env):
+        try:
+            got = config_lib.to_object(config_lib.compose(keep(rewritten)))
+        except Exception as exc:  # noqa: BLE001 - Hydra and OmegaConf raise several types
+            raise SystemExit(f"launch/slurm.py: the overrides with their credentials moved to the environment do "
+                             f"not compose ({storage.redact(exc)}); quote the URL values, e.g. "
+                             "data.urls=\"['https://...']\"") from None
+    if got != want:
+        raise SystemExit("launch/slurm.py: the overrides with their credentials moved to the environment give "
+                         "another config; quote the URL values, e.g. data.urls=\"['https://...']\"")
 
 
 def render(job: SlurmJob) -> str:
@@ -250,7 +341,8 @@ def render(job: SlurmJob) -> str:
     cfg = job.cfg
     values = dataclasses.asdict(cfg)
     values.update(nproc_per_node=cfg.procs_per_node, run_id=job.run_id, run_dir=str(job.run_dir),
-                  log_dir=str(job.log_dir), workdir=str(job.workdir), train_args=job.train_args)
+                  log_dir=str(job.log_dir), workdir=str(job.workdir), train_args=job.train_args,
+                  inherited_env=sorted(job.secret_env))
     for key in ("job_name", "partition", "account", "qos", "constraint", "mem"):
         value = values[key]
         if value is not None and not re.match(r"^[A-Za-z0-9_.,:@+\-]+$", str(value)):
@@ -259,7 +351,8 @@ def render(job: SlurmJob) -> str:
 
 
 def submit(script: Path, env: Optional[Dict[str, str]] = None) -> int:
-    """``sbatch`` the script; returns the job id."""
+    """``sbatch`` the script; returns the job id. ``env`` (default: this process's) is the job's
+    environment too: sbatch exports all of it unless told otherwise."""
     proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env,
                           check=False)
     if proc.returncode != 0:
@@ -274,9 +367,14 @@ def main(argv: Sequence[str]) -> int:
     if dry_run:
         print(script, end="")
         return 0
+    export = os.environ.get("SBATCH_EXPORT") or next(
+        (a.split("=", 1)[-1] for a in job.cfg.sbatch_args if a.startswith("--export")), "ALL")
+    if job.secret_env and not export.startswith("ALL"):
+        raise SystemExit(f"launch/slurm.py: --export={export} would keep {', '.join(sorted(job.secret_env))} from "
+                         "the job, and the script does not hold them: use --export=ALL[,...]")
     job.log_dir.mkdir(parents=True, exist_ok=True)
     job.script_path.write_text(script)
-    job_id = submit(job.script_path)
+    job_id = submit(job.script_path, env={**os.environ, **job.secret_env})
     with open(job.log_dir / "jobs.txt", "a") as jobs:
         jobs.write(f"{job_id}\t{datetime.datetime.now(datetime.timezone.utc).isoformat()}\n")
     print(f"submitted job {job_id}: run {job.run_id}\n  script {job.script_path}\n  logs   {job.log_dir}/")

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm_scale import dist
+from ldm_scale import dist, storage
 from ldm_scale.data.config import DataConfig
 from ldm_scale.diffusion import DiffusionConfig, SamplerConfig
 from ldm_scale.losses.autoencoder import AutoencoderLossConfig
@@ -436,15 +436,19 @@ def resolve_run_id(cfg: Config) -> str:
 
 
 def resolved_dict(cfg: Config) -> Dict[str, Any]:
-    """The fully resolved configuration as plain containers (for JSON, W&B and checkpoints)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    """The fully resolved configuration as plain containers, as it is persisted (config.yaml, W&B,
+    every checkpoint's client state, exports): credentials are masked by
+    :func:`ldm_scale.storage.redact_config`. ``cfg`` itself keeps the real values the run needs; a
+    reader of a persisted copy must not connect with its URLs (see ``storage.is_redacted``)."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return storage.redact_config(container)  # type: ignore[return-value]
 
 
 def write_resolved(cfg: Config, plan: Plan, run_dir: Path) -> Path:
-    """Write ``config.yaml`` (resolved) and ``plan.json`` to the run directory (rank 0 only)."""
+    """Write ``config.yaml`` (resolved, redacted) and ``plan.json`` to the run directory (rank 0 only)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
-    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True))
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved_dict(cfg))))
     plan_dict = {
         "global_batch_size": plan.batch.global_batch_size,
         "micro_batch_size": plan.batch.micro_batch_size,
@@ -454,5 +458,5 @@ def write_resolved(cfg: Config, plan: Plan, run_dir: Path) -> Path:
         "spec": dataclasses.asdict(plan.spec) if plan.spec is not None else None,
         "autoencoder": dataclasses.asdict(plan.autoencoder) if plan.autoencoder is not None else None,
     }
-    (run_dir / "plan.json").write_text(json.dumps(plan_dict, indent=2) + "\n")
+    (run_dir / "plan.json").write_text(json.dumps(storage.redact_config(plan_dict), indent=2) + "\n")
     return path

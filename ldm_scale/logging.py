@@ -7,18 +7,20 @@ This is the only module that imports ``wandb`` (lazily, on rank 0).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import netrc
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 
-from ldm_scale import dist
+from ldm_scale import dist, storage
 from ldm_scale.config import LoggerConfig
 
 # Dense bf16/fp16 tensor-core peak per device (vendor data sheets), for MFU. Matched by substring
@@ -165,6 +167,19 @@ class Throughput:
         return out
 
 
+@contextlib.contextmanager
+def _redacted_argv() -> Iterator[None]:
+    """``sys.argv`` with credentials masked while W&B records it (the ``args`` of the run's
+    metadata): Hydra overrides such as ``data.urls=[https://...?X-Amz-Signature=...]`` are given on
+    the command line. W&B reads it once, when the run starts."""
+    saved = sys.argv
+    sys.argv = [storage.redact(arg) for arg in saved]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 class RunLogger:
     """W&B run on rank 0 (resumed by id after a restart), plus ``metrics.jsonl`` and PNG grids in
     the run directory (readable without W&B)."""
@@ -181,10 +196,13 @@ class RunLogger:
 
             wandb_dir = Path(cfg.dir) if cfg.dir else run_dir
             wandb_dir.mkdir(parents=True, exist_ok=True)
-            # id=run_id + resume="allow": a restarted job continues the same W&B run.
-            self._run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags),
-                                   name=f"{name}/{run_id}", id=run_id, resume="allow", dir=str(wandb_dir),
-                                   mode=self.mode, config=resolved_config)
+            # id=run_id + resume="allow": a restarted job continues the same W&B run. W&B uploads
+            # the config and the command line (wandb-metadata.json): both go in redacted.
+            with _redacted_argv():
+                self._run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group,
+                                       tags=[storage.redact(t) for t in cfg.tags], name=f"{name}/{run_id}",
+                                       id=run_id, resume="allow", dir=str(wandb_dir), mode=self.mode,
+                                       config=storage.redact_config(resolved_config))
 
     @property
     def run_path(self) -> Optional[str]:

@@ -33,7 +33,9 @@ Two ways in:
   ``<ckpt url>`` is a ``step_<N>`` directory or a run directory (its ``latest`` is used). The
   trained weights are consolidated from DeepSpeed's shards (any ZeRO stage, any world size), the
   EMA from the per-rank ``ema_rank<R>.pt`` shards, and the frozen parts (first stage, a frozen
-  text encoder) are rebuilt from the run's resolved config exactly as training built them.
+  text encoder) are rebuilt from the run's resolved config exactly as training built them. That
+  config was saved with its credentials masked: storage access comes from this process's
+  environment, and a first-stage URL that was masked is given again with ``--first-stage-ckpt``.
 """
 from __future__ import annotations
 
@@ -129,13 +131,13 @@ def ldm_trained_parts(ldm: nn.Module) -> List[str]:
     return ["unet"] + (["cond_stage"] if getattr(ldm.cond_stage, "trainable", False) else [])
 
 
-def write_export(url: str, payload: Mapping[str, Any]) -> None:
+def write_export(url: str, payload: Mapping[str, Any], storage_cfg: Optional[storage.StorageConfig] = None) -> None:
     """torch.save to a local temp file, then one upload (atomic rename locally, one PUT on S3)."""
     fd, tmp = tempfile.mkstemp(suffix=".pt", prefix="ldm_scale_export_")
     os.close(fd)
     try:
         torch.save(dict(payload), tmp)
-        storage.put_file(tmp, url)
+        storage.put_file(tmp, url, storage_cfg)
     finally:
         os.unlink(tmp)
     coverage = payload.get("ema_coverage") or payload.get("ldm_scale_ema_coverage")
@@ -161,10 +163,10 @@ def ldm_payload(state_dict: Mapping[str, torch.Tensor], ema_sd: Optional[Mapping
 
         return {"state_dict": ldm_to_compvis_state_dict(state, ema), "global_step": int(step),
                 "ldm_scale_model_config": dict(model_config), "ldm_scale_ema_coverage": coverage,
-                "config": dict(config)}
+                "config": storage.redact_config(dict(config))}
     return {"format": LDM_FORMAT, "model_config": dict(model_config), "state_dict": state, "ema_state_dict": ema,
             "ema_coverage": coverage, "scale_factor": float(scale_factor), "step": int(step),
-            "config": dict(config), "dtype": dtype}
+            "config": storage.redact_config(dict(config)), "dtype": dtype}
 
 
 def autoencoder_payload(state_dict: Mapping[str, torch.Tensor], ema_sd: Optional[Mapping[str, torch.Tensor]],
@@ -176,7 +178,7 @@ def autoencoder_payload(state_dict: Mapping[str, torch.Tensor], ema_sd: Optional
     coverage = ema_coverage(state, ema_sd or {}, {_part(k) for k in state})
     return {"format": AUTOENCODER_FORMAT, "model_config": dict(model_config), "state_dict": state,
             "ema_state_dict": _cast(ema_sd, dtype), "ema_coverage": coverage, "scale_factor": None,
-            "step": int(step), "config": dict(config), "dtype": dtype}
+            "step": int(step), "config": storage.redact_config(dict(config)), "dtype": dtype}
 
 
 def export_ldm(url: str, ldm: nn.Module, ema: Any, spec: Any, *, config: Mapping[str, Any], step: int,
@@ -207,24 +209,31 @@ def export_autoencoder(url: str, autoencoder: nn.Module, ema: Any, first_stage_c
 # ---------------------------------------------------------------------------------------------
 # Offline: from a training checkpoint
 # ---------------------------------------------------------------------------------------------
-def resolve_step_url(url: str) -> str:
+def resolve_step_url(url: str, storage_cfg: Optional[storage.StorageConfig] = None) -> str:
     """A ``step_<N>`` URL as given, or the one a run directory's ``latest`` names."""
     url = url.rstrip("/")
     if parse_step(url) is not None:
         return url
     marker = storage.join(url, LATEST)
-    if not storage.exists(marker):
+    if not storage.exists(marker, storage_cfg):
         raise CheckpointError(f"{storage.redact(url)} is neither a step_<N> checkpoint nor a run directory with a "
                               "`latest` marker")
-    return storage.join(url, storage.read_text(marker).strip())
+    return storage.join(url, storage.read_text(marker, storage_cfg).strip())
 
 
 def _strip(sd: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def export_checkpoint(ckpt_url: str, out_url: str, *, dtype: str = "fp32", compvis: bool = False) -> Dict[str, Any]:
+def export_checkpoint(ckpt_url: str, out_url: str, *, dtype: str = "fp32", compvis: bool = False,
+                      first_stage_ckpt: Optional[str] = None,
+                      storage_cfg: Optional[storage.StorageConfig] = None) -> Dict[str, Any]:
     """Consolidate a training checkpoint into an exported file (one process, no collectives).
+
+    The checkpoint's config is persisted with its credentials masked (``storage.redact_config``),
+    so it describes the model but is never used to connect: all I/O goes through ``storage_cfg``
+    (default: this process's, from the environment), and a first stage whose URL was masked (a
+    presigned URL, say) must be given again as ``first_stage_ckpt``.
 
     Returns a summary (format, step, number of tensors, whether an EMA was included, ``ema_coverage``).
     """
@@ -237,13 +246,21 @@ def export_checkpoint(ckpt_url: str, out_url: str, *, dtype: str = "fp32", compv
     from ldm_scale.train.checkpoint import consolidated_fp32_state_dict
     from ldm_scale.train.ema import assemble_full_state_dict
 
-    step_url = resolve_step_url(ckpt_url)
+    io_cfg = storage_cfg or storage.get_config()
+    step_url = resolve_step_url(ckpt_url, io_cfg)
     shown = storage.redact(step_url)
-    if not storage.exists(storage.join(step_url, COMPLETE)):
+    if not storage.exists(storage.join(step_url, COMPLETE), io_cfg):
         raise CheckpointError(f"checkpoint {shown} is incomplete (no {COMPLETE} marker); export an earlier step_<N>")
-    meta = json.loads(storage.read_text(storage.join(step_url, CLIENT_STATE)))
-    manifest = json.loads(storage.read_text(storage.join(step_url, COMPLETE)))["files"]
+    meta = json.loads(storage.read_text(storage.join(step_url, CLIENT_STATE), io_cfg))
+    manifest = json.loads(storage.read_text(storage.join(step_url, COMPLETE), io_cfg))["files"]
     cfg = config_lib.to_object(OmegaConf.merge(OmegaConf.structured(config_lib.Config), meta["config"]))
+    cfg.storage = io_cfg  # the saved slice may be redacted; every read below (validate's too) uses this one
+    if first_stage_ckpt is not None:
+        cfg.model.first_stage_ckpt = first_stage_ckpt
+    elif storage.is_redacted(cfg.model.first_stage_ckpt):
+        raise CheckpointError(f"model.first_stage_ckpt={cfg.model.first_stage_ckpt} in checkpoint {shown} held "
+                              "credentials and was saved redacted: give the first stage again with "
+                              "--first-stage-ckpt <url>")
     plan = config_lib.validate(cfg, int(meta["world_size"]))
     engine = "model" if "model" in meta["engines"] else "generator"
     if engine not in meta["engines"]:
@@ -253,7 +270,7 @@ def export_checkpoint(ckpt_url: str, out_url: str, *, dtype: str = "fp32", compv
     with tempfile.TemporaryDirectory(prefix="ldm_scale_export_") as tmp:
         for rel in manifest:
             if rel.startswith((engine + "/", "ema_rank")):
-                storage.get_file(storage.join(step_url, rel), os.path.join(tmp, rel))
+                storage.get_file(storage.join(step_url, rel), os.path.join(tmp, rel), io_cfg)
         trained = consolidated_fp32_state_dict(tmp, engine)
         ema_files = sorted(f for f in os.listdir(tmp) if f.startswith("ema_rank"))
         ema_full = assemble_full_state_dict([torch.load(os.path.join(tmp, f), map_location="cpu", weights_only=False)
@@ -288,7 +305,7 @@ def export_checkpoint(ckpt_url: str, out_url: str, *, dtype: str = "fp32", compv
         autoencoder.load_state_dict(_strip(trained, "autoencoder."), strict=True)
         payload = autoencoder_payload(autoencoder.state_dict(), ema_full, dataclasses.asdict(plan.autoencoder),
                                       step=step, config=config, dtype=dtype)
-    write_export(out_url, payload)
+    write_export(out_url, payload, io_cfg)
     return {"format": payload.get("format", "compvis"), "step": step, "tensors": len(payload["state_dict"]),
             "ema": ema_full is not None,
             "ema_coverage": payload.get("ema_coverage") or payload.get("ldm_scale_ema_coverage")}
@@ -301,9 +318,12 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("out", help="output file URL (local path, s3://, gs://)")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--compvis", action="store_true", help="write the CompVis latent-diffusion layout")
+    parser.add_argument("--first-stage-ckpt", default=None,
+                        help="first-stage URL, when the run's (a presigned URL, say) was saved redacted")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, compvis=args.compvis)
+    summary = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, compvis=args.compvis,
+                                first_stage_ckpt=args.first_stage_ckpt)
     print(json.dumps({"out": storage.redact(args.out), **summary}))
 
 
