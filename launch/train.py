@@ -11,12 +11,15 @@ A thin shell over :func:`ldm_scale.train.loop.train`: Hydra composes ``conf/`` (
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from ldm_scale import config as config_lib  # noqa: E402
@@ -26,18 +29,35 @@ config_lib.register_configs()
 
 @hydra.main(config_path=str(config_lib.CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from ldm_scale.train.loop import train
+    from ldm_scale.train.loop import RUN_REFUSED_OR_STOPPED, train
 
     try:
         typed = config_lib.to_object(cfg)
     except config_lib.ConfigError as exc:
-        raise SystemExit(f"launch/train.py: {exc}") from None
+        config_error(str(exc))
     try:
         train(typed)
     except config_lib.ConfigError as exc:
-        raise SystemExit(f"launch/train.py: {exc}") from None
+        config_error(str(exc))
+    except RUN_REFUSED_OR_STOPPED as exc:
+        # A refused start (run id in use, lost checkpoints) or a stopped run (unhealthy steps): one
+        # line that names the problem and the fix, exit status 1; result.json has the details.
+        print(f"launch/train.py: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def config_error(message: str) -> NoReturn:
+    """A configuration that cannot run: its message on stderr, exit status 2 (a usage error)."""
+    print(f"launch/train.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main()
+    # Hydra would print a composition error (a typo in an override or an experiment file) over
+    # several lines itself and exit 1; with HYDRA_FULL_ERROR it raises it here instead.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except HydraException as exc:
+        config_error(config_lib.describe_composition_error(exc))

@@ -2,18 +2,24 @@
 
 Every component owns its dataclass next to its code; this module composes them into
 :class:`Config`, registers it in Hydra's ConfigStore as ``schema`` (``conf/config.yaml`` lists it
-first in its defaults), so an unknown key or a wrong type fails at compose time.
+first in its defaults), so an unknown key or a wrong type fails at compose time; a key added with
+``+key=`` / ``++key=`` (which Hydra lets past the schema) fails in :func:`to_object`
+(:func:`unknown_keys`), with the closest valid key.
 
 :func:`validate` is the single place for derived arithmetic and cross-field checks (global batch =
-micro-batch x accumulation x world, image/latent sizes, conditioning vs model, required URLs). It
-runs before any model is built and reports *all* problems at once, each naming the key and the fix.
+micro-batch x accumulation x world, image/latent sizes, conditioning vs model, required URLs,
+finite numbers), and for the files the configuration names (``model.first_stage_ckpt``). It runs
+before any model is built or anything is written and reports *all* problems at once, each naming
+the key and the fix (one problem: one line).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import datetime
+import difflib
 import json
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from ldm_scale import dist, storage
 from ldm_scale.data.config import DataConfig
@@ -32,6 +39,7 @@ from ldm_scale.storage import StorageConfig
 from ldm_scale.train.checkpoint import CheckpointConfig
 from ldm_scale.train.ema import EmaConfig
 from ldm_scale.train.engine import BatchPlan, DeepSpeedConfig, OptimConfig, peak_lr
+from ldm_scale.train.health import DebugSpikeConfig, SpikeRuleConfig
 
 TASKS = ("ldm", "autoencoder")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -40,6 +48,13 @@ RUN_ID_ENV = "LDM_SCALE_RUN_ID"
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message lists every problem with its fix."""
+
+    @classmethod
+    def of(cls, problems: Sequence[str]) -> "ConfigError":
+        """One problem reads as one line (what a shell shows); several as a list."""
+        if len(problems) == 1:
+            return cls(f"invalid configuration: {problems[0]}")
+        return cls("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
 # ------------------------------------------------------------------------------------------
@@ -80,8 +95,13 @@ class TrainConfig:
     global_batch_size: Optional[int] = None
     max_steps: int = 1000
     log_every: int = 10
-    # Stop with an error after this many consecutive micro-batches with a non-finite loss.
-    max_consecutive_nonfinite: int = 5
+    # Stop with an error after this many unhealthy optimizer steps in a row (train/health.py: a
+    # non-finite loss, a step DeepSpeed skipped for overflow, a non-finite gradient norm).
+    max_consecutive_unhealthy: int = 5
+    # Loss-spike rollback to the last good checkpoint, skipping the data since it (off by default).
+    spike: SpikeRuleConfig = field(default_factory=SpikeRuleConfig)
+    # Fault injection to test the spike rule (off unless debug_spike.start_batch is set).
+    debug_spike: DebugSpikeConfig = field(default_factory=DebugSpikeConfig)
     # Loss by timestep bucket: T is split into this many equal ranges.
     timestep_buckets: int = 4
     progress_bar: bool = True
@@ -181,7 +201,76 @@ def to_object(cfg: DictConfig) -> Config:
     if not isinstance(obj, Config):
         raise ConfigError("the composed config is not typed by the schema: conf/config.yaml must list "
                           "'schema' first in its defaults")
+    unknown = unknown_keys(obj)
+    if unknown:
+        raise ConfigError("; ".join(unknown))
     return obj
+
+
+def _closest_key(key: str, valid: Sequence[str], prefix: str) -> str:
+    """``did you mean <prefix><closest>?`` (difflib), or the valid keys at that level."""
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {prefix}{close[0]}?"
+    return f"valid keys{' of ' + prefix.rstrip('.') if prefix else ''}: {', '.join(valid)}"
+
+
+def _unknown_key_message(full_key: str, schema: type) -> str:
+    parent, _, leaf = full_key.rpartition(".")
+    valid = [f.name for f in dataclasses.fields(schema)]
+    return f"unknown config key {full_key}: {_closest_key(leaf, valid, parent + '.' if parent else '')}"
+
+
+def _nodes(value: Any, path: str = ""):
+    """``(path, value)`` of ``value`` and everything under it: dataclass fields, dict keys, list items."""
+    yield path, value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _nodes(getattr(value, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _nodes(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _nodes(v, f"{path}[{i}]")
+
+
+def unknown_keys(cfg: Any) -> List[str]:
+    """One message per attribute of the dataclass tree ``cfg`` that its schema does not declare.
+
+    Struct mode rejects a misspelt ``key=value`` at compose time, but Hydra applies ``+key=`` and
+    ``++key=`` inside ``open_dict`` (struct lifted), and ``OmegaConf.to_object`` then sets a key the
+    dataclass lacks as a plain attribute that nothing reads: ``+train.max_step=10`` (Hydra's own hint
+    after the typo) would be accepted and ignored. Free-form dicts (``model.overrides``) are not
+    dataclasses and are checked against the model spec by :func:`validate`.
+    """
+    problems = []
+    for path, node in _nodes(cfg):
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            declared = {f.name for f in dataclasses.fields(node)}
+            for extra in (k for k in vars(node) if k not in declared):
+                problems.append(_unknown_key_message(f"{path}.{extra}" if path else extra, type(node)))
+    return problems
+
+
+def describe_composition_error(exc: BaseException) -> str:
+    """One line for a Hydra composition error (a typo in an override or an experiment file, a wrong
+    type, a missing config group option): the problem, the full key, and the closest valid key."""
+    # Hydra raises from (overrides) or while handling (config files) OmegaConf's error.
+    inner = exc.__cause__ or exc.__context__
+    cause = inner if isinstance(inner, OmegaConfBaseException) else exc
+    key, schema = getattr(cause, "full_key", None), getattr(cause, "object_type", None)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key and dataclasses.is_dataclass(schema):
+        where = str(exc).split(":", 1)[0] + ": " if str(exc).startswith("In '") else ""  # In 'experiment/x'
+        return where + _unknown_key_message(key, schema)
+    message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if key and key not in message:
+        message += f" (key {key})"
+    options = getattr(exc, "options", None)  # MissingConfigException: the group's options
+    missing = getattr(exc, "missing_cfg_file", None)
+    if options and missing:
+        message += f": {_closest_key(Path(missing).name, list(options), '')}"
+    return message
 
 
 # ------------------------------------------------------------------------------------------
@@ -207,14 +296,24 @@ class Plan:
 
 
 def _merge_overrides(base: Any, overrides: Dict[str, Any], key: str, problems: List[str]) -> Any:
+    """``base`` (a model spec dataclass) with the free-form ``overrides`` merged in, typed: a key the
+    spec lacks or a wrong type is a problem naming ``<key>.<full key>`` and the closest valid key."""
     if not overrides:
         return base
     try:
         merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.create(overrides))
         return OmegaConf.to_object(merged)
-    except Exception as exc:  # omegaconf raises several types; all mean "bad override"
-        problems.append(f"{key}: cannot apply {overrides}: {exc}. Use keys and types of "
-                        f"{type(base).__name__} (see ldm_scale/models)")
+    except (OmegaConfBaseException, TypeError, ValueError) as exc:
+        inner = getattr(exc, "full_key", None)
+        full_key, schema = f"{key}.{inner}" if inner else key, getattr(exc, "object_type", None)
+        parent, _, leaf = full_key.rpartition(".")
+        if isinstance(exc, (ConfigKeyError, ConfigAttributeError)) and inner and dataclasses.is_dataclass(schema):
+            valid = [f.name for f in dataclasses.fields(schema)]
+            reason = f"{schema.__name__} has no field {leaf}; {_closest_key(leaf, valid, parent + '.')}"
+        else:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        problems.append(f"{key}: cannot apply {full_key}: {reason} (keys and types of "
+                        f"{type(base).__name__}, see ldm_scale/models)")
         return base
 
 
@@ -339,10 +438,82 @@ def _check_autoencoder(cfg: Config, problems: List[str]) -> Optional[FirstStageC
     return ae
 
 
-def validate(cfg: Config, world_size: Optional[int] = None) -> Plan:
-    """Check the whole configuration and derive the plan; raise :class:`ConfigError` listing every problem."""
+# Fields of a first stage that do not shape its weights (training-only); everything else must match.
+_FIRST_STAGE_TRAINING_ONLY = ("ddconfig.dropout", "beta", "legacy_beta")
+
+
+def _first_stage_differences(found: FirstStageConfig, expected: FirstStageConfig) -> List[str]:
+    """``field=found (needs expected)`` for each architecture field where ``found`` differs."""
+    if found.kind != expected.kind:
+        return [f"kind={found.kind!r} (needs {expected.kind!r})"]
+
+    def flat(cfg: FirstStageConfig) -> Dict[str, Any]:
+        active = dataclasses.asdict(cfg.kl if cfg.kind == "kl" else cfg.vq)
+        dd = active.pop("ddconfig")
+        return {**{f"ddconfig.{k}": v for k, v in dd.items()}, **active}
+
+    have, need = flat(found), flat(expected)
+    # The encoder and decoder place attention by resolution; without attention it shapes nothing.
+    skip = set(_FIRST_STAGE_TRAINING_ONLY) | (set() if need["ddconfig.attn_resolutions"] else {"ddconfig.resolution"})
+    order = sorted(need, key=lambda k: (k not in ("embed_dim", "ddconfig.z_channels"), k))
+    return [f"{k}={have[k]} (needs {need[k]})" for k in order if k not in skip and have.get(k) != need[k]]
+
+
+def check_first_stage_ckpt(url: str, spec: LDMSpec, storage_cfg: Optional[StorageConfig] = None) -> Optional[str]:
+    """The problem with ``model.first_stage_ckpt=url`` for the LDM ``spec``, or None.
+
+    It must exist and be readable (a local path or an object-store URL), be an autoencoder export
+    (``train/export.py``'s format string) and hold the first stage ``spec`` is built for (same
+    kind, latent width ``embed_dim`` and ``z_channels``, same layout), so the run fails here, before
+    the run directory, rather than inside ``load_first_stage`` after it. Only the export's pickle
+    is read (:func:`ldm_scale.train.export.read_metadata`), not its weights.
+    """
+    from ldm_scale.models.registry import config_from_dict
+    from ldm_scale.train.export import AUTOENCODER_FORMAT, LDM_FORMAT, read_metadata
+
+    key = f"model.first_stage_ckpt={storage.redact(url)}"
+    fix = ("give the export.pt an experiment=autoencoder_* run writes under checkpoint.root/<run id>/ "
+           "(or `python -m ldm_scale.train.export <checkpoint> <out>`)")
+    try:
+        if not storage.exists(url, storage_cfg):
+            return f"{key} does not exist: {fix}"
+        if storage.is_local(url) and os.path.isdir(storage.local_path(url)):
+            return f"{key} is a directory (a training checkpoint?), not an export file: {fix}"
+        meta = read_metadata(url, storage_cfg)
+    except ValueError as exc:
+        return f"{key} is not an exported autoencoder ({exc}): {fix}"
+    except OSError as exc:  # permissions, storage errors after retries (StorageError is an OSError)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"{key} cannot be read ({type(exc).__name__}: {reason}): check the path and its permissions"
+    fmt = meta.get("format")
+    if fmt != AUTOENCODER_FORMAT:
+        what = "an LDM export" if fmt == LDM_FORMAT else "not an ldm_scale export"
+        return f"{key} is {what} (format {fmt!r}, expected {AUTOENCODER_FORMAT!r}): {fix}"
+    try:
+        found = config_from_dict(FirstStageConfig, meta.get("model_config"))
+    except (TypeError, ValueError) as exc:
+        return f"{key} has an unreadable model_config ({exc}): re-export it with this version ({fix})"
+    differences = _first_stage_differences(found, spec.first_stage)
+    if differences:
+        names = [n for n, ae in AUTOENCODERS.items() if ae == spec.first_stage]
+        wanted = f"model.autoencoder={names[0]}" if names else "the first stage model.overrides.first_stage describes"
+        return (f"{key} holds another first stage than model {spec.name}'s: {', '.join(differences)}: give the "
+                f"export of an autoencoder trained with {wanted}, or set model.overrides.first_stage.* to match")
+    return None
+
+
+def validate(cfg: Config, world_size: Optional[int] = None, *, check_files: bool = True) -> Plan:
+    """Check the whole configuration and derive the plan; raise :class:`ConfigError` listing every problem.
+
+    With ``check_files`` (the default), a consistent configuration is then checked against the files
+    it names before anything is written: ``model.first_stage_ckpt`` (:func:`check_first_stage_ckpt`).
+    Pass False to check the configuration alone (tests with placeholder URLs, offline planning).
+    """
     world_size = world_size or dist.get_dist_info().world_size
-    problems: List[str] = []
+    problems: List[str] = unknown_keys(cfg)
+    # NaN compares false with everything, so every range check below would let it through.
+    problems += [f"{path}={value}: must be a finite number" for path, value in _nodes(cfg)
+                 if isinstance(value, float) and not math.isfinite(value)]
     if cfg.task not in TASKS:
         problems.append(f"task={cfg.task!r}: expected one of {TASKS}")
     batch = _batch_plan(cfg.train, world_size, problems)
@@ -388,8 +559,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Plan:
         problems.append(f"train.max_steps={t.max_steps}: must be >= 1")
     if t.log_every < 1:
         problems.append(f"train.log_every={t.log_every}: must be >= 1")
-    if t.max_consecutive_nonfinite < 1:
-        problems.append("train.max_consecutive_nonfinite must be >= 1")
+    if t.max_consecutive_unhealthy < 1:
+        problems.append("train.max_consecutive_unhealthy must be >= 1")
+    if t.spike.enabled and (t.spike.factor <= 1.0 or t.spike.window < 1 or t.spike.patience < 1):
+        problems.append("train.spike needs factor > 1, window >= 1 and patience >= 1")
     if not _is_url_set(cfg.checkpoint.root):
         problems.append("checkpoint.root is not set: give a local directory or an object-store URL "
                         "(e.g. checkpoint.root=s3://bucket/ckpt)")
@@ -404,8 +577,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Plan:
     if cfg.logger.mode not in ("auto", "online", "offline", "disabled"):
         problems.append(f"logger.mode={cfg.logger.mode!r}: expected auto, online, offline or disabled")
 
+    # Reads storage, so only once the configuration itself is consistent (and the spec resolved).
+    if not problems and check_files and spec is not None and _is_url_set(cfg.model.first_stage_ckpt):
+        problem = check_first_stage_ckpt(cfg.model.first_stage_ckpt, spec, cfg.storage)
+        if problem:
+            problems.append(problem)
     if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        raise ConfigError.of(problems)
 
     if spec is not None:
         image_size, latent_size, channels = spec.image_size, spec.latent_size, spec.first_stage.latent_channels

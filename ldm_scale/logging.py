@@ -16,7 +16,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -100,28 +100,40 @@ def save_png(array_hwc: torch.Tensor, path: Path) -> Path:
 
 
 class MetricMeter:
-    """Means of scalars over a logging interval, reduced over ranks when read.
+    """Means of metrics over a logging interval, accumulated on the device and reduced over ranks
+    when read.
 
-    ``add`` takes any keys (different micro-batches may report different ones, e.g. timestep
-    buckets); ``sums`` adds counters (skipped micro-batches) that are summed, not averaged.
+    ``add`` takes ``name -> (sum, count)`` pairs of device tensors (different steps may report
+    different names, e.g. timestep buckets); nothing is copied to the host until :meth:`reduce`,
+    which the loop calls only on log steps.
     """
 
     def __init__(self) -> None:
-        self._sum: Dict[str, float] = defaultdict(float)
-        self._count: Dict[str, int] = defaultdict(int)
+        self._sum: Dict[str, torch.Tensor] = {}
+        self._count: Dict[str, torch.Tensor] = {}
 
-    def add(self, metrics: Mapping[str, float]) -> None:
-        for key, value in metrics.items():
-            if value is None or not math.isfinite(float(value)):
-                continue
-            self._sum[key] += float(value)
-            self._count[key] += 1
+    def add(self, metrics: Mapping[str, Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for key, (total, count) in metrics.items():
+            total, count = total.detach().double(), torch.as_tensor(count, device=total.device).double()
+            if key in self._sum:
+                self._sum[key] = self._sum[key] + total
+                self._count[key] = self._count[key] + count
+            else:
+                self._sum[key], self._count[key] = total, count
+
+    def clear(self) -> None:
+        self._sum.clear()
+        self._count.clear()
 
     def reduce(self) -> Dict[str, float]:
         """Means over every rank's values (a collective: every rank calls it at the same step)."""
-        gathered = dist.all_gather_object((dict(self._sum), dict(self._count)))
+        keys = sorted(self._sum)
+        # Host sync, on log steps only: one copy of every accumulated sum and count.
+        values = torch.stack([self._sum[k] for k in keys] + [self._count[k] for k in keys]).tolist() if keys else []
+        local = ({k: values[i] for i, k in enumerate(keys)}, {k: values[len(keys) + i] for i, k in enumerate(keys)})
+        gathered = dist.all_gather_object(local)
         total: Dict[str, float] = defaultdict(float)
-        count: Dict[str, int] = defaultdict(int)
+        count: Dict[str, float] = defaultdict(float)
         for sums, counts in gathered:
             for key, value in sums.items():
                 total[key] += value
@@ -180,15 +192,56 @@ def _redacted_argv() -> Iterator[None]:
         sys.argv = saved
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def truncate_metrics(path: Path, start_step: int) -> int:
+    """Drop the rows of ``path`` logged after ``start_step``: a run that resumes there logs those
+    steps again, so the file keeps exactly one row per logged step. Atomic (temp file + rename);
+    returns the number of rows dropped. A torn last line (a crash mid-write) is dropped too."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if int(row.get("step", 0)) <= start_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
+def history_step(path: Path) -> Optional[int]:
+    """The last step ``metrics.jsonl`` at ``path`` records, or None when it holds no row."""
+    last = None
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                last = max(int(json.loads(line).get("step", 0)), last or 0)
+            except ValueError:
+                continue
+    return last
+
+
 class RunLogger:
     """W&B run on rank 0 (resumed by id after a restart), plus ``metrics.jsonl`` and PNG grids in
     the run directory (readable without W&B)."""
 
     def __init__(self, cfg: LoggerConfig, *, run_id: str, name: str, run_dir: Path,
-                 resolved_config: Dict[str, Any]):
+                 resolved_config: Dict[str, Any], start_step: int = 0):
         self.cfg = cfg
         self.run_dir = run_dir
         self.is_main = dist.get_dist_info().is_main
+        if self.is_main:
+            truncate_metrics(run_dir / METRICS_FILE, start_step)
         self.mode = resolve_wandb_mode(cfg)
         self._run = None
         if self.is_main and self.mode != "disabled":
@@ -214,7 +267,7 @@ class RunLogger:
             return
         if self._run is not None:
             self._run.log(dict(metrics), step=step)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
 
     def log_images(self, key: str, images: torch.Tensor, step: int, captions: Optional[Sequence[str]] = None,

@@ -51,7 +51,9 @@ class PreemptionConfig:
     """
 
     enabled: bool = True
-    signals: List[str] = field(default_factory=lambda: ["SIGUSR1"])
+    # SIGTERM too: a plain `kill`, Kubernetes and `scancel` without --signal send it, then SIGKILL
+    # after a grace period (torchrun's agent: 30 s; SLURM KillWait; terminationGracePeriodSeconds).
+    signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     check_every: int = 10
 
 

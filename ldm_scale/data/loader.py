@@ -356,9 +356,12 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         self._roll_epoch_if_done()
         total = self.batches_per_epoch
+        epoch = self.epoch
         source = self._source(self._plan())
         try:
-            while self.batches_done < total:
+            # metrics() / state_dict() between two batches roll the epoch once its last batch is out:
+            # then this epoch is over, whatever batches_done (reset to 0) says.
+            while self.epoch == epoch and self.batches_done < total:
                 try:
                     batch, worker, state = next(source)
                 except StopIteration:

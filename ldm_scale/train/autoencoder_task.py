@@ -27,7 +27,7 @@ import contextlib
 import copy
 import logging
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -37,6 +37,8 @@ from ldm_scale.losses import (AutoencoderLoss, AutoencoderLossConfig, LearnedLog
                               gan_active)
 from ldm_scale.models.registry import FirstStageConfig, build_autoencoder
 from ldm_scale.train import engine as ds_engine
+from ldm_scale.train import health
+from ldm_scale.train.health import LOSS_SCALE_KEY, StepOutput
 from ldm_scale.train.engine import BatchPlan, OptimConfig
 
 if TYPE_CHECKING:  # config imports the engine module; the task only needs the types
@@ -213,11 +215,6 @@ class AutoencoderTask:
         """The EMA (optional for autoencoders: ``ema.enabled``) tracks the autoencoder's weights."""
         return self.autoencoder
 
-    @property
-    def global_step(self) -> int:
-        """Optimizer steps applied so far (the generator's count; restored by load_checkpoint)."""
-        return int(self.generator.global_steps)
-
     def client_state(self) -> Dict[str, Any]:
         return {"first_stage_kind": self.kind,
                 "discriminator_steps": int(self.discriminator.global_steps)}
@@ -230,46 +227,52 @@ class AutoencoderTask:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return ds_engine.autocast(self.ds_config, self.device)
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        # Every rank must take the same branch: one rank skipping backward while the others reduce
-        # gradients would hang the job. One scalar all-reduce per micro-batch.
-        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0], device=self.device)
-        dist.all_reduce_sum(bad)
-        return bad.item() == 0
+    def train_step(self, micro_batches: Sequence[Dict[str, Any]], step: int) -> StepOutput:
+        """One optimizer step of both engines over the accumulation micro-batches; returns the
+        loss terms and the generator's health vector on the device (no host sync).
 
-    def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
-        """One micro-batch through both optimisers; returns the detached loss terms.
-
-        A non-finite generator loss on any rank skips the whole micro-batch on every rank
-        (``nonfinite = 1``); a non-finite discriminator loss skips only the discriminator update.
+        ``step`` is the loop's count of healthy steps (it switches the GAN terms on). As for the
+        LDM, a non-finite loss is not checked before backward: DeepSpeed's overflow check skips the
+        update on every rank, and the loop's step-health rule counts it. A skipped discriminator
+        update alone is reported as ``disc_skipped`` and does not make the step unhealthy.
         """
         self.generator.train()
         self.discriminator.train()
-        x = batch["image"].to(self.device, non_blocking=True)
-        if self._log_inputs is None:  # a fixed set of images for the reconstruction grids
-            self._log_inputs = x[: self.num_log_images].detach().cpu()
-        step = self.global_step
         gan_on = gan_active(step, self.cfg.disc_start) and self.cfg.disc_factor > 0
-
-        with self._autocast():
-            loss, logs, recon = self.generator(x, step=step, objective=self.loss,
-                                               discriminator=self.discriminator.module.net if gan_on else None)
-        if not self._all_finite(loss):
-            return {"nonfinite": 1.0}
-        self.generator.backward(loss)
-        self.generator.step()
-        logs["nonfinite"] = torch.tensor(0.0)
-
-        if gan_on:
+        one = torch.ones((), device=self.device)
+        sums: Dict[str, torch.Tensor] = {}
+        loss_sum = torch.zeros((), device=self.device)
+        nonfinite = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            x = batch["image"].to(self.device, non_blocking=True)
+            if self._log_inputs is None:  # a fixed set of images for the reconstruction grids
+                self._log_inputs = x[: self.num_log_images].detach().cpu()
             with self._autocast():
-                d_loss, d_logs = self.discriminator(x, recon, objective=self.loss)
-            if self._all_finite(d_loss):
+                loss, logs, recon = self.generator(x, step=step, objective=self.loss,
+                                                   discriminator=self.discriminator.module.net if gan_on else None)
+            loss = loss * float(batch.get(LOSS_SCALE_KEY, 1.0))
+            self.generator.backward(loss)
+            self.generator.step()
+            detached = loss.detach().float()
+            loss_sum += detached
+            nonfinite += (~torch.isfinite(detached)).float()
+            if gan_on:
+                with self._autocast():
+                    d_loss, d_logs = self.discriminator(x, recon, objective=self.loss)
                 self.discriminator.backward(d_loss)
                 self.discriminator.step()
                 logs.update(d_logs)
-            else:
-                logs["disc_nonfinite"] = torch.tensor(1.0)
-        return {k: float(v) for k, v in logs.items()}
+            for key, value in logs.items():
+                value = torch.as_tensor(value, device=self.device).detach().float()
+                sums[key] = sums[key] + value if key in sums else value
+        n = torch.tensor(float(len(micro_batches)), device=self.device)
+        metrics = {key: (value, n) for key, value in sums.items()}
+        if gan_on:
+            disc_applied = bool(self.discriminator.was_step_applied())
+            metrics["disc_skipped"] = (one * (0.0 if disc_applied else 1.0), one)
+        applied, grad_norm, searching = ds_engine.step_status(self.generator, self.ds_config)
+        return StepOutput(metrics, health.local_health(loss_sum, len(micro_batches), nonfinite, grad_norm, applied,
+                                                       searching))
 
     def optimizer_stats(self) -> Dict[str, float]:
         """lr, grad norm, loss scale of both engines: the generator's unprefixed (as for every task),

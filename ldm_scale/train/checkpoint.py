@@ -58,6 +58,7 @@ from torch import nn
 
 from ldm_scale import dist, storage
 from ldm_scale.train.ema import CpuEma, assemble_full_state_dict
+from ldm_scale.train.lease import LeaseConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class CheckpointConfig:
     confirm_timeout_s: float = 1800.0  # rank 0 waits this long for every rank's DONE file
     poll_interval_s: float = 0.5
     max_failed_saves: int = 3  # consecutive failed uploads before training stops with an error
+    # One live run per run id: <root>/<run_id>/LEASE (train/lease.py).
+    lease: LeaseConfig = dataclasses.field(default_factory=LeaseConfig)
 
 
 class CheckpointError(ValueError):
@@ -489,6 +492,27 @@ class CheckpointManager:
                                   "corrupt; point checkpoint.resume at a step directory to resume")
         return storage.join(self.run_url, tag)
 
+    def complete_steps(self) -> List[int]:
+        """Steps of this run's checkpoints that are COMPLETE on storage, ascending (this process)."""
+        steps = []
+        for url in _listdir_or_empty(self.run_url, self.storage_cfg):
+            step = parse_step(url)
+            if step is not None and storage.exists(storage.join(url, COMPLETE), self.storage_cfg):
+                steps.append(step)
+        return sorted(steps)
+
+    def refuse_lost_history(self, history_step: Optional[int]) -> None:
+        """With ``resume=auto``, a run directory that logged steps while storage holds no checkpoint
+        of this run means the checkpoints were lost (or ``checkpoint.root`` changed): starting from
+        step 0 would silently throw the run away. Rank 0, before anything is written."""
+        if self.cfg.resume != "auto" or not history_step or self.latest_url() is not None:
+            return
+        raise CheckpointError(
+            f"the run directory records training up to step {history_step}, but there is no checkpoint of this run "
+            f"under {storage.redact(self.run_url)} (lost, or checkpoint.root changed). Refusing to restart it from "
+            "step 0: point checkpoint.root / checkpoint.resume=<url of step_N> at its checkpoints, or pass "
+            "checkpoint.resume=never to start it fresh (its metrics.jsonl is then rewritten)")
+
     def _resume_target(self) -> Optional[str]:
         mode = self.cfg.resume
         if mode == "never":
@@ -542,8 +566,10 @@ class CheckpointManager:
         return meta, manifest
 
     def resume(self, *, engines: Mapping[str, Any], ema: Optional[CpuEma] = None, loader: Any = None,
-               generators: Optional[Mapping[str, torch.Generator]] = None) -> Optional[Dict[str, Any]]:
-        """Load the checkpoint ``cfg.resume`` selects into engines, EMA, loader and RNGs (every rank).
+               generators: Optional[Mapping[str, torch.Generator]] = None,
+               url: Optional[str] = None) -> Optional[Dict[str, Any]]:
+        """Load the checkpoint ``cfg.resume`` selects (or ``url``: a rollback) into engines, EMA,
+        loader and RNGs (every rank).
 
         Returns the saved client state (``step``, ``samples_seen``, ``wandb_run_id``, ``config``,
         task entries, ...) or None when there is nothing to resume.
@@ -551,7 +577,7 @@ class CheckpointManager:
         found: Tuple[Optional[str], Optional[dict], Optional[dict], Optional[str]] = (None, None, None, None)
         if self.info.rank == 0:
             try:
-                url = self._resume_target()
+                url = url or self._resume_target()
                 if url is not None:
                     meta, manifest = self._read_and_validate(url, engines, ema)
                     found = (url, meta, manifest, None)

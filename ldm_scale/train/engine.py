@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -234,11 +234,50 @@ def initialize_engine(module: nn.Module, ds_config: Dict[str, Any], optim: Optim
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=param_groups(module, optim.weight_decay), config=config,
         lr_scheduler=make_scheduler)
+    _guard_unchecked_optimizer(engine)
     if engine.dp_world_size == 1 and config["zero_optimization"]["stage"] <= 1:
         # No data-parallel peers: DeepSpeed would still flatten every gradient into buckets and
         # "all-reduce" them with itself, a full copy of the gradients per step.
         engine.enable_backward_allreduce = False
     return engine
+
+
+def _guard_unchecked_optimizer(engine) -> None:
+    """Make DeepSpeed skip non-finite updates in the one mode where it does not check for them.
+
+    Every DeepSpeed optimizer wrapper (ZeRO 1-3, bf16, fp16) checks the gradients and sets an
+    ``overflow`` flag that makes the engine skip the update (``was_step_applied() is False``). ZeRO
+    disabled in fp32 hands the step to the plain torch optimizer, which would write NaN into the
+    weights. There the step is wrapped with the same check and the same flag.
+    """
+    optimizer = engine.optimizer
+    if optimizer is None or hasattr(optimizer, "overflow"):
+        return
+    plain_step = optimizer.step
+
+    def checked_step(*args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # A host sync, in this fp32/no-ZeRO mode only (the ZeRO wrappers do the same internally).
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        optimizer.overflow = not finite
+        return plain_step(*args, **kwargs) if finite else None
+
+    optimizer.overflow = False
+    optimizer.step = checked_step
+
+
+def step_status(engine, ds_config: Dict[str, Any]) -> Tuple[bool, Any, bool]:
+    """(applied, global grad norm, fp16 loss scale still above its floor) of the engine's last
+    optimizer step, read without a host sync (the norm may be a device tensor)."""
+    applied = bool(engine.was_step_applied())
+    searching = False
+    if ds_config["fp16"]["enabled"]:
+        optimizer = engine.optimizer
+        scale = getattr(optimizer, "cur_scale", None)
+        if scale is None:
+            scale = getattr(getattr(optimizer, "loss_scaler", None), "cur_scale", None)
+        searching = scale is not None and float(scale) > float(ds_config["fp16"]["min_loss_scale"])
+    return applied, engine.get_global_grad_norm(), searching
 
 
 def autocast(ds_config: Dict[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
@@ -318,5 +357,5 @@ def destroy() -> None:
 __all__: List[str] = [
     "ZeroConfig", "DeepSpeedConfig", "OptimConfig", "BatchPlan", "build_ds_config",
     "model_init_context", "param_groups", "lr_multiplier", "initialize_engine", "autocast",
-    "engine_stats", "local_param_and_optimizer_bytes", "peak_lr", "destroy",
+    "engine_stats", "step_status", "local_param_and_optimizer_bytes", "peak_lr", "destroy",
 ]

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -20,38 +22,15 @@ from ldm_scale import config as config_lib
 from ldm_scale import dist, preemption, storage
 from ldm_scale.config import Config
 from ldm_scale.data import build_loader
-from ldm_scale.logging import MetricMeter, RunLogger, Throughput, console_line, peak_flops_per_device, sum_over_ranks
+from ldm_scale.logging import (METRICS_FILE, MetricMeter, RunLogger, Throughput, console_line, history_step,
+                               peak_flops_per_device, sum_over_ranks, truncate_metrics)
+from ldm_scale.train.checkpoint import CheckpointError, CheckpointManager
 from ldm_scale.train.ema import CpuEma
+from ldm_scale.train.health import LOSS_SCALE_KEY, LossSpikeDetector, Spike, StepHealth, UnhealthyRunError
+from ldm_scale.train.lease import LeaseHeldError, RunLease
 from ldm_scale.train.tasks import build_task
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when the loss stayed NaN/inf for too many consecutive micro-batches."""
-
-
-class NonFiniteGuard:
-    """Counts skipped micro-batches; K in a row stops training (the weights were never touched by
-    the bad batches, and no checkpoint is written on this path)."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.in_a_row = 0
-        self.total = 0
-
-    def update(self, metrics: Dict[str, float], step: int) -> None:
-        if metrics.get("nonfinite", 0.0) > 0:
-            self.in_a_row += 1
-            self.total += 1
-            if self.in_a_row >= self.limit:
-                raise NonFiniteLossError(
-                    f"the loss was NaN/inf on {self.in_a_row} consecutive micro-batches at optimizer step {step} "
-                    f"({self.total} skipped in all); training stopped without saving these weights. Lower "
-                    "optim.lr, raise optim.warmup_steps, use deepspeed.precision=bf16 instead of fp16, or check the "
-                    "data; resume from the last checkpoint (train.max_consecutive_nonfinite sets the limit)")
-        else:
-            self.in_a_row = 0
 
 
 @dataclass
@@ -61,6 +40,7 @@ class TrainResult:
     step: int
     samples_seen: int
     final_metrics: Dict[str, float] = field(default_factory=dict)
+    stop_reason: str = "completed"
 
 
 def _progress_bar(enabled: bool, initial: int, total: int):
@@ -86,50 +66,101 @@ def prompt_adherence_eval(task, num_samples: int, seed: int, sampler) -> Dict[st
             "eval/prompt_adherence_chance": CHANCE_ADHERENCE}
 
 
+STOP_COMPLETED = "completed"
+RUN_REFUSED_OR_STOPPED = (LeaseHeldError, CheckpointError, UnhealthyRunError)
+"""Errors that end a run by design, with a message that says what to do (launch/train.py prints
+them as one line)."""
+
+
+def resume_command(run_id: str) -> str:
+    """The command line that continues this run (same launcher in front): this process's Hydra
+    overrides with the run id pinned, secrets redacted."""
+    args = [a for a in sys.argv[1:] if not a.startswith("run_id=")] + [f"run_id={run_id}"]
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "launch/train.py"
+    return storage.redact(" ".join(shlex.quote(a) for a in [script, *args]))
+
+
+def _take_ownership(cfg: Config, checkpoints, run_dir: Path, info: dist.DistInfo) -> Optional[RunLease]:
+    """Rank 0 takes the run lease and checks the run directory's history against the checkpoint
+    store, before anything is written; every rank raises the same error if either fails."""
+    lease, error = None, None
+    if info.is_main:
+        try:
+            if cfg.checkpoint.lease.enabled:
+                lease = RunLease(cfg.checkpoint.lease, checkpoints.run_url, cfg.storage)
+                lease.acquire()
+            checkpoints.refuse_lost_history(history_step(run_dir / METRICS_FILE))
+        except (LeaseHeldError, CheckpointError, storage.StorageError) as exc:
+            error = (type(exc).__name__, storage.redact(exc))
+            if lease is not None and not isinstance(exc, LeaseHeldError):
+                lease.release()
+    error = dist.broadcast_object(error)
+    if error is not None:
+        kind, message = error
+        raise (LeaseHeldError if kind == "LeaseHeldError" else CheckpointError)(message)
+    return lease
+
+
 def train(cfg: Config) -> TrainResult:
-    # --- 1. Topology, validated plan, run identity ------------------------------------------
+    """Run (or resume) one training run; the run lease is held for exactly its lifetime."""
     info = dist.init_distributed()
     plan = config_lib.validate(cfg, info.world_size)  # before anything is allocated
     storage.configure(cfg.storage)
     preemption.install(cfg.preemption)
     run_id = config_lib.resolve_run_id(cfg)
     run_dir = Path(cfg.output_dir) / run_id
+    checkpoints = CheckpointManager(cfg.checkpoint, run_id=run_id, storage_cfg=cfg.storage)
+    lease = _take_ownership(cfg, checkpoints, run_dir, info)
+    try:
+        return _train(cfg, plan, info, run_id, run_dir, checkpoints, lease)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, checkpoints,
+           lease: Optional[RunLease]) -> TrainResult:
+    # --- 1. Run identity (this run owns run_id from here on) ----------------------------------
     if info.is_main:
         config_lib.write_resolved(cfg, plan, run_dir)
         log.info("run %s in %s: %s", run_id, run_dir, plan.describe())
     resolved = config_lib.resolved_dict(cfg)
     device = dist.default_device(info)
+    accumulation = plan.batch.gradient_accumulation_steps
 
     # --- 2. Data, task (models + engines), EMA ----------------------------------------------
     loader = build_loader(cfg.data, info, batch_size=plan.batch.micro_batch_size, seed=cfg.seed)
     task = build_task(cfg, plan, device=device, total_steps=cfg.train.max_steps)
     ema = (CpuEma(task.ema_module.named_parameters(), cfg.ema, info)
            if cfg.ema.enabled and task.ema_module is not None else None)
+    health = StepHealth(cfg.train.max_consecutive_unhealthy)
+    spikes = LossSpikeDetector(cfg.train.spike)
 
     # --- 3. Resume (all ranks): engines, EMA, data position, RNG, task state ------------------
-    from ldm_scale.train.checkpoint import CheckpointManager
-
-    checkpoints = CheckpointManager(cfg.checkpoint, run_id=run_id, storage_cfg=cfg.storage)
     resumed = checkpoints.resume(engines=task.engines, ema=ema, loader=loader) or {}
     task.load_client_state(resumed)
+    step = int(resumed.get("step", 0))  # healthy optimizer steps: the run's clock
     samples_seen = int(resumed.get("samples_seen", 0))
-    step = task.global_step
+    data_position = int(resumed.get("data_position", step * accumulation))  # micro-batches drawn, this rank
+    health.load_state_dict(resumed.get("health", {}))
+    spikes.load_state_dict(resumed.get("spike", {}))
 
     # --- 4. Tracking ------------------------------------------------------------------------
-    logger = RunLogger(cfg.logger, run_id=resumed.get("wandb_run_id", run_id), name=cfg.name, run_dir=run_dir,
-                       resolved_config=resolved)
+    wandb_run_id = resumed.get("wandb_run_id", run_id)
+    logger = RunLogger(cfg.logger, run_id=wandb_run_id, name=cfg.name, run_dir=run_dir, resolved_config=resolved,
+                       start_step=step)
     throughput = Throughput(info.world_size, task.train_flops_per_sample(), peak_flops_per_device(cfg.logger.peak_tflops))
     meter = MetricMeter()
-    guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite)
     progress = _progress_bar(info.is_main and cfg.train.progress_bar, step, cfg.train.max_steps)
 
-    wandb_run_id = resumed.get("wandb_run_id", run_id)
-
     def client_state() -> Dict[str, Any]:
-        return {"step": step, "samples_seen": samples_seen, "wandb_run_id": wandb_run_id, "config": resolved,
-                **task.client_state()}
+        return {"step": step, "samples_seen": samples_seen, "data_position": data_position,
+                "wandb_run_id": wandb_run_id, "config": resolved, "health": health.state_dict(),
+                "spike": spikes.state_dict(), **task.client_state()}
 
     def save_checkpoint() -> None:
+        if lease is not None:
+            lease.check()  # a run that lost its lease writes nothing more
         checkpoints.save(step, engines=task.engines, ema=ema, loader=loader, client_state=client_state())
 
     sample_with_ema = ema is not None and cfg.eval.use_ema
@@ -144,18 +175,77 @@ def train(cfg: Config) -> TrainResult:
         for key, grid, captions in images:
             logger.log_images(key, grid, step, captions)
 
-    # --- 5. The loop -------------------------------------------------------------------------
     batches = loader.infinite()
-    stopped_early = False
+
+    def next_micro_batches() -> List[Dict[str, Any]]:
+        nonlocal data_position
+        out = []
+        for _ in range(accumulation):
+            batch = next(batches)
+            scale = cfg.train.debug_spike.loss_scale(data_position)
+            if scale != 1.0:
+                batch[LOSS_SCALE_KEY] = scale
+            data_position += 1
+            out.append(batch)
+        return out
+
+    def roll_back(spike: Spike) -> None:
+        """Reload the newest complete checkpoint from before the spike and skip the data the
+        run consumed since it (health.py, the spike rule)."""
+        nonlocal step, samples_seen, batches
+        checkpoints.wait()
+        good = [s for s in dist.broadcast_object(checkpoints.complete_steps() if info.is_main else None)
+                if s < spike.start_step]
+        if not good or spikes.rollbacks >= cfg.train.spike.max_rollbacks:
+            why = ("no complete checkpoint precedes it" if not good else
+                   f"train.spike.max_rollbacks={cfg.train.spike.max_rollbacks} rollbacks were already made")
+            raise UnhealthyRunError(
+                f"loss spike at steps {spike.start_step}-{spike.end_step} (loss {spike.loss:.4g} > "
+                f"{cfg.train.spike.factor:g} x median {spike.median:.4g}) cannot be rolled back: {why}. Lower "
+                "optim.lr or check the data around this position", "loss_spike")
+        target = good[-1]
+        rollbacks = spikes.rollbacks + 1
+        batches.close()  # stops this epoch's data workers before the loader position is replaced
+        state = checkpoints.resume(engines=task.engines, ema=ema, loader=loader, url=checkpoints.step_url(target))
+        task.load_client_state(state)
+        step, samples_seen = int(state["step"]), int(state["samples_seen"])
+        events = spikes.events
+        spikes.load_state_dict(state.get("spike", {}))
+        skip = data_position - int(state.get("data_position", step * accumulation))
+        spikes.rollbacks = rollbacks
+        spikes.events = events + [{"spike_start": spike.start_step, "spike_end": spike.end_step,
+                                   "loss": spike.loss, "median": spike.median, "rolled_back_to": step,
+                                   "skipped_micro_batches": skip}]
+        batches = loader.infinite()
+        for _ in range(skip):  # deterministic: the same count on every rerun of this history
+            next(batches)
+        meter.clear()
+        if info.is_main:
+            truncate_metrics(run_dir / METRICS_FILE, step)
+        log.warning("loss spike at steps %d-%d (loss %.4g > %g x median %.4g): rolled back to step %d and skipped "
+                    "the %d micro-batches per rank consumed since it (rollback %d of at most %d)",
+                    spike.start_step, spike.end_step, spike.loss, cfg.train.spike.factor, spike.median, step, skip,
+                    rollbacks, cfg.train.spike.max_rollbacks)
+
+    # --- 5. The loop: one iteration = one optimizer step -----------------------------------
+    stop_reason = STOP_COMPLETED
+    save_wanted = False
     try:
         while step < cfg.train.max_steps:
-            metrics = task.train_step(next(batches))
-            guard.update(metrics, step)  # raises after K non-finite micro-batches in a row
-            meter.add(metrics)
-            if task.global_step == step:
-                continue  # accumulating gradients (or a skipped micro-batch)
-            step = task.global_step
+            out = task.train_step(next_micro_batches(), step)
+            verdict = health.decide(out.health, step)  # one collective; raises on a streak
+            if not verdict.healthy:
+                if info.is_main:
+                        log.warning("optimizer step %d skipped: %s (%d in a row, %d skipped in all)", step + 1,
+                                verdict.reason.value, health.in_a_row, health.total_skipped)
+                continue  # not counted: no EMA update, no LR step, no samples, no checkpoint
+            step += 1
             samples_seen += plan.batch.global_batch_size
+            spike = spikes.update(step, verdict.loss)
+            if spike is not None:
+                roll_back(spike)
+                continue
+            meter.add(out.metrics)
             throughput.add(plan.batch.global_batch_size)
             if ema is not None:
                 ema.update(step)
@@ -163,11 +253,12 @@ def train(cfg: Config) -> TrainResult:
                 progress.update(1)
 
             if step % cfg.train.log_every == 0:
-                values = {f"train/{k}": v for k, v in meter.reduce().items() if k != "nonfinite"}
+                values = {f"train/{k}": v for k, v in meter.reduce().items()}
                 values.update(task.optimizer_stats())
                 values.update(throughput.read())
                 values.update({f"data/{k}": v for k, v in sum_over_ranks(loader.metrics()).items()})
-                values["train/nonfinite_skipped_total"] = float(guard.total)
+                values.update(health.metrics())
+                values["train/rollbacks"] = float(spikes.rollbacks)
                 values["train/samples_seen"] = float(samples_seen)
                 if ema is not None:
                     values["ema/decay"] = float(ema.decay_at(step))
@@ -177,19 +268,23 @@ def train(cfg: Config) -> TrainResult:
                                                           ["train/loss", "lr", "grad_norm", "perf/samples_per_s"]))
             if cfg.eval.sample_every and step % cfg.eval.sample_every == 0:
                 log_samples()
-            if checkpoints.due(step):
+            # Never checkpoint weights a spike in progress may have damaged: wait for it to clear.
+            save_wanted = save_wanted or checkpoints.due(step)
+            if save_wanted and not spikes.suspicious:
                 save_checkpoint()
+                save_wanted = False
             if preemption.requested(step):
-                if not checkpoints.due(step):
+                if checkpoints.last_saved_step != step:
                     save_checkpoint()
                 checkpoints.wait()
                 preemption.acknowledge(step, storage.redact(checkpoints.step_url(step)))
-                stopped_early = True
+                stop_reason = f"preempted:{preemption.signal_received()}"
                 break
-    except NonFiniteLossError:
-        # Every rank raised at the same micro-batch: earlier checkpoints still finish uploading
-        # (a collective, safe here); the bad weights were never stepped, and nothing is saved.
+    except UnhealthyRunError as exc:
+        # Every rank raised at the same step: earlier checkpoints still finish uploading (a
+        # collective, safe here); nothing is saved after the streak began.
         checkpoints.close()
+        _write_result(info, run_dir, run_id, step, samples_seen, f"unhealthy:{exc.reason}", {}, None, spikes.events)
         logger.finish(exit_code=1)
         raise
     except BaseException:
@@ -200,7 +295,7 @@ def train(cfg: Config) -> TrainResult:
     if progress is not None:
         progress.close()
     final: Dict[str, float] = {}
-    if not stopped_early:
+    if stop_reason == STOP_COMPLETED:
         if cfg.checkpoint.save_final and checkpoints.last_saved_step != step:
             save_checkpoint()
         if cfg.eval.sample_at_end:
@@ -217,11 +312,32 @@ def train(cfg: Config) -> TrainResult:
     checkpoints.close()
     if ema is not None:
         ema.close()
-    if info.is_main:
-        summary = {"run_id": run_id, "step": step, "samples_seen": samples_seen,
-                   "sample_weights": "ema" if sample_with_ema else "raw", **final}
-        (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log.info("finished at step %d: %s", step, summary)
+    _write_result(info, run_dir, run_id, step, samples_seen, stop_reason, final,
+                  "ema" if sample_with_ema else "raw", spikes.events)
     logger.finish()
     dist.barrier()
-    return TrainResult(run_id=run_id, run_dir=run_dir, step=step, samples_seen=samples_seen, final_metrics=final)
+    return TrainResult(run_id=run_id, run_dir=run_dir, step=step, samples_seen=samples_seen, final_metrics=final,
+                       stop_reason=stop_reason)
+
+
+def _write_result(info: dist.DistInfo, run_dir: Path, run_id: str, step: int, samples_seen: int, stop_reason: str,
+                  final: Dict[str, float], sample_weights: Optional[str],
+                  rollbacks: Optional[List[Dict[str, Any]]] = None) -> None:
+    """``result.json`` and the last log line (rank 0): how the run stopped, and how to continue it."""
+    if not info.is_main:
+        return
+    summary: Dict[str, Any] = {"run_id": run_id, "step": step, "samples_seen": samples_seen,
+                               "stop_reason": stop_reason}
+    if sample_weights is not None:
+        summary["sample_weights"] = sample_weights
+    summary.update(final)
+    if rollbacks:
+        summary["rollbacks"] = rollbacks
+    if stop_reason != STOP_COMPLETED:
+        summary["resume_command"] = resume_command(run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if stop_reason == STOP_COMPLETED:
+        log.info("finished at step %d: %s", step, summary)
+    else:
+        log.warning("stopped at step %d (%s); continue with: %s", step, stop_reason, summary["resume_command"])

@@ -4,10 +4,9 @@ A task builds its parts (frozen modules outside DeepSpeed, trainable ones inside
 ``engine.model_init_context``), owns its engines, and exposes to the loop (``train/loop.py``):
 
 - ``engines``: ``{name: DeepSpeedEngine}``, checkpointed by name;
-- ``global_step``: optimizer steps applied so far (restored by ``load_checkpoint``);
-- ``train_step(batch) -> dict[str, float]``: one micro-batch (forward, backward, engine step). A
-  micro-batch whose loss is not finite on any rank is skipped on every rank (no backward, no step)
-  and reported as ``nonfinite = 1.0``;
+- ``train_step(micro_batches, step) -> StepOutput``: one optimizer step over the accumulation
+  micro-batches (forward, backward, engine step each). It returns device tensors only: metric
+  (sum, count) pairs and this rank's health vector, judged by ``train/health.py`` in the loop;
 - ``optimizer_stats() -> dict[str, float]``: lr, grad norm, loss scale;
 - ``ema_module``: the module whose weights the CPU EMA tracks (or None);
 - ``client_state() / load_client_state(d)``: task numbers that go into every checkpoint;
@@ -42,10 +41,13 @@ from ldm_scale.models.ldm import LatentDiffusion
 from ldm_scale.models.registry import FirstStageConfig, LDMSpec, build_autoencoder
 from ldm_scale.models.unet import UNetModel
 from ldm_scale.train import engine as ds_engine
+from ldm_scale.train import health
+from ldm_scale.train.health import LOSS_SCALE_KEY, StepOutput
 
 log = logging.getLogger(__name__)
 
 AUTOENCODER_FORMAT = "ldm_scale/autoencoder-v1"
+
 # Conditioners the paper trains jointly with the UNet (its text transformer, class embeddings).
 JOINTLY_TRAINED_CONDITIONERS = ("text", "class")
 
@@ -169,10 +171,6 @@ class LDMTask:
         return {"model": self.engine}
 
     @property
-    def global_step(self) -> int:
-        return int(self.engine.global_steps)
-
-    @property
     def ema_module(self) -> nn.Module:
         """The EMA tracks the UNet only, as CompVis' ``LitEma(self.model)`` (the diffusion wrapper)
         does: a jointly trained text encoder is sampled and exported with its raw weights, so keeping
@@ -216,43 +214,50 @@ class LDMTask:
                      factor, int(moments[0]))
         return factor
 
-    def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
-        """One micro-batch: encode -> drop conditions -> diffusion loss -> backward -> engine step."""
-        if not self.scale_factor_ready:
-            self.estimate_scale_factor(batch)
-        self.engine.train()
-        z0 = self._unscaled_latents(batch) * self.ldm.scale_factor
-        raw, _ = drop_conditions(_raw_condition(batch, self.conditioning), self.cfg.diffusion.cond_drop_prob,
-                                 self.ldm.cond_stage.null_raw)
-        if isinstance(raw, torch.Tensor):
-            raw = raw.to(self.device)
-        with self._autocast():
-            per_sample, t = self.engine(z0, raw)
-        loss = per_sample.float().mean()
-        # All ranks must agree before backward: a rank that skipped while another reduced gradients
-        # would hang the job. One scalar all-reduce per micro-batch.
-        bad = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0], device=self.device)
-        dist.all_reduce_sum(bad)
-        if bad.item() > 0:
-            return {"nonfinite": 1.0}
-        self.engine.backward(loss)
-        self.engine.step()
-        metrics = {"loss": float(loss.detach()), "nonfinite": 0.0}
-        metrics.update(self._bucket_losses(per_sample.detach().float(), t))
-        return metrics
+    def train_step(self, micro_batches: Sequence[Dict[str, Any]], step: int) -> StepOutput:
+        """One optimizer step over the accumulation micro-batches: per micro-batch encode -> drop
+        conditions -> diffusion loss -> backward -> engine step (DeepSpeed applies the update on the
+        last one). Nothing here waits on the device: the metrics and the health vector stay there.
 
-    def _bucket_losses(self, per_sample: torch.Tensor, t: torch.Tensor) -> Dict[str, float]:
+        A non-finite loss is *not* checked before backward (that would be one host sync and one
+        collective per micro-batch): its non-finite gradients reach every rank through the gradient
+        reduction, DeepSpeed's overflow check then skips the update on every rank alike, and
+        :class:`~ldm_scale.train.health.StepHealth` counts the step as skipped.
+        """
+        self.engine.train()
+        loss_sum = torch.zeros((), device=self.device)
+        nonfinite = torch.zeros((), device=self.device)
         buckets = self.cfg.train.timestep_buckets
+        bucket_sum = torch.zeros(buckets, device=self.device)
+        bucket_count = torch.zeros(buckets, device=self.device)
         width = math.ceil(self.cfg.diffusion.num_timesteps / buckets)
-        index = (t // width).clamp(max=buckets - 1).cpu()
-        values = per_sample.cpu()
-        out = {}
+        for batch in micro_batches:
+            if not self.scale_factor_ready:
+                self.estimate_scale_factor(batch)
+            z0 = self._unscaled_latents(batch) * self.ldm.scale_factor
+            raw, _ = drop_conditions(_raw_condition(batch, self.conditioning), self.cfg.diffusion.cond_drop_prob,
+                                     self.ldm.cond_stage.null_raw)
+            if isinstance(raw, torch.Tensor):
+                raw = raw.to(self.device)
+            with self._autocast():
+                per_sample, t = self.engine(z0, raw)
+            per_sample = per_sample.float() * float(batch.get(LOSS_SCALE_KEY, 1.0))
+            loss = per_sample.mean()
+            self.engine.backward(loss)
+            self.engine.step()
+            detached = loss.detach()
+            loss_sum += detached
+            nonfinite += (~torch.isfinite(detached)).float()
+            index = (t // width).clamp(max=buckets - 1)
+            bucket_sum.scatter_add_(0, index, per_sample.detach())
+            bucket_count.scatter_add_(0, index, torch.ones_like(per_sample))
+        applied, grad_norm, searching = ds_engine.step_status(self.engine, self.ds_config)
+        n = len(micro_batches)
+        metrics = {"loss": (loss_sum, torch.tensor(float(n), device=self.device))}
+        T = self.cfg.diffusion.num_timesteps
         for b in range(buckets):
-            mask = index == b
-            if bool(mask.any()):
-                out[f"loss_by_t/{b * width}-{min((b + 1) * width, self.cfg.diffusion.num_timesteps) - 1}"] = \
-                    float(values[mask].mean())
-        return out
+            metrics[f"loss_by_t/{b * width}-{min((b + 1) * width, T) - 1}"] = (bucket_sum[b], bucket_count[b])
+        return StepOutput(metrics, health.local_health(loss_sum, n, nonfinite, grad_norm, applied, searching))
 
     def train_flops_per_sample(self) -> float:
         """FLOPs of one training sample through the trained networks (UNet forward + backward, and

@@ -46,7 +46,10 @@ def test_gradient_accumulation_matches_a_larger_micro_batch(results):
     assert acc["update_norm"] > 0 and acc["update_rel_diff"] < 1e-4
 
 
-def test_nonfinite_loss_on_one_rank_is_skipped_everywhere_then_stops(results):
-    nf = results["nonfinite"]
-    assert nf["rank_skipped"] == [3, 3] and nf["unchanged"] == [True, True] and nf["global_steps"] == 0
-    assert "NaN/inf on 3 consecutive micro-batches" in nf["error"]
+@pytest.mark.parametrize("mode", ["zero3_bf16", "zero2_fp32", "zero0_fp32"])
+def test_nonfinite_loss_on_one_rank_is_skipped_everywhere_then_stops(results, mode):
+    nf = results[f"nonfinite_{mode}"]
+    assert nf["verdicts"] == [["nonfinite_loss"] * 2] * 2  # the third one raised, on both ranks
+    assert nf["applied"] == [[False] * 3] * 2 and nf["unchanged"] == [True, True]
+    assert nf["skipped"]["nonfinite_loss"] == 3
+    assert "3 optimizer steps in a row were unhealthy (last: nonfinite_loss)" in nf["error"]

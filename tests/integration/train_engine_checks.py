@@ -6,7 +6,9 @@ Checks (2 ranks, CPU/gloo, the tiny LDM's real UNet):
 - zero3: the model was built partitioned (zero.Init) and each rank holds about half of the
   parameter + optimizer bytes of an unsharded bf16 run;
 - gradient accumulation: micro 2 x accumulation 2 gives the same loss and update as micro 4 x 1;
-- non-finite loss: a NaN on ONE rank makes BOTH ranks skip the micro-batch, weights untouched.
+- non-finite loss: a NaN on ONE rank makes BOTH ranks skip the optimizer step (DeepSpeed's
+  overflow check; ZeRO-0 fp32 through our guard), the health rule agrees on every rank and stops
+  after its limit, weights untouched.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from ldm_scale import dist
 from ldm_scale.models.registry import get_spec
 from ldm_scale.models.unet import UNetModel
 from ldm_scale.train import engine as E
-from ldm_scale.train.loop import NonFiniteGuard, NonFiniteLossError
+from ldm_scale.train.health import StepHealth, UnhealthyRunError, local_health
 
 
 class FixedTargetUNet(torch.nn.Module):
@@ -93,32 +95,32 @@ def accumulation_equivalence(world: int, rank: int) -> None:
            update_rel_diff=float((d1 - d2).norm() / d1.norm()), update_norm=float(d1.norm()))
 
 
-def nonfinite_skip(world: int, rank: int) -> None:
-    engine, _ = build(2, "fp32", 4, 1, world, E.OptimConfig(lr=1e-3))
+def nonfinite_skip(stage: int, precision: str, world: int, rank: int) -> None:
+    engine, cfg = build(stage, precision, 4, 1, world, E.OptimConfig(lr=1e-3))
     x, t, ctx, target = fixed_batch(4, rank)
     if rank == 1:
         target = target.clone()
         target[0, 0, 0, 0] = float("nan")  # only rank 1 sees a bad sample
     before = [p.detach().clone() for p in engine.module.parameters()]
-    guard = NonFiniteGuard(limit=3)
-    skipped, error = 0, ""
-    # The same decision the LDM task makes: all-reduce "is my loss finite" before backward.
+    health = StepHealth(max_consecutive_unhealthy=3)
+    verdicts, applied, error = [], [], ""
+    # What the training loop does: backward and step regardless (no per-micro-batch check), then
+    # one collective health decision per optimizer step.
     try:
         for _ in range(5):
-            loss = engine(x, t, ctx, target).mean()
-            bad = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0])
-            dist.all_reduce_sum(bad)
-            if bad.item() > 0:
-                skipped += 1
-                guard.update({"nonfinite": 1.0}, engine.global_steps)
-                continue
+            with E.autocast(cfg, torch.device("cpu")):
+                loss = engine(x, t, ctx, target).mean()
             engine.backward(loss)
             engine.step()
-    except NonFiniteLossError as exc:
+            ok, norm, searching = E.step_status(engine, cfg)
+            applied.append(ok)
+            vec = local_health(loss.detach().float(), 1, (~torch.isfinite(loss.detach())).float(), norm, ok, searching)
+            verdicts.append(health.decide(vec, 0).reason.value)
+    except UnhealthyRunError as exc:
         error = str(exc)
     unchanged = all(torch.equal(a, p.detach()) for a, p in zip(before, engine.module.parameters()))
-    report("nonfinite", rank_skipped=dist.all_gather_object(skipped), unchanged=dist.all_gather_object(unchanged),
-           global_steps=engine.global_steps, error=error)
+    report(f"nonfinite_zero{stage}_{precision}", verdicts=dist.all_gather_object(verdicts), unchanged=dist.all_gather_object(unchanged),
+           applied=dist.all_gather_object(applied), skipped=health.skipped, error=error)
 
 
 def main() -> int:
@@ -129,7 +131,8 @@ def main() -> int:
         loss_decreases(stage, precision, world, rank)
     report("unsharded_bytes", **{"bytes": unsharded_bytes()})
     accumulation_equivalence(world, rank)
-    nonfinite_skip(world, rank)
+    for stage, precision in [(3, "bf16"), (2, "fp32"), (0, "fp32")]:
+        nonfinite_skip(stage, precision, world, rank)
     dist.barrier()
     return 0
 

@@ -226,3 +226,17 @@ def test_workers_leave_the_global_torch_rng_alone(shapes):
         del stream
         assert torch.equal(torch.get_rng_state(), before)
     assert _same(*batches)
+
+
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_reading_metrics_at_an_epoch_boundary_does_not_end_the_stream(shapes, mode):
+    """The loop reads loader.metrics() (which rolls a finished epoch) between batches; an epoch
+    whose last batch is out must then end cleanly and the next one start (it used to raise
+    "data workers stopped after 0 of N batches in epoch 1" when a log step fell on the boundary)."""
+    loader = build_loader(_cfg(shapes, num_workers=0, mode=mode), ONE, batch_size=8, seed=0)
+    per_epoch = len(loader)
+    batches = loader.infinite()
+    for i in range(2 * per_epoch + 1):
+        next(batches)
+        loader.metrics()
+    assert loader.epoch == 2 and loader.batches_done == 1
