@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm_scale.evaluation.cli import config_from_argv  # noqa: E402
+from ldm_scale.evaluation.cli import config_from_argv, report_input_errors  # noqa: E402
 from ldm_scale.evaluation.config import FIDEvalConfig, compose_fid_config  # noqa: E402
 from ldm_scale.evaluation.evaluate import run_fid_eval  # noqa: E402
 
@@ -32,7 +32,7 @@ def parse_config(argv: list[str]) -> FIDEvalConfig:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    record = run_fid_eval(cfg)
+    record = report_input_errors("eval/fid.py", lambda: run_fid_eval(cfg))
     if record is not None:
         print(json.dumps({"metrics": record["metrics"], "extractor": record["extractor"]["name"],
                           "n_samples": record["n_samples"], "results": record["run_dir"] + "/results.json"},

@@ -4,13 +4,17 @@
 OmegaConf dotlist overrides (``n_samples=50000 extractor.name=inception``) of a typed config
 dataclass. :func:`compose_config` merges them onto the schema, so a misspelt key or a wrong type fails
 before any work starts, with a one-line message naming the key; :func:`config_from_argv` adds the
-shell behaviour the ``eval/`` and ``data_tools/`` scripts share (``--help``, exit with the message).
+shell behaviour the ``eval/`` and ``data_tools/`` scripts share (``--help``, exit with the message),
+and :func:`report_input_errors` the one for input the run cannot use (a missing checkpoint, a file
+that is no export, an export of the wrong kind): one line on stderr, exit status 2, as
+``launch/sample.py``.
 
 A schema may define ``check()`` (cross-field validation raising ``ValueError``); it runs after the
 merge. OmegaConf is imported lazily, as everywhere in the library outside ``config.py``.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Type, TypeVar
 
 T = TypeVar("T")
@@ -76,3 +80,24 @@ def config_from_argv(argv: Sequence[str], schema: Type[T], *, program: str, doc:
         return compose(list(argv)) if compose is not None else compose_config(schema, argv)
     except ValueError as exc:
         raise SystemExit(f"{program}: {exc}") from None
+
+
+def input_errors() -> tuple:
+    """What the loading and evaluation code raises for input it cannot use: ``ValueError`` (a file
+    that is no export or of the wrong kind, a bad setting), the file errors of a missing or
+    unreadable path, and a storage call that failed after its retries."""
+    from ldm_scale.storage import StorageError
+
+    return ValueError, FileNotFoundError, IsADirectoryError, PermissionError, StorageError
+
+
+def report_input_errors(program: str, run: Callable[[], T]) -> T:
+    """``run()``; an :func:`input_errors` exception becomes ``<program>: error: <message>`` on one
+    line of stderr and exit status 2 (as ``launch/sample.py``), not a traceback. Other exceptions
+    are bugs and keep theirs."""
+    try:
+        return run()
+    except input_errors() as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{program}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None

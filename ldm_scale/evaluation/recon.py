@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -39,9 +38,9 @@ from ldm_scale.diffusion.latent_scale import latent_moments, scale_factor_from_m
 from ldm_scale.evaluation.config import ExtractorConfig
 from ldm_scale.evaluation.fid import StreamingMoments, fid_from_stats, warn_if_undersampled
 from ldm_scale.losses.perceptual import PerceptualConfig
+from ldm_scale.train.export import AUTOENCODER_FORMAT, LDM_FORMAT
 
 log = logging.getLogger(__name__)
-AUTOENCODER_FORMAT = "ldm_scale/autoencoder-v1"
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -202,7 +201,11 @@ def _first_stage_config(model_config: Dict[str, Any]):
 
 
 def _read_export(url: str) -> Dict[str, Any]:
-    """The export dict at ``url``; a training checkpoint is consolidated into one first (rank 0)."""
+    """The export dict at ``url``; a training checkpoint is consolidated into one first (rank 0).
+
+    Read as ``launch/sample.py`` and ``eval/fid.py`` read theirs (``sampling.read_checkpoint``), so a
+    missing or unreadable file is the same one-line ``FileNotFoundError`` / ``ValueError``."""
+    from ldm_scale.sampling import read_checkpoint
     from ldm_scale.train.checkpoint import COMPLETE, LATEST
 
     if storage.exists(storage.join(url, COMPLETE)) or storage.exists(storage.join(url, LATEST)):
@@ -211,8 +214,8 @@ def _read_export(url: str) -> Dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="ldm_scale_recon_") as tmp:
             local = os.path.join(tmp, "export.pt")
             export_checkpoint(url, local)
-            return torch.load(local, map_location="cpu", weights_only=False)
-    return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=False)
+            return read_checkpoint(local)
+    return read_checkpoint(url)
 
 
 def load_autoencoder_export(url: str, *, use_ema: bool = True) -> Tuple[torch.nn.Module, Dict[str, Any]]:
@@ -220,10 +223,11 @@ def load_autoencoder_export(url: str, *, use_ema: bool = True) -> Tuple[torch.nn
     from ldm_scale.models.registry import build_autoencoder
 
     payload = _read_export(url)
-    if not isinstance(payload, dict) or payload.get("format") != AUTOENCODER_FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"ckpt={storage.redact(url)} is not an exported autoencoder (format {found!r}, expected "
-                         f"{AUTOENCODER_FORMAT!r}); export a run with `python -m ldm_scale.train.export`")
+    found = payload.get("format")
+    if found != AUTOENCODER_FORMAT:
+        what = "an LDM export, not an autoencoder" if found == LDM_FORMAT else "not an exported autoencoder"
+        raise ValueError(f"ckpt={storage.redact(url)} is {what} (format {found!r}, expected "
+                         f"{AUTOENCODER_FORMAT!r}); export an autoencoder run with `python -m ldm_scale.train.export`")
     first_stage = _first_stage_config(payload["model_config"])
     model = build_autoencoder(first_stage)
     ema = payload.get("ema_state_dict")

@@ -9,6 +9,9 @@ Format (docs/architecture.md), a single ``torch.save`` dict::
      "ema_coverage": {"ema": [...], "raw": [...], "frozen": [...]},
      "scale_factor": float, "step": int, "config": resolved training config, "dtype": "fp32" | "bf16"}
 
+:func:`read_metadata` reads that dict without the weights (the archive's pickle only), so
+``config.validate()`` can check ``model.first_stage_ckpt`` before a run starts.
+
 ``ema_coverage`` names the model's top-level parts (state-dict prefixes) by where their weights come
 from: ``ema``, covered by ``ema_state_dict``; ``raw``, trained but exported with their raw weights
 only; ``frozen``, never trained. The LDM export follows CompVis: its ``LitEma`` averages only
@@ -40,12 +43,16 @@ Two ways in:
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import io
 import json
 import logging
 import os
+import pickle
 import tempfile
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+import zipfile
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -142,6 +149,66 @@ def write_export(url: str, payload: Mapping[str, Any], storage_cfg: Optional[sto
         os.unlink(tmp)
     coverage = payload.get("ema_coverage") or payload.get("ldm_scale_ema_coverage")
     log.info("exported %s (weights: %s)", storage.redact(url), describe_coverage(coverage))
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorStub:
+    """A tensor of an export read by :func:`read_metadata`: its shape and storage type, no data."""
+
+    shape: Tuple[int, ...]
+    storage: str  # e.g. "FloatStorage", "BFloat16Storage"
+
+
+def _stub_tensor(storage_type: str, _offset: int, size: Sequence[int], *_rest: Any) -> TensorStub:
+    return TensorStub(tuple(int(s) for s in size), storage_type)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a ``torch.save`` archive's ``data.pkl`` with every tensor as a :class:`TensorStub`.
+
+    Tensor bytes live in separate archive records that the pickle only names (persistent ids), so
+    the dict, its strings and numbers, and each tensor's shape come without reading the weights.
+    Only the globals ``torch.save`` writes for plain containers of tensors are allowed (as
+    ``weights_only`` loading); anything else is not an export."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _stub_tensor
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+            return lambda data, *_rest: data
+        if module == "torch" and name.endswith("Storage"):
+            return name
+        raise pickle.UnpicklingError(f"{module}.{name} is not a tensor or a plain container")
+
+    def persistent_load(self, pid: Any) -> Any:
+        # ("storage", storage type, record key, location, numel): keep the type, skip the record.
+        return pid[1]
+
+
+def read_metadata(url: str, cfg: Optional[storage.StorageConfig] = None) -> Dict[str, Any]:
+    """The export dict at ``url`` with its tensors as :class:`TensorStub` (``format``,
+    ``model_config``, ``step``, ``config``, and the state dicts' names and shapes).
+
+    Reads the archive's directory and pickle only (kilobytes; a few ranged reads on object
+    storage), never the weights, so configuration checks can afford it before training. Raises
+    ``ValueError`` if the file is not a ``torch.save`` archive of tensors and plain containers."""
+    with storage.open_url(url, "rb", cfg, block_size=1 << 20) as f:
+        try:
+            archive = zipfile.ZipFile(f)
+        except zipfile.BadZipFile:
+            raise ValueError("not a torch.save archive") from None
+        pickles = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+        if not pickles:
+            raise ValueError("a zip archive without data.pkl, not written by torch.save")
+        try:
+            payload = _MetadataUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, IndexError) as exc:
+            raise ValueError(f"its pickle is not an export ({exc})") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"it holds a {type(payload).__name__}, not an export dict")
+    return payload
 
 
 def ldm_payload(state_dict: Mapping[str, torch.Tensor], ema_sd: Optional[Mapping[str, torch.Tensor]],

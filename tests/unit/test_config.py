@@ -25,7 +25,8 @@ def composed(*overrides: str) -> C.Config:
 def test_every_experiment_composes_and_validates(experiment):
     cfg = composed(f"experiment={experiment}", *URLS)
     # World sizes the experiments are written for: the quickstart's 2 CPU ranks, an 8-GPU node.
-    plan = C.validate(cfg, world_size=2 if experiment == "quickstart" else 8)
+    # check_files=False: the URLs are placeholders (tests/unit/test_config_errors.py reads real files).
+    plan = C.validate(cfg, world_size=2 if experiment == "quickstart" else 8, check_files=False)
     b = plan.batch
     assert b.global_batch_size == b.micro_batch_size * b.gradient_accumulation_steps * b.world_size
     assert plan.latent_size * (plan.image_size // plan.latent_size) == plan.image_size
@@ -37,13 +38,13 @@ def test_every_experiment_composes_and_validates(experiment):
 
 def test_txt2img_kl8_is_the_papers_model_and_batch():
     cfg = composed("experiment=txt2img_kl8", *URLS)
-    plan = C.validate(cfg, world_size=8)
+    plan = C.validate(cfg, world_size=8, check_files=False)
     assert plan.batch.global_batch_size == 680 and plan.batch.gradient_accumulation_steps == 5
     assert plan.peak_lr == pytest.approx(1.0e-4)
     assert (plan.image_size, plan.latent_size, plan.latent_channels) == (256, 32, 4)
     counts = parameter_counts(build_ldm(plan.spec, device="meta"))  # meta: no memory
     assert 1.3e9 < counts["trainable"] < 1.6e9, counts
-    assert C.validate(cfg, world_size=40).batch.gradient_accumulation_steps == 1
+    assert C.validate(cfg, world_size=40, check_files=False).batch.gradient_accumulation_steps == 1
     with pytest.raises(C.ConfigError, match=r"train.global_batch_size=680 is not a multiple"):
         C.validate(cfg, world_size=64)
 
@@ -88,7 +89,7 @@ def test_validate_reports_every_problem_with_key_and_fix():
 def test_batch_plan_derives_accumulation_from_the_global_batch():
     cfg = composed("experiment=quickstart", *URLS, "train.micro_batch_size=4", "train.global_batch_size=32",
                    "train.gradient_accumulation_steps=null")
-    plan = C.validate(cfg, world_size=2)
+    plan = C.validate(cfg, world_size=2, check_files=False)
     assert (plan.batch.micro_batch_size, plan.batch.gradient_accumulation_steps) == (4, 4)
 
 
@@ -97,7 +98,7 @@ def test_model_overrides_are_typed_and_checked():
     with pytest.raises(C.ConfigError, match="model.overrides: cannot apply"):
         C.validate(cfg, world_size=2)
     cfg = composed("experiment=quickstart", *URLS, "+model.overrides.unet.model_channels=64")
-    assert C.validate(cfg, world_size=2).spec.unet.model_channels == 64
+    assert C.validate(cfg, world_size=2, check_files=False).spec.unet.model_channels == 64
 
 
 def test_conditioning_must_match_the_model():
@@ -138,7 +139,7 @@ def test_run_id_from_config_env_or_generated(monkeypatch, tmp_path: Path):
     assert C.resolve_run_id(cfg) == "requeued-run"
     cfg.run_id = "fixed"
     assert C.resolve_run_id(cfg) == "fixed"
-    path = C.write_resolved(cfg, C.validate(cfg, world_size=2), tmp_path / "run")
+    path = C.write_resolved(cfg, C.validate(cfg, world_size=2, check_files=False), tmp_path / "run")
     assert "name: quickstart" in path.read_text() and (tmp_path / "run" / "plan.json").exists()
 
 
