@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import NoReturn
 
@@ -23,6 +24,7 @@ from hydra.errors import HydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from ldm_scale import config as config_lib  # noqa: E402
+from ldm_scale import storage  # noqa: E402
 
 config_lib.register_configs()
 
@@ -42,7 +44,12 @@ def main(cfg: DictConfig) -> None:
     except RUN_REFUSED_OR_STOPPED as exc:
         # A refused start (run id in use, lost checkpoints) or a stopped run (unhealthy steps): one
         # line that names the problem and the fix, exit status 1; result.json has the details.
-        print(f"launch/train.py: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"launch/train.py: {type(exc).__name__}: {storage.redact(exc)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception:
+        # Anything else is a bug or an outage: the traceback matters, but it must not reach Hydra,
+        # which would print the raw overrides (credentials included) with it.
+        print(storage.redact(traceback.format_exc()), file=sys.stderr, end="")
         raise SystemExit(1) from None
 
 

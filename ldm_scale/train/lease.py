@@ -97,6 +97,16 @@ def describe(record: Dict[str, Any], now: float) -> str:
             f"{now - float(record.get('renewed_at', 0.0)):.0f} s ago, job {record.get('job') or '-'})")
 
 
+def _remove_if_empty(url: str) -> None:
+    """A run that wrote nothing but its lease (refused, or failed at start) leaves no empty
+    directory behind on local disk (object stores have no directories)."""
+    if storage.is_local(url):
+        try:
+            os.rmdir(storage.local_path(url))
+        except OSError:  # not empty (the run wrote checkpoints), or already gone
+            pass
+
+
 class RunLease:
     """The lease of one run; rank 0 only (other ranks never touch it)."""
 
@@ -178,5 +188,6 @@ class RunLease:
             current = self._read()
             if current is not None and current.get("token") == self.token:
                 storage.rm(self.url, cfg=self.storage_cfg)
+                _remove_if_empty(storage.parent(self.url))
         except Exception as exc:  # the lease then expires by its timeout
             log.warning("could not release the run lease %s: %s", storage.redact(self.url), storage.redact(exc))

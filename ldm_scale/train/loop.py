@@ -67,7 +67,7 @@ def prompt_adherence_eval(task, num_samples: int, seed: int, sampler) -> Dict[st
 
 
 STOP_COMPLETED = "completed"
-RUN_REFUSED_OR_STOPPED = (LeaseHeldError, CheckpointError, UnhealthyRunError)
+RUN_REFUSED_OR_STOPPED = (LeaseHeldError, CheckpointError, UnhealthyRunError, storage.StorageError)
 """Errors that end a run by design, with a message that says what to do (launch/train.py prints
 them as one line)."""
 
@@ -120,7 +120,8 @@ def train(cfg: Config) -> TrainResult:
 
 def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, checkpoints,
            lease: Optional[RunLease]) -> TrainResult:
-    # --- 1. Run identity (this run owns run_id from here on) ----------------------------------
+    # --- 1. Data first (unreadable shards fail before anything is written), run identity -------
+    loader = build_loader(cfg.data, info, batch_size=plan.batch.micro_batch_size, seed=cfg.seed)
     if info.is_main:
         config_lib.write_resolved(cfg, plan, run_dir)
         log.info("run %s in %s: %s", run_id, run_dir, plan.describe())
@@ -128,8 +129,7 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
     device = dist.default_device(info)
     accumulation = plan.batch.gradient_accumulation_steps
 
-    # --- 2. Data, task (models + engines), EMA ----------------------------------------------
-    loader = build_loader(cfg.data, info, batch_size=plan.batch.micro_batch_size, seed=cfg.seed)
+    # --- 2. Task (models + engines), EMA -----------------------------------------------------
     task = build_task(cfg, plan, device=device, total_steps=cfg.train.max_steps)
     ema = (CpuEma(task.ema_module.named_parameters(), cfg.ema, info)
            if cfg.ema.enabled and task.ema_module is not None else None)
