@@ -186,8 +186,10 @@ class AttentionBlock(nn.Module):
         x_flat = x.reshape(b, c, -1)
         qkv = self.qkv(self.norm(x_flat))  # [B, 3C, T]
         d = c // self.heads
-        # Legacy order: [B, H, 3*d, T] -> q, k, v each [B, H, d, T].
-        q, k, v = qkv.reshape(b, self.heads, 3 * d, -1).split(d, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        # Legacy order: [B, H, 3*d, T]. One copy to [B, H, T, 3*d], then q, k, v are [B, H, T, d] views
+        # with a contiguous last dimension, as the flash / memory-efficient SDPA kernels require
+        # (transposed views, last-dimension stride T, send them to the slow math path).
+        q, k, v = qkv.reshape(b, self.heads, 3 * d, -1).transpose(-1, -2).contiguous().split(d, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(-1, -2).reshape(b, c, -1)
         return (x_flat + self.proj_out(out)).reshape(b, c, *spatial)

@@ -82,7 +82,10 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         hidden = self.norm(x)
-        q, k, v = (conv(hidden).reshape(b, 1, c, h * w).transpose(-1, -2) for conv in (self.q, self.k, self.v))
+        # [B, 1, HW, C] with a contiguous last dimension: the flash / memory-efficient SDPA kernels
+        # refuse a transposed view (last-dimension stride HW) and would fall back to the math path.
+        q, k, v = (conv(hidden).reshape(b, 1, c, h * w).transpose(-1, -2).contiguous()
+                   for conv in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
 
