@@ -161,6 +161,8 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    # Object storage for every component (data and its workers, checkpoints, exports, the first
+    # stage); data.storage.* fields override it for the shards only (ldm_scale.storage.resolve).
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
@@ -539,6 +541,11 @@ def validate(cfg: Config, world_size: Optional[int] = None, *, check_files: bool
         problems.append("deepspeed.zero.offload_param needs deepspeed.zero.stage=3 (use deepspeed=zero3_offload)")
     if z.offload_optimizer and z.stage == 0:
         problems.append("deepspeed.zero.offload_optimizer needs ZeRO stage >= 1")
+    if ds.channels_last and z.stage == 3:
+        problems.append("deepspeed.channels_last needs ZeRO stage <= 2 (ZeRO-3 keeps parameters as flat shards)")
+    if cfg.optim.implementation not in ("auto", "fused", "foreach", "for_loop"):
+        problems.append(f"optim.implementation={cfg.optim.implementation!r}: expected auto, fused, foreach or "
+                        "for_loop")
     if ds.precision not in ("fp32", "bf16", "fp16"):
         problems.append(f"deepspeed.precision={ds.precision!r}: expected fp32, bf16 or fp16")
     if ds.gradient_clipping < 0:
@@ -572,6 +579,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, *, check_files: bool
         cfg.ema.validate()
     except ValueError as exc:
         problems.append(str(exc))
+    problems += storage.config_problems(cfg.storage, "storage") + storage.config_problems(cfg.data.storage, "data.storage")
     if cfg.logger.backend not in ("wandb", "none"):
         problems.append(f"logger.backend={cfg.logger.backend!r}: expected wandb or none")
     if cfg.logger.mode not in ("auto", "online", "offline", "disabled"):

@@ -39,7 +39,7 @@ from ldm_scale.models.registry import FirstStageConfig, build_autoencoder
 from ldm_scale.train import engine as ds_engine
 from ldm_scale.train import health
 from ldm_scale.train.health import LOSS_SCALE_KEY, StepOutput
-from ldm_scale.train.engine import BatchPlan, OptimConfig
+from ldm_scale.train.engine import BatchPlan, DeepSpeedConfig, OptimConfig
 
 if TYPE_CHECKING:  # config imports the engine module; the task only needs the types
     from ldm_scale.config import Config, Plan
@@ -163,13 +163,13 @@ def explain_lr(optim: OptimConfig, plan: BatchPlan, num_nodes: int) -> str:
 
 class AutoencoderTask:
     """The loop's task for ``task: autoencoder`` (interface in ``train/tasks.py``): two engines, one
-    micro-batch per ``train_step``. Parts are built by the caller and passed in: ``perceptual`` is the
+    optimizer step of each per ``train_step``. Parts are built by the caller and passed in: ``perceptual`` is the
     frozen LPIPS network (``losses.build_lpips``) or None when ``perceptual_weight`` is 0."""
 
     def __init__(self, first_stage: FirstStageConfig, loss_cfg: AutoencoderLossConfig, *,
                  perceptual: Optional[nn.Module], ds_config: Dict[str, Any], optim: OptimConfig,
                  plan: BatchPlan, total_steps: int, device: torch.device, seed: int = 0,
-                 num_log_images: int = 8):
+                 num_log_images: int = 8, ds: Optional[DeepSpeedConfig] = None):
         check_autoencoder_plan(first_stage, loss_cfg, ds_config["zero_optimization"]["stage"])
         self.kind = first_stage.kind
         self.first_stage_cfg = first_stage
@@ -190,6 +190,10 @@ class AutoencoderTask:
 
         # 3. Two engines. Same Adam settings (the paper); the discriminator's lr x disc_lr_ratio.
         disc_optim = replace(copy.deepcopy(optim), lr=optim.lr * loss_cfg.disc_lr_ratio)
+        self.ds = ds or DeepSpeedConfig()
+        ds_engine.configure_device_math(self.ds)
+        ds_engine.apply_memory_format(generator, self.ds)
+        ds_engine.apply_memory_format(discriminator, self.ds)
         self.generator = ds_engine.initialize_engine(generator.to(device), ds_config, optim, plan, total_steps)
         self.discriminator = ds_engine.initialize_engine(discriminator.to(device), ds_config, disc_optim, plan,
                                                          total_steps)
@@ -244,7 +248,7 @@ class AutoencoderTask:
         loss_sum = torch.zeros((), device=self.device)
         nonfinite = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            x = batch["image"].to(self.device, non_blocking=True)
+            x = ds_engine.to_memory_format(batch["image"].to(self.device, non_blocking=True), self.ds)
             if self._log_inputs is None:  # a fixed set of images for the reconstruction grids
                 self._log_inputs = x[: self.num_log_images].detach().cpu()
             with self._autocast():
@@ -355,4 +359,5 @@ def build_autoencoder_task(cfg: "Config", plan: "Plan", *, device: torch.device,
     perceptual = build_lpips(loss_cfg.perceptual) if loss_cfg.perceptual_weight > 0 else None
     return AutoencoderTask(plan.autoencoder, loss_cfg, perceptual=perceptual,
                            ds_config=ds_engine.build_ds_config(cfg.deepspeed, plan.batch), optim=cfg.optim,
-                           plan=plan.batch, total_steps=total_steps, device=device, seed=cfg.seed)
+                           plan=plan.batch, total_steps=total_steps, device=device, seed=cfg.seed,
+                           ds=cfg.deepspeed)

@@ -147,7 +147,9 @@ class LDMTask:
         self.ldm.to(device)
         self.train_module = DiffusionTrainModule(self.ldm, cfg.diffusion)
 
-        # 3. The engine wraps only the trainable module.
+        # 3. The engine wraps only the trainable module (in channels_last first, when asked).
+        ds_engine.configure_device_math(cfg.deepspeed)
+        ds_engine.apply_memory_format(self.train_module, cfg.deepspeed)
         self.engine = ds_engine.initialize_engine(self.train_module, self.ds_config, cfg.optim, plan.batch,
                                                   total_steps)
         self.scale_factor_ready = cfg.model.scale_factor_mode == "spec"
@@ -234,7 +236,7 @@ class LDMTask:
         for batch in micro_batches:
             if not self.scale_factor_ready:
                 self.estimate_scale_factor(batch)
-            z0 = self._unscaled_latents(batch) * self.ldm.scale_factor
+            z0 = ds_engine.to_memory_format(self._unscaled_latents(batch) * self.ldm.scale_factor, self.cfg.deepspeed)
             raw, _ = drop_conditions(_raw_condition(batch, self.conditioning), self.cfg.diffusion.cond_drop_prob,
                                      self.ldm.cond_stage.null_raw)
             if isinstance(raw, torch.Tensor):
