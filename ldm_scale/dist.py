@@ -8,12 +8,17 @@ Only torch is imported, so library code can call these helpers freely.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,49 +71,154 @@ def default_device(info: DistInfo | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
-    """Initialise the default process group once (NCCL on CUDA, gloo on CPU).
+INIT_TIMEOUT_ENV = "LDM_SCALE_INIT_TIMEOUT_S"
+DEFAULT_INIT_TIMEOUT_S = 600.0  # torchrun's own rendezvous join timeout
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
+                "MASTER_ADDR", "MASTER_PORT")
 
-    Returns the topology; a single process without launcher variables stays uninitialised.
-    When the job came from srun without torchrun, the torch variables are exported from SLURM's so
-    that DeepSpeed and torch.distributed see one consistent view.
+
+class RendezvousTimeout(TimeoutError):
+    """A rank waited longer than the init timeout for its peers to join the process group."""
+
+
+def init_distributed(timeout_s: float = 1800.0, init_timeout_s: float | None = None) -> DistInfo:
+    """Initialise the default process group once (NCCL on CUDA, gloo on CPU); returns the topology.
+
+    Under a launcher the ranks meet in the store at MASTER_ADDR:MASTER_PORT, under a key prefix that
+    this worker group agrees on (:func:`agree_generation`). Every wait of that rendezvous is bounded
+    by ``init_timeout_s`` (default: ``$LDM_SCALE_INIT_TIMEOUT_S``, else 600 s) and fails with
+    :class:`RendezvousTimeout` naming what it waited for; ``timeout_s`` bounds each collective later.
+
+    A plain ``python`` run is rank 0 of a world of 1 with a real (one-process) group: the launcher
+    variables are exported, with a free MASTER_PORT, because DeepSpeed falls back to MPI discovery
+    (and fails without mpi4py) when any is missing. When the job came from srun without torchrun, the
+    torch variables are exported from SLURM's so that DeepSpeed and torch see one consistent view.
     """
     info = get_dist_info()
-    if info.world_size == 1 and "RANK" not in os.environ:
-        return info
+    if info.world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("RANK", str(info.rank))
     os.environ.setdefault("WORLD_SIZE", str(info.world_size))
     os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(info.local_world_size))
-    if not torch_dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(default_device(info))
-        timeout = datetime.timedelta(seconds=timeout_s)
-        store = _per_attempt_store(info, timeout)
-        if store is None:
-            torch_dist.init_process_group(backend=backend, timeout=timeout)
-        else:
-            torch_dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=info.rank,
-                                          world_size=info.world_size)
+    if torch_dist.is_initialized():
+        return info
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(default_device(info))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if info.world_size == 1:
+        store = torch_dist.HashStore()  # no peer has to find this process: no port to bind or clash over
+    else:
+        store = _worker_group_store(info, _init_timeout_s(init_timeout_s), timeout)
+    torch_dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=info.rank,
+                                  world_size=info.world_size)
     return info
 
 
-def _per_attempt_store(info: DistInfo, timeout: datetime.timedelta):
-    """torchrun's store under a prefix unique to this restart attempt, or None outside torchrun.
+def _init_timeout_s(explicit: float | None) -> float:
+    if explicit is not None:
+        return float(explicit)
+    return float(os.environ.get(INIT_TIMEOUT_ENV) or DEFAULT_INIT_TIMEOUT_S)
 
-    torchrun keeps one store across ``--max-restarts`` restarts of the worker group and torch does
-    not prefix the keys per attempt: a restarted worker can read the dead workers' gloo/NCCL
-    addresses and fail with "Connection refused" (seen with torch 2.14, both rendezvous backends).
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker_group_store(info: DistInfo, init_timeout_s: float, timeout: datetime.timedelta):
+    """The launcher's store at MASTER_ADDR:MASTER_PORT, under this worker group's generation prefix.
+
+    torchrun (c10d rendezvous, torch 2.14) hands every round of its rendezvous the same store (a
+    TCPStore in the node-rank-0 agent) and torch does not prefix the workers' keys per round: without
+    a prefix of our own a restarted worker reads the dead workers' gloo/NCCL addresses.
     """
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None or not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
-        return None
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        raise RuntimeError(f"ldm_scale.dist: rank {info.rank} of {info.world_size} needs MASTER_ADDR and "
+                           "MASTER_PORT (torchrun sets them; export them yourself under a bare srun)")
+    where = f"the store at {addr}:{port}"
+    if info.local_rank == 0:
+        log.info("rank %d of %d: rendezvous in %s, waiting up to %.0f s (%s)", info.rank, info.world_size,
+                 where, init_timeout_s, INIT_TIMEOUT_ENV)
+    # torchrun's own choice: a client of the agent's store, or (store sharing off) rank 0 serves one.
     from torch.distributed.rendezvous import _create_c10d_store
 
-    store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.rank,
-                               info.world_size, timeout)
-    return torch_dist.PrefixStore(f"ldm_scale/attempt_{attempt}", store)
+    try:
+        store = _create_c10d_store(addr, int(port), info.rank, info.world_size,
+                                   datetime.timedelta(seconds=init_timeout_s))
+        generation = agree_generation(store, info.rank, info.world_size, init_timeout_s, where=where)
+    except torch_dist.DistError as exc:  # the store itself went unreachable or silent
+        raise RendezvousTimeout(f"ldm_scale.dist: rank {info.rank} of {info.world_size} lost {where} within "
+                                f"{init_timeout_s:.0f} s ({INIT_TIMEOUT_ENV}): {exc}") from exc
+    store.set_timeout(timeout)  # later store users (new_group) keep the collective timeout
+    return torch_dist.PrefixStore(f"ldm_scale/generation_{generation}", store)
+
+
+def agree_generation(store, rank: int, world_size: int, timeout_s: float, *, where: str = "the store",
+                     poll_s: float = 0.05) -> int:
+    """A number that every rank of this worker group gets and that no earlier group in `store` got.
+
+    torchrun does not tell its workers the rendezvous round, and ``TORCHELASTIC_RESTART_COUNT``
+    counts only the local agent's failures: after one node's worker dies, that node's agent restarts
+    with count 1 while an agent that restarts its healthy workers for the membership change keeps 0,
+    so keys derived from the count differ between nodes (their workers then wait for each other
+    until the timeout). ``TORCHELASTIC_RUN_ID`` is the same for every round. What torchrun does
+    guarantee is that every worker of a round has exited before any worker of the next round starts
+    (each agent stops its workers before it rejoins, and a round completes once all agents joined).
+
+    So: every rank draws a ticket from one counter in the store. Rank 0's ticket is the generation;
+    it announces it again and again, each time with a fresh ticket, until all ranks confirmed. A rank
+    accepts only an announcement whose ticket is newer than its own: its writer was alive after this
+    rank started, so it is this group's rank 0, not a leftover of a dead one. Each wait ends at
+    ``timeout_s`` with :class:`RendezvousTimeout`.
+    """
+    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    ticket = store.add("ldm_scale/ticket", 1)
+
+    def give_up(waiting_for: str) -> RendezvousTimeout:
+        return RendezvousTimeout(
+            f"ldm_scale.dist: rank {rank} of {world_size} waited {time.monotonic() - started:.0f} s in {where} "
+            f"for {waiting_for}; raise {INIT_TIMEOUT_ENV} (or init_timeout_s) if ranks start further apart")
+
+    if rank == 0:
+        generation = ticket
+        joined = f"ldm_scale/generation_{generation}/joined"
+        while store.add(joined, 0) < world_size - 1:
+            if time.monotonic() > deadline:
+                missing = [r for r in range(1, world_size)
+                           if not store.check([f"ldm_scale/generation_{generation}/rank_{r}"])]
+                raise give_up(f"ranks {missing} to join generation {generation}")
+            store.set("ldm_scale/announce", f"{generation} {store.add('ldm_scale/ticket', 1)}")
+            time.sleep(poll_s)
+        store.set(f"ldm_scale/generation_{generation}/ready", "1")
+        log.info("rank 0 of %d: worker group generation %d agreed in %.1f s", world_size, generation,
+                 time.monotonic() - started)
+        return generation
+
+    while True:
+        if store.check(["ldm_scale/announce"]):
+            generation, announced_at = map(int, store.get("ldm_scale/announce").decode().split())
+            if announced_at > ticket:
+                break
+        if time.monotonic() > deadline:
+            raise give_up("rank 0 to announce this worker group's generation")
+        time.sleep(poll_s)
+    store.set(f"ldm_scale/generation_{generation}/rank_{rank}", "1")
+    store.add(f"ldm_scale/generation_{generation}/joined", 1)
+    # Why wait once more: gloo's connect would otherwise wait out the collective timeout if rank 0
+    # gave up on a missing peer; after "ready" every rank is known to be alive and in this generation.
+    # (A server-side wait, not polling: the key is new, and thousands of ranks may be waiting.)
+    try:
+        store.wait([f"ldm_scale/generation_{generation}/ready"],
+                   datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+    except torch_dist.DistStoreError:
+        raise give_up(f"the other ranks to join generation {generation}") from None
+    return generation
 
 
 def is_initialized() -> bool:
