@@ -57,6 +57,7 @@ class _Plan:
     """Everything a worker needs for one epoch (picklable; no open handles)."""
 
     cfg: DataConfig
+    storage: storage.StorageConfig  # resolved in the parent: workers never read the process-wide default
     urls: List[str]
     shard_set: shard_lib.ShardSet
     epoch_shards: List[int]  # epoch mode: the shards of this epoch (all, or the remainder after an elastic resume)
@@ -189,7 +190,7 @@ def _worker_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any], D
         produced = 0
 
         def checked(shard_id: int) -> Iterator[Dict]:
-            for raw in iter_tar_samples(plan.urls[shard_id], shard_id, counters, cfg.storage):
+            for raw in iter_tar_samples(plan.urls[shard_id], shard_id, counters, plan.storage):
                 counters["samples_read"] += 1
                 reason = check_sample(raw, cfg)
                 if reason is not None:
@@ -250,8 +251,12 @@ class ShardLoader:
     """Iterating yields the rest of the current epoch (``batches_per_epoch`` batches in all), then
     moves to the next epoch; :meth:`infinite` chains epochs. See the module docstring."""
 
-    def __init__(self, cfg: DataConfig, dist_info: dist.DistInfo, *, batch_size: int, seed: int):
+    def __init__(self, cfg: DataConfig, dist_info: dist.DistInfo, *, batch_size: int, seed: int,
+                 storage_defaults: Optional[storage.StorageConfig] = None, uint8_images: bool = False):
         cfg.validate()
+        # True: hand images over as uint8 (normalised on the device by data/device.py: a quarter of
+        # the bytes to pin and copy, and no per-pixel pass in the main process).
+        self.uint8_images = uint8_images
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         self.cfg = cfg
@@ -259,8 +264,11 @@ class ShardLoader:
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = max(1, cfg.num_workers)
+        # data.storage over storage.* (the launcher's storage.configure), resolved once here so
+        # that workers, whatever their start method, read shards with exactly these settings.
+        self.storage_cfg = storage.resolve(cfg.storage, storage_defaults, key="data.storage")
         need_sizes = cfg.samples_per_epoch is None or cfg.mode == "epoch"
-        self.shard_set = shard_lib.resolve_shards(cfg.urls, cfg.storage, need_sizes=need_sizes)
+        self.shard_set = shard_lib.resolve_shards(cfg.urls, self.storage_cfg, need_sizes=need_sizes)
         if cfg.samples_per_epoch is None and self.shard_set.sizes is None:
             raise ValueError(
                 f"no sizes.json or _stats.json next to the shards of {storage.redact(cfg.urls)}: run "
@@ -317,7 +325,7 @@ class ShardLoader:
 
     def _plan(self) -> _Plan:
         return _Plan(
-            cfg=self.cfg, urls=self.shard_set.urls, shard_set=self.shard_set,
+            cfg=self.cfg, storage=self.storage_cfg, urls=self.shard_set.urls, shard_set=self.shard_set,
             epoch_shards=self._current_epoch_shards() if self.cfg.mode == "epoch" else [],
             seed=self.seed, epoch=self.epoch, salt=self._salt, rank=self.dist_info.rank,
             world_size=self.dist_info.world_size, num_workers=self.num_workers, batch_size=self.batch_size,
@@ -343,10 +351,14 @@ class ShardLoader:
         return iter(loader)
 
     def _finish(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        """The contract's tensors: float images in [-1, 1]; page-locked when ``data.pin_memory`` is
+        """The contract's tensors: float images in [-1, 1] (or uint8 with ``uint8_images``: then
+        ``data.device.unit_range`` gives the same values); page-locked when ``data.pin_memory`` is
         set and CUDA is there (pinned here rather than by DataLoader, which would pin the uint8)."""
         pin = self.cfg.pin_memory and torch.cuda.is_available()
-        if "image" in batch:
+        if "image" in batch and self.uint8_images:
+            if pin:
+                batch["image"] = batch["image"].pin_memory()
+        elif "image" in batch:
             batch["image"] = batch_to_unit_range(batch["image"], pin_memory=pin)
         elif pin:
             batch["latent_mean"] = batch["latent_mean"].pin_memory()
@@ -492,6 +504,10 @@ class ShardLoader:
 
 
 def build_loader(cfg: DataConfig, dist_info: Optional[dist.DistInfo] = None, *, batch_size: int,
-                 seed: int) -> ShardLoader:
-    """The training data loader for this rank (see :class:`ShardLoader`)."""
-    return ShardLoader(cfg, dist_info or dist.get_dist_info(), batch_size=batch_size, seed=seed)
+                 seed: int, storage_defaults: Optional[storage.StorageConfig] = None,
+                 uint8_images: bool = False) -> ShardLoader:
+    """The training data loader for this rank (see :class:`ShardLoader`). Shards are read with
+    ``cfg.storage`` over ``storage_defaults`` (None: the process-wide ``storage.configure`` block,
+    which the launcher sets from ``storage.*``)."""
+    return ShardLoader(cfg, dist_info or dist.get_dist_info(), batch_size=batch_size, seed=seed,
+                       storage_defaults=storage_defaults, uint8_images=uint8_images)

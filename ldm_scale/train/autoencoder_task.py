@@ -36,6 +36,7 @@ from ldm_scale import dist
 from ldm_scale.losses import (AutoencoderLoss, AutoencoderLossConfig, LearnedLogVariance, PatchDiscriminator, build_lpips,
                               gan_active)
 from ldm_scale.models.registry import FirstStageConfig, build_autoencoder
+from ldm_scale.data.device import unit_range
 from ldm_scale.train import engine as ds_engine
 from ldm_scale.train import health
 from ldm_scale.train.health import LOSS_SCALE_KEY, StepOutput
@@ -248,7 +249,7 @@ class AutoencoderTask:
         loss_sum = torch.zeros((), device=self.device)
         nonfinite = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            x = ds_engine.to_memory_format(batch["image"].to(self.device, non_blocking=True), self.ds)
+            x = ds_engine.to_memory_format(unit_range(batch["image"].to(self.device, non_blocking=True)), self.ds)
             if self._log_inputs is None:  # a fixed set of images for the reconstruction grids
                 self._log_inputs = x[: self.num_log_images].detach().cpu()
             with self._autocast():

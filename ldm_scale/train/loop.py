@@ -22,6 +22,7 @@ from ldm_scale import config as config_lib
 from ldm_scale import dist, preemption, storage
 from ldm_scale.config import Config
 from ldm_scale.data import build_loader
+from ldm_scale.data.device import DeviceHandoff
 from ldm_scale.logging import (METRICS_FILE, MetricMeter, RunLogger, Throughput, console_line, history_step,
                                peak_flops_per_device, sum_over_ranks, truncate_metrics)
 from ldm_scale.train.checkpoint import CheckpointError, CheckpointManager
@@ -53,7 +54,9 @@ def _progress_bar(enabled: bool, initial: int, total: int):
 
 def prompt_adherence_eval(task, num_samples: int, seed: int, sampler) -> Dict[str, float]:
     """Generate ``num_samples`` images for random synthetic-shapes prompts and score them with the
-    dataset's attribute detector (chance level is ``CHANCE_ADHERENCE``). Collective."""
+    dataset's attribute detector (chance level is ``CHANCE_ADHERENCE``). Collective.
+
+    Meaningful only for a model trained on the synthetic shapes: see :func:`prompt_adherence_skip_reason`."""
     from ldm_scale.data.synthetic import CHANCE_ADHERENCE, prompt_adherence, random_attributes
 
     rng = np.random.default_rng(seed)
@@ -64,6 +67,17 @@ def prompt_adherence_eval(task, num_samples: int, seed: int, sampler) -> Dict[st
     images = task.generate(prompts, seed=seed, sampler=sampler)
     return {"eval/prompt_adherence": prompt_adherence(images, prompts),
             "eval/prompt_adherence_chance": CHANCE_ADHERENCE}
+
+
+def prompt_adherence_skip_reason(cfg: Config, info: dist.DistInfo) -> Optional[str]:
+    """Why ``eval.prompt_adherence_samples`` must not score this run (None: score it), the same on
+    every rank. The shapes detector scores shapes prompts: on other shards (an experiment used as a
+    template) the number would look like a result and mean nothing, so the training data must carry
+    the synthetic dataset's card (``ldm_scale.data.synthetic.not_synthetic_reason``). Collective."""
+    from ldm_scale.data.synthetic import not_synthetic_reason
+
+    # Rank 0 reads the cards and every rank follows its answer: the scoring that may follow is collective.
+    return dist.broadcast_object(not_synthetic_reason(cfg.data.urls, cfg.data.storage) if info.is_main else None)
 
 
 STOP_COMPLETED = "completed"
@@ -121,7 +135,7 @@ def train(cfg: Config) -> TrainResult:
 def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, checkpoints,
            lease: Optional[RunLease]) -> TrainResult:
     # --- 1. Data first (unreadable shards fail before anything is written), run identity -------
-    loader = build_loader(cfg.data, info, batch_size=plan.batch.micro_batch_size, seed=cfg.seed)
+    loader = build_loader(cfg.data, info, batch_size=plan.batch.micro_batch_size, seed=cfg.seed, uint8_images=True)
     if info.is_main:
         config_lib.write_resolved(cfg, plan, run_dir)
         log.info("run %s in %s: %s", run_id, run_dir, plan.describe())
@@ -140,6 +154,7 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
     resumed = checkpoints.resume(engines=task.engines, ema=ema, loader=loader) or {}
     task.load_client_state(resumed)
     step = int(resumed.get("step", 0))  # healthy optimizer steps: the run's clock
+    resumed_from = step if resumed else None
     samples_seen = int(resumed.get("samples_seen", 0))
     data_position = int(resumed.get("data_position", step * accumulation))  # micro-batches drawn, this rank
     health.load_state_dict(resumed.get("health", {}))
@@ -176,12 +191,13 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
             logger.log_images(key, grid, step, captions)
 
     batches = loader.infinite()
+    to_device = DeviceHandoff(device)  # uint8 images -> device (side stream on CUDA) -> [-1, 1] there
 
     def next_micro_batches() -> List[Dict[str, Any]]:
         nonlocal data_position
         out = []
         for _ in range(accumulation):
-            batch = next(batches)
+            batch = to_device(next(batches))
             scale = cfg.train.debug_spike.loss_scale(data_position)
             if scale != 1.0:
                 batch[LOSS_SCALE_KEY] = scale
@@ -284,7 +300,8 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
         # Every rank raised at the same step: earlier checkpoints still finish uploading (a
         # collective, safe here); nothing is saved after the streak began.
         checkpoints.close()
-        _write_result(info, run_dir, run_id, step, samples_seen, f"unhealthy:{exc.reason}", {}, None, spikes.events)
+        _write_result(info, run_dir, run_id, step, samples_seen, f"unhealthy:{exc.reason}", {}, None, spikes.events,
+                      resumed_from=resumed_from)
         logger.finish(exit_code=1)
         raise
     except BaseException:
@@ -295,17 +312,27 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
     if progress is not None:
         progress.close()
     final: Dict[str, float] = {}
+    skipped_evals: Dict[str, str] = {}
     if stop_reason == STOP_COMPLETED:
         if cfg.checkpoint.save_final and checkpoints.last_saved_step != step:
             save_checkpoint()
         if cfg.eval.sample_at_end:
             log_samples()
         if cfg.eval.prompt_adherence_samples > 0:
-            with sampling_weights():
-                final.update(prompt_adherence_eval(task, cfg.eval.prompt_adherence_samples, cfg.eval.seed,
-                                                   cfg.eval.sampler))
-            logger.log(final, step=step)
-            logger.summary(final)
+            skip_reason = prompt_adherence_skip_reason(cfg, info)
+            if skip_reason is None:
+                with sampling_weights():
+                    final.update(prompt_adherence_eval(task, cfg.eval.prompt_adherence_samples, cfg.eval.seed,
+                                                       cfg.eval.sampler))
+                logger.log(final, step=step)
+                logger.summary(final)
+            else:
+                skipped_evals["prompt_adherence"] = skip_reason
+                if info.is_main:
+                    log.warning("eval.prompt_adherence_samples=%d: not scored, the synthetic-shapes detector "
+                                "applies only to the synthetic shapes data and %s (set "
+                                "eval.prompt_adherence_samples=0 to silence this)",
+                                cfg.eval.prompt_adherence_samples, skip_reason)
         if cfg.checkpoint.export_final:
             task.export(storage.join(cfg.checkpoint.root, run_id, "export.pt"), ema=ema, config=resolved, step=step)
         checkpoints.wait()
@@ -313,7 +340,7 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
     if ema is not None:
         ema.close()
     _write_result(info, run_dir, run_id, step, samples_seen, stop_reason, final,
-                  "ema" if sample_with_ema else "raw", spikes.events)
+                  "ema" if sample_with_ema else "raw", spikes.events, skipped_evals, resumed_from=resumed_from)
     logger.finish()
     dist.barrier()
     return TrainResult(run_id=run_id, run_dir=run_dir, step=step, samples_seen=samples_seen, final_metrics=final,
@@ -322,15 +349,19 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
 
 def _write_result(info: dist.DistInfo, run_dir: Path, run_id: str, step: int, samples_seen: int, stop_reason: str,
                   final: Dict[str, float], sample_weights: Optional[str],
-                  rollbacks: Optional[List[Dict[str, Any]]] = None) -> None:
-    """``result.json`` and the last log line (rank 0): how the run stopped, and how to continue it."""
+                  rollbacks: Optional[List[Dict[str, Any]]] = None,
+                  skipped_evals: Optional[Dict[str, str]] = None, resumed_from: Optional[int] = None) -> None:
+    """``result.json`` and the last log line (rank 0): how the run stopped, how to continue it, and
+    which configured evaluations were not run and why (``skipped_evals``)."""
     if not info.is_main:
         return
     summary: Dict[str, Any] = {"run_id": run_id, "step": step, "samples_seen": samples_seen,
-                               "stop_reason": stop_reason}
+                               "stop_reason": stop_reason, "resumed_from": resumed_from}
     if sample_weights is not None:
         summary["sample_weights"] = sample_weights
     summary.update(final)
+    if skipped_evals:
+        summary["skipped_evals"] = dict(skipped_evals)
     if rollbacks:
         summary["rollbacks"] = rollbacks
     if stop_reason != STOP_COMPLETED:

@@ -26,6 +26,7 @@ from torch import nn
 
 from ldm_scale import dist, storage
 from ldm_scale.config import Config, ModelConfig, Plan
+from ldm_scale.data.device import unit_range
 from ldm_scale.diffusion import (
     DiffusionConfig,
     SamplerConfig,
@@ -200,7 +201,7 @@ class LDMTask:
             mean = batch["latent_mean"].to(self.device, non_blocking=True).float()
             logvar = batch["latent_logvar"].to(self.device, non_blocking=True).float()
             return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn_like(mean)
-        images = batch["image"].to(self.device, non_blocking=True)
+        images = unit_range(batch["image"].to(self.device, non_blocking=True))
         with self._autocast():
             return self.ldm.first_stage.encode_to_latent(images).float()
 
