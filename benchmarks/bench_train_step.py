@@ -1,4 +1,4 @@
-"""Our training step (LDMTask: DeepSpeed engine, NaN guard, EMA-ready bookkeeping) vs a bare PyTorch
+"""Our training step (LDMTask: DeepSpeed engine, the step-health decision, EMA-ready bookkeeping) vs a bare PyTorch
 loop on the same model and batch, 1 rank. Target: ratio <= 1.10.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_train_step.py [--steps 6] [--rounds 3] [--channels 64]
@@ -29,6 +29,7 @@ from ldm_scale import config as C  # noqa: E402
 from ldm_scale import dist  # noqa: E402
 from ldm_scale.diffusion import diffusion_loss  # noqa: E402
 from ldm_scale.models.registry import build_ldm  # noqa: E402
+from ldm_scale.train.health import StepHealth  # noqa: E402
 from ldm_scale.train.tasks import build_task  # noqa: E402
 
 
@@ -81,8 +82,11 @@ def main() -> int:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
 
+    health = StepHealth(max_consecutive_unhealthy=5)
+
     def ours_step() -> None:
-        ours.train_step(batch)
+        # What the loop does per optimizer step: the task's step and the one collective health decision.
+        health.decide(ours.train_step([batch], 0).health, 0)
 
     def timed(fn) -> float:
         t0 = time.perf_counter()
