@@ -3,7 +3,11 @@
     python data_tools/download.py --parquet laion_part0.parquet --out s3://bucket/laion \
         --image-size 512 --processes 16 --threads 64
 
-Needs the img2dataset extra: pip install 'ldm_scale[img2dataset]'. Writes sizes.json at the end.
+Needs the img2dataset extra: pip install 'ldm_scale[img2dataset]'. Writes sizes.json at the end and
+prints the totals of img2dataset's stats (attempted, written, failed by error) as JSON.
+
+Every input column other than the url / caption columns is kept in each sample's .json (and the shard
+parquet) unless --extra-columns says otherwise: `none`, or a comma-separated list (`label,aesthetic`).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from ldm_scale import storage  # noqa: E402
-from ldm_scale.data.download import DownloadConfig, download_shards  # noqa: E402
+from ldm_scale.data.download import DownloadConfig, download_shards, parse_extra_columns  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,13 +38,24 @@ def main(argv=None) -> int:
     p.add_argument("--retries", type=int, default=0)
     p.add_argument("--url-col", default="url")
     p.add_argument("--caption-col", default="caption")
+    p.add_argument("--extra-columns", default="all", metavar="all|none|a,b",
+                   help="input columns to keep in each sample's .json: all (default: every column but the url / "
+                        "caption columns and img2dataset's own fields), none, or comma-separated names")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for --out")
     args = p.parse_args(argv)
+    try:
+        extra = parse_extra_columns(args.extra_columns)
+    except ValueError as exc:
+        p.error(str(exc))
     dl = DownloadConfig(image_size=args.image_size, resize_mode=args.resize_mode, min_image_size=args.min_image_size,
                         samples_per_shard=args.samples_per_shard, processes=args.processes, threads=args.threads,
                         timeout_s=args.timeout, retries=args.retries, url_col=args.url_col,
-                        caption_col=args.caption_col)
-    totals = download_shards(args.parquet, args.out, dl, storage.StorageConfig(endpoint_url=args.endpoint_url))
+                        caption_col=args.caption_col, extra_columns=extra)
+    try:
+        totals = download_shards(args.parquet, args.out, dl, storage.StorageConfig(endpoint_url=args.endpoint_url))
+    except ValueError as exc:  # a column that is not in the input or that img2dataset reserves
+        print(f"data_tools/download.py: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(totals))
     return 0
 

@@ -7,6 +7,10 @@ module for every script run from this directory.)
 
 sizes.json (samples per shard, next to the shards) lets the loader size epochs without opening
 every shard; run this once after img2dataset (download.py already does).
+
+Prints a JSON summary on stdout (the report's counts, the written samples' ``status`` and
+``downloads``: what img2dataset's ``<shard>_stats.json`` files say was attempted, written and failed,
+by error) and one line about the downloads on stderr; ``--report`` writes everything, per shard too.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm_scale import storage  # noqa: E402
-from ldm_scale.data.shard_stats import inspect_shards  # noqa: E402
+from ldm_scale.data.shard_stats import format_downloads, inspect_shards  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,8 +37,10 @@ def main(argv=None) -> int:
     report = inspect_shards(args.urls, cfg, threads=args.threads, write_sizes_json=not args.no_sizes)
     if args.report:
         storage.write_text(args.report, json.dumps(report, indent=1), cfg)
-    summary = {k: report[k] for k in ("num_shards", "num_samples", "total_bytes", "damage", "members")}
+    summary = {k: report[k] for k in ("num_shards", "num_samples", "total_bytes", "damage", "members", "status",
+                                      "downloads")}
     print(json.dumps(summary, indent=1))
+    print(format_downloads(report["downloads"]), file=sys.stderr)
     return 0
 
 

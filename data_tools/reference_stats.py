@@ -4,8 +4,11 @@
     torchrun --nproc_per_node 8 data_tools/reference_stats.py data=... extractor.name=inception
 
 Arguments are ``key=value`` overrides of ``ldm_scale.evaluation.config.ReferenceStatsConfig``. Every
-rank reads its own shards; each checkpoints its progress, so re-running after a crash resumes (with
-the same number of ranks). The output (default ``<shard dir>/reference_stats/<extractor>-<resize>_
+image of ``min(n_samples, set size)`` goes in exactly once (the partial last batch too); N in the file
+name and ``meta`` is the number that went in (less any sample that fails to decode, counted in
+``meta["dropped"]``). Every rank reads its own shards; each checkpoints its progress, so re-running
+after a crash resumes (with the same number of ranks). The output (default
+``<shard dir>/reference_stats/<extractor>-<resize>_
 <res>px_n<N>.npz``) is ADM-compatible: ``arr_0`` images, ``mu``/``sigma`` (+ ``mu_s``/``sigma_s``),
 plus features, labels/captions and a JSON ``meta`` (docs/evaluation.md).
 """
@@ -19,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm_scale import dist, storage  # noqa: E402
-from ldm_scale.evaluation.cli import config_from_argv  # noqa: E402
+from ldm_scale.evaluation.cli import config_from_argv, report_input_errors  # noqa: E402
 from ldm_scale.evaluation.config import ReferenceStatsConfig  # noqa: E402
-from ldm_scale.evaluation.features import extractor_from_config  # noqa: E402
+from ldm_scale.evaluation.features import check_extractor_weights, extractor_from_config  # noqa: E402
 from ldm_scale.evaluation.reference import load_reference, reference_from_shards  # noqa: E402
 
 
@@ -32,6 +35,9 @@ def parse_config(argv: list[str]) -> ReferenceStatsConfig:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    # The Inception weights' hash before any shard is read (one line, exit 2).
+    report_input_errors("data_tools/reference_stats.py",
+                        lambda: check_extractor_weights(cfg.extractor, storage_cfg=cfg.storage))
     info = dist.init_distributed()
     storage.configure(cfg.storage)
     extractor = extractor_from_config(cfg.extractor, dist.default_device(info))
@@ -41,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                                 checkpoint_every=cfg.checkpoint_every, storage_cfg=cfg.storage)
     if info.is_main:
         ref = load_reference(url)
-        print(json.dumps({"reference": storage.redact(url), "n": ref.pool.n, "extractor": ref.extractor_name,
+        print(json.dumps({"reference": storage.redact(url), "n": ref.pool.n, "n_planned": ref.meta.get("n_planned"),
+                          "dropped": ref.meta.get("dropped"), "extractor": ref.extractor_name,
                           "images_kept": 0 if ref.images is None else len(ref.images)}))
     return 0
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm_scale.evaluation.cli import config_from_argv, report_input_errors  # noqa: E402
 from ldm_scale.evaluation.config import FIDEvalConfig, compose_fid_config  # noqa: E402
 from ldm_scale.evaluation.evaluate import run_fid_eval  # noqa: E402
+from ldm_scale.evaluation.features import check_extractor_weights  # noqa: E402
 
 
 def parse_config(argv: list[str]) -> FIDEvalConfig:
@@ -32,6 +33,8 @@ def parse_config(argv: list[str]) -> FIDEvalConfig:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    # The Inception weights' hash first: before any checkpoint is read or sample generated.
+    report_input_errors("eval/fid.py", lambda: check_extractor_weights(cfg.extractor, storage_cfg=cfg.storage))
     record = report_input_errors("eval/fid.py", lambda: run_fid_eval(cfg))
     if record is not None:
         print(json.dumps({"metrics": record["metrics"], "extractor": record["extractor"]["name"],

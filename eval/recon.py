@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm_scale.evaluation.cli import config_from_argv, report_input_errors  # noqa: E402
+from ldm_scale.evaluation.features import check_extractor_weights  # noqa: E402
 from ldm_scale.evaluation.recon import ReconEvalConfig, run_recon_eval  # noqa: E402
 
 
@@ -30,6 +31,8 @@ def parse_config(argv: list[str]) -> ReconEvalConfig:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    if cfg.rfid:  # the Inception weights' hash first: before the checkpoint is read
+        report_input_errors("eval/recon.py", lambda: check_extractor_weights(cfg.extractor))
     record = report_input_errors("eval/recon.py", lambda: run_recon_eval(cfg))
     if record is not None:
         print(json.dumps(record, indent=1))

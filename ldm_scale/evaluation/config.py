@@ -58,7 +58,7 @@ class FIDEvalConfig:
     quickstart_dir: str = "quickstart"  # launch/quickstart.py --workdir
     ckpt: Optional[str] = None  # exported checkpoint (path or URL) or a training checkpoint directory
     ref: Optional[str] = None  # reference .npz (ours or ADM's) or shard URLs to compute it from
-    ref_n_samples: int = 50000  # when `ref` is shards: images in mu/sigma
+    ref_n_samples: int = 50000  # when `ref` is shards: images in mu/sigma (at most: all if the set is smaller)
     ref_keep_images: int = 10000  # when `ref` is shards: images kept in arr_0 (precision/recall)
     ref_out: Optional[str] = None  # when `ref` is shards: where to store it (default: next to the data)
     ref_resolution: Optional[int] = None  # when `ref` is shards: default the model's image size
@@ -91,7 +91,7 @@ class ReferenceStatsConfig:
 
     data: Optional[str] = None  # shard pattern(s), "::"-separated: s3://b/set/{00000..00099}.tar
     out: Optional[str] = None  # default: <shard dir>/reference_stats/<extractor>-<resize>_<res>px_n<N>.npz
-    n_samples: int = 50000
+    n_samples: int = 50000  # at most; N (file name, meta) is what went in: min(n_samples, set size) less dropped
     keep_images: int = 10000
     resolution: int = 256
     conditioning: str = "text"  # text | class | none: which labels to keep for conditioning generation

@@ -20,6 +20,7 @@ Names (``get_extractor(name, ...)``):
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -29,6 +30,7 @@ from ldm_scale.evaluation import inception as inc
 from ldm_scale.evaluation.preprocess import RESIZE_MODES, quantize_to_uint8, resize_for_extractor
 
 NOT_COMPARABLE = "(NOT comparable to published FID)"
+INCEPTION_NAMES = ("inception", "inception-v3-fid")
 
 
 class FeatureExtractor(nn.Module):
@@ -131,7 +133,7 @@ def get_extractor(name: str = "inception", *, device: Optional[torch.device | st
     CPU smoke tests; it is part of the extractor's name.
     """
     device = torch.device(device or "cpu")
-    if name in ("inception", "inception-v3-fid"):
+    if name in INCEPTION_NAMES:
         if input_size not in (None, inc.INPUT_SIZE):
             raise ValueError(f"the FID Inception is defined at {inc.INPUT_SIZE} px; input_size={input_size} "
                              "is only allowed for random-inception")
@@ -191,3 +193,35 @@ def extractor_from_config(cfg, device: Optional[torch.device | str] = None) -> F
             return get_extractor("random-inception", input_size=cfg.input_size, **kw)
     return get_extractor(cfg.name, weights=cfg.weights, sha256=cfg.sha256, allow_download=cfg.allow_download,
                          input_size=cfg.input_size, **kw)
+
+
+def check_extractor_weights(cfg, prefix: str = "extractor", storage_cfg=None) -> Optional[str]:
+    """Check the FID Inception weights file an ``ExtractorConfig`` will load, before any other work
+    (an entry point calls this before it reads a checkpoint or makes a sample, so a wrong file costs
+    seconds, not a night of sampling). Returns the file's local path, or None when no file is to be
+    checked now: another extractor, or no file on this machine (``auto`` then falls back to
+    ``random-inception``; ``inception`` downloads it, and the download is checked when loaded).
+
+    The file is the one :func:`inception.resolve_fid_weights` finds (``<prefix>.weights``,
+    ``$LDM_SCALE_FID_WEIGHTS`` or the torch hub cache; a URL is fetched into the cache first, with
+    ``storage_cfg``: the entry point's ``storage`` block, not configured yet at this point). Raises
+    :class:`inception.WeightsHashError` (a ``ValueError``) whose one line names where the file came
+    from, ``<prefix>.sha256``, and the expected and actual digests; ``FileNotFoundError`` when a named
+    file is missing and ``name=inception``."""
+    if cfg.name != "auto" and cfg.name not in INCEPTION_NAMES:
+        return None
+    env = os.environ.get(inc.WEIGHTS_ENV_VAR)
+    if cfg.weights:
+        source = f"{prefix}.weights={cfg.weights}"
+    elif env:
+        source = f"${inc.WEIGHTS_ENV_VAR}={env}"
+    else:
+        source = "the torch hub cache"
+    try:
+        path = inc.resolve_fid_weights(cfg.weights, allow_download=False, storage_cfg=storage_cfg)
+    except FileNotFoundError:
+        if cfg.name == "auto" or (not cfg.weights and not env and cfg.allow_download):
+            return None
+        raise
+    inc.check_sha256(path, cfg.sha256, source=source, hash_key=f"{prefix}.sha256")
+    return path

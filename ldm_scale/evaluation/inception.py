@@ -15,7 +15,10 @@ Parameter names are torchvision's (``Conv2d_1a_3x3.conv.weight``, ``Mixed_5b.bra
 
 Weights are looked for in this order: an explicit path or URL; ``$LDM_SCALE_FID_WEIGHTS``; the torch
 hub cache (``<torch.hub.get_dir()>/checkpoints/``, under pytorch-fid's or torch-fidelity's file name);
-then a download from ``FID_WEIGHTS_URL`` (when allowed). Every file is checked against a SHA-256.
+then a download from ``FID_WEIGHTS_URL`` (when allowed). Every file is checked against a SHA-256
+(:func:`check_sha256`); the entry points check the file up front, before any other work
+(``features.check_extractor_weights``). Where to get the file and how to verify it by hand:
+docs/evaluation.md, "The FID Inception weights file".
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid
 # The same converted weights are published by torch-fidelity under this name (same hash prefix).
 FID_WEIGHTS_ALT_FILENAMES = ("weights-inception-2015-12-05-6726825d.pth",)
 # SHA-256 of the file. The first 8 hex digits are the ones in the file name (what torch.hub checks);
-# the full digest is the published record of the torch-fidelity copy of the same file.
+# the full digest is the one independent projects pin for the pytorch-fid URL above and for
+# torch-fidelity's copy (e.g. genforce's metrics/inception.py, with this URL), size 95,628,359 bytes.
 FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 WEIGHTS_ENV_VAR = "LDM_SCALE_FID_WEIGHTS"
 
@@ -178,18 +182,31 @@ def sha256_of_file(path: str, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def check_sha256(path: str, expected: str) -> None:
-    """Raise unless the file's SHA-256 starts with ``expected`` (a full digest or >= 8 hex digits)."""
+class WeightsHashError(ValueError):
+    """A weights file whose SHA-256 is not the expected one (a ``ValueError``: input the run cannot
+    use, reported in one line by the entry points)."""
+
+    def __init__(self, message: str, *, path: str, expected: str, actual: str):
+        super().__init__(message)
+        self.path, self.expected, self.actual = path, expected, actual
+
+
+def check_sha256(path: str, expected: str, *, source: Optional[str] = None, hash_key: str = "extractor.sha256") -> str:
+    """The file's SHA-256; raise :class:`WeightsHashError` unless it starts with ``expected`` (a full
+    digest or >= 8 hex digits). The one-line message names ``source`` (where the file came from,
+    e.g. ``extractor.weights=/data/pt_inception.pth``; default: the path), the ``hash_key`` that
+    holds the expected digest, the expected and the actual digest."""
     expected = expected.strip().lower()
-    if len(expected) < 8:
-        raise ValueError(f"a SHA-256 to check against needs at least 8 hex digits, got {expected!r}")
+    if len(expected) < 8 or any(c not in "0123456789abcdef" for c in expected):
+        raise ValueError(f"{hash_key}={expected!r}: a SHA-256 to check against needs at least 8 hex digits")
     actual = sha256_of_file(path)
     if not actual.startswith(expected):
-        raise RuntimeError(
-            f"FID Inception weights {path} have SHA-256 {actual}, expected {expected}. The file is "
-            f"corrupt or a different network; delete it and fetch {FID_WEIGHTS_URL} again, or pass the "
-            "hash of a file you trust as the extractor's sha256."
-        )
+        where = source if source and path in source else (f"{source} ({path})" if source else f"weights file {path}")
+        raise WeightsHashError(
+            f"{where} has SHA-256 {actual}, but {hash_key} expects {expected}: the file is corrupt or a "
+            f"different network; delete it and fetch {FID_WEIGHTS_URL} again (docs/evaluation.md), or set "
+            f"{hash_key} to the digest of a file you trust", path=path, expected=expected, actual=actual)
+    return actual
 
 
 def hub_checkpoint_dir() -> Path:
@@ -206,8 +223,10 @@ def _where_to_put_it() -> str:
     )
 
 
-def resolve_fid_weights(weights: Optional[str] = None, *, allow_download: bool = True) -> str:
-    """Local path of the FID Inception weights (fetched into the hub cache if given as a URL)."""
+def resolve_fid_weights(weights: Optional[str] = None, *, allow_download: bool = True,
+                        storage_cfg=None) -> str:
+    """Local path of the FID Inception weights (fetched into the hub cache if given as a URL, with
+    ``storage_cfg`` or the process-wide storage settings)."""
     from ldm_scale import storage
 
     looked: List[str] = []
@@ -221,7 +240,7 @@ def resolve_fid_weights(weights: Optional[str] = None, *, allow_download: bool =
             return path
         target = hub_checkpoint_dir() / os.path.basename(weights.rstrip("/"))
         if not target.is_file():
-            storage.get_file(weights, str(target))
+            storage.get_file(weights, str(target), storage_cfg)
         return str(target)
     for name in (FID_WEIGHTS_FILENAME, *FID_WEIGHTS_ALT_FILENAMES):
         candidate = hub_checkpoint_dir() / name

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -171,7 +172,7 @@ class ReconEvalConfig:
     #                             checkpoint (step_<N> or run directory), consolidated on the fly
     data: Optional[str] = None  # shard URLs: a brace pattern, a '::'-separated list or a glob
     resolution: Optional[int] = None  # default: the resolution the autoencoder was trained at
-    num_images: Optional[int] = None  # default: one pass over the shards (whole global batches)
+    num_images: Optional[int] = None  # default: every image of the shards, once (partial last batch included)
     batch_size: int = 16  # per rank
     num_workers: int = 1
     use_ema: bool = True  # EMA weights when the export has them
@@ -243,14 +244,29 @@ def load_autoencoder_export(url: str, *, use_ema: bool = True) -> Tuple[torch.nn
     return model.eval().requires_grad_(False), info
 
 
+def posterior_noise(image_ids: torch.Tensor, shape: Tuple[int, ...], seed: int, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """eps ~ N(0, I) of shape ``[B, *shape]``, image ``i``'s drawn from a generator seeded by
+    (seed, ``image_ids[i]``): a posterior sample then depends on the image only, not on the batch
+    size, the rank or the worker that read it."""
+    rows = []
+    for image_id in image_ids.tolist():
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(image_id)]).generate_state(1)[0]))
+        rows.append(torch.randn(shape, generator=gen))
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
 @torch.no_grad()
 def reconstruct(model: torch.nn.Module, kind: str, images: torch.Tensor, *, sample_posterior: bool,
-                generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+                generator: Optional[torch.Generator] = None,
+                eps: Optional[Callable[[Tuple[int, ...]], torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(reconstruction, LDM-seam latent) of ``images`` in [-1, 1]: the KL posterior's mode (or a sample)
-    / the VQ code; the latent is what the LDM trains on (KL: a posterior sample, VQ: pre-quantisation)."""
+    / the VQ code; the latent is what the LDM trains on (KL: a posterior sample, VQ: pre-quantisation).
+    The KL sample's noise comes from ``eps(latent shape)`` when given (:func:`posterior_noise`),
+    else from ``generator``."""
     if kind == "kl":
         posterior = model.encode(images)
-        z = posterior.sample(generator)
+        z = posterior.sample(generator) if eps is None else posterior.mean + posterior.std * eps(posterior.mean.shape)
         return model.decode(z if sample_posterior else posterior.mode()), z
     h = model.encode_prequant(images)
     return model.decode_prequant(h), h
@@ -259,8 +275,8 @@ def reconstruct(model: torch.nn.Module, kind: str, images: torch.Tensor, *, samp
 def run_recon_eval(cfg: ReconEvalConfig) -> Optional[Dict[str, Any]]:
     """Reconstruction metrics of an autoencoder over a shard set, split over ranks (collective).
     Returns the JSON record on rank 0 (and writes it to ``cfg.out``), None elsewhere."""
-    from ldm_scale.data import build_loader
     from ldm_scale.data.config import DataConfig
+    from ldm_scale.data.one_pass import OnePassLoader
     from ldm_scale.evaluation.features import extractor_from_config
     from ldm_scale.losses.perceptual import build_lpips
 
@@ -277,33 +293,39 @@ def run_recon_eval(cfg: ReconEvalConfig) -> Optional[Dict[str, Any]]:
     metrics = ReconMetrics(lpips_net, (lambda x: extractor(x)["pool"]) if extractor is not None else None,
                            extractor.feature_dims["pool"] if extractor is not None else None)
 
-    # Every image once, in a fixed order, center-cropped; whole global batches on every rank.
+    # Every image once (the first num_images of a fixed order), centre-cropped, the partial last
+    # batch included: N is the set's size (or num_images), not a multiple of the global batch.
     data_cfg = DataConfig(urls=[cfg.data], mode="epoch", input="image", conditioning="none",
                           resolution=resolution, crop="center", flip=False, shuffle_buffer=0,
                           num_workers=cfg.num_workers)
-    loader = build_loader(data_cfg, info, batch_size=cfg.batch_size, seed=cfg.seed)
-    per_step = cfg.batch_size * info.world_size
-    total_batches = loader.batches_per_epoch
-    if cfg.num_images is not None:
-        total_batches = min(total_batches, max(1, cfg.num_images // per_step))
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + info.rank)
-    for i, batch in enumerate(loader):
-        if i >= total_batches:
-            break
+    loader = OnePassLoader(data_cfg, info, batch_size=cfg.batch_size, n_samples=cfg.num_images, seed=cfg.seed)
+    for batch in loader:
         x = batch["image"].to(device)
-        recon, z = reconstruct(model, model_info["kind"], x, sample_posterior=cfg.sample_posterior,
-                               generator=generator)
+
+        def eps(shape, ids=batch["index"]):  # per image (its planned index): independent of the split
+            return posterior_noise(ids, tuple(shape[1:]), cfg.seed, device)
+
+        recon, z = reconstruct(model, model_info["kind"], x, sample_posterior=cfg.sample_posterior, eps=eps)
         metrics.update(x, recon, z)
+    dropped: Dict[str, int] = {}
+    for counts in dist.all_gather_object(loader.counts()):
+        for key, value in counts.items():
+            if key != "samples_read":
+                dropped[key] = dropped.get(key, 0) + value
     result = metrics.compute()
     if not info.is_main:
         return None
     record = {
         "metrics": result,
         "checkpoint": {"url": storage.redact(cfg.ckpt), **model_info},
-        "data": {"urls": storage.redact(cfg.data), "resolution": resolution, "crop": "center"},
+        "data": {"urls": storage.redact(cfg.data), "resolution": resolution, "crop": "center",
+                 "images_planned": loader.planned, "dataset_size": loader.dataset_size,
+                 "dropped": dict(sorted(dropped.items()))},
         "conventions": {"range": "[0, 1], clipped, float (not quantised)", "psnr": "per-image mean",
                         "ssim": "Wang et al. 2004, gaussian 11x11 sigma 1.5, valid window",
                         "reconstruction": "posterior sample" if cfg.sample_posterior else "posterior mode (KL) / codes (VQ)",
+                        "posterior_noise": "per image, seeded by (seed, planned index of the image)",
+                        "images": "every image once, partial last batch included",
                         "lpips": dataclasses.asdict(cfg.lpips)},
         "extractor": extractor.describe() if extractor is not None else None,
         "world_size": info.world_size,

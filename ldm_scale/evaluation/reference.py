@@ -8,20 +8,23 @@ features, sFID). We add:
 - ``features``: pool features of the ``arr_0`` images (precision / recall without recomputing);
 - ``labels`` (int64 [K]) or ``captions`` (str [K]) of those images, to condition generation;
 - ``meta``: a JSON string: format version, extractor description (name, resize rule), N (images in
-  ``mu``/``sigma``), resolution, data URLs.
+  ``mu``/``sigma``), the N planned and requested, the dropped samples by reason, resolution, data URLs.
 
 An ADM file (no ``meta``) is read as statistics of the pinned FID Inception with TF resizing; its
 ``arr_0`` lets any other extractor recompute what it needs. ``mu``/``sigma`` are over all N images;
 ``arr_0`` may hold a subset (``keep_images``), as ADM's files do.
 
-``compute_reference_stats`` runs over a shard set with every rank reading its own shards; each rank
+``compute_reference_stats`` runs one pass over a shard set (``ldm_scale.data.one_pass``: every image
+exactly once, the partial last batch included), every rank reading its own shards; each rank
 checkpoints its running moments, kept images and loader position, so a crashed job resumes.
 """
 from __future__ import annotations
 
 import io
 import json
+import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -32,6 +35,8 @@ from ldm_scale import dist, storage
 from ldm_scale.evaluation.features import FeatureExtractor
 from ldm_scale.evaluation.fid import GaussianStats, StreamingMoments
 from ldm_scale.evaluation.preprocess import nhwc_uint8
+
+log = logging.getLogger(__name__)
 
 FORMAT = "ldm_scale/reference-v1"
 ADM_ASSUMED_EXTRACTOR = {"name": "inception-v3-fid", "resize": "tf_bilinear", "source": "ADM reference batch"}
@@ -121,7 +126,10 @@ def default_reference_url(data_url: str, extractor: FeatureExtractor, resolution
 
 
 class _RankAccumulator:
-    """One rank's running statistics, kept images and their conditions; serialisable for resume."""
+    """One rank's running statistics, kept images and their conditions; serialisable for resume.
+
+    An image is kept for ``arr_0`` when its planned index (``one_pass``) is below ``keep``, so the
+    kept set does not depend on the world size; ``index`` puts the ranks' parts back in order."""
 
     def __init__(self, extractor: FeatureExtractor, keep: int):
         self.pool = StreamingMoments(extractor.feature_dims["pool"])
@@ -131,21 +139,22 @@ class _RankAccumulator:
         self.features: List[np.ndarray] = []
         self.labels: List[np.ndarray] = []
         self.captions: List[str] = []
-        self.kept = 0
+        self.index: List[np.ndarray] = []
 
-    def add(self, batch: Dict[str, Any], feats: Dict[str, torch.Tensor], take: int) -> None:
-        self.pool.update(feats["pool"][:take])
+    def add(self, batch: Dict[str, Any], feats: Dict[str, torch.Tensor]) -> None:
+        self.pool.update(feats["pool"])
         if self.spatial is not None:
-            self.spatial.update(feats["spatial"][:take])
-        room = min(self.keep - self.kept, take)
-        if room > 0:
-            self.images.append(nhwc_uint8(batch["image"][:room]))
-            self.features.append(feats["pool"][:room].numpy().astype(np.float32))
+            self.spatial.update(feats["spatial"])
+        kept = (batch["index"] < self.keep).numpy()
+        if kept.any():
+            rows = np.flatnonzero(kept)
+            self.images.append(nhwc_uint8(batch["image"][rows]))
+            self.features.append(feats["pool"][rows].numpy().astype(np.float32))
+            self.index.append(batch["index"][rows].numpy().astype(np.int64))
             if "label" in batch:
-                self.labels.append(batch["label"][:room].cpu().numpy().astype(np.int64))
+                self.labels.append(batch["label"][rows].cpu().numpy().astype(np.int64))
             if "caption" in batch:
-                self.captions.extend(list(batch["caption"][:room]))
-            self.kept += room
+                self.captions.extend(batch["caption"][i] for i in rows)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"pool": self.pool.state_dict(),
@@ -153,7 +162,8 @@ class _RankAccumulator:
                 "images": [torch.from_numpy(a) for a in self.images],
                 "features": [torch.from_numpy(a) for a in self.features],
                 "labels": [torch.from_numpy(a) for a in self.labels],
-                "captions": self.captions, "kept": self.kept}
+                "index": [torch.from_numpy(a) for a in self.index],
+                "captions": self.captions}
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         self.pool = StreamingMoments.from_state_dict(sd["pool"])
@@ -162,7 +172,8 @@ class _RankAccumulator:
         self.images = [t.numpy() for t in sd["images"]]
         self.features = [t.numpy() for t in sd["features"]]
         self.labels = [t.numpy() for t in sd["labels"]]
-        self.captions, self.kept = sd["captions"], sd["kept"]
+        self.index = [t.numpy() for t in sd["index"]]
+        self.captions = sd["captions"]
 
 
 def _save_torch(obj: Any, url: str) -> None:
@@ -175,72 +186,70 @@ def _load_torch(url: str) -> Any:
     return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=False)
 
 
-def compute_reference_stats(loader, extractor: FeatureExtractor, *, n_samples: int, keep_images: int,
-                            work_url: str, checkpoint_every: int = 20,
+def compute_reference_stats(loader, extractor: FeatureExtractor, *, keep_images: int, work_url: str,
+                            checkpoint_every: int = 20,
                             meta: Optional[Dict[str, Any]] = None) -> Optional[ReferenceStats]:
-    """Statistics of up to ``n_samples`` images from ``loader`` (a ``ShardLoader`` over this rank's
-    shards), resumable from ``work_url``. Collective: every rank calls it; rank 0 gets the result,
-    the other ranks None.
+    """Statistics of every image ``loader`` (a ``one_pass.OnePassLoader``: this rank's part of one
+    pass, partial last batch included) yields, resumable from ``work_url``. Collective: every rank
+    calls it; rank 0 gets the result, the other ranks None.
 
-    Each rank takes ``n_samples // world`` samples (the first ``n_samples % world`` ranks one more),
-    or one epoch if that is less, and keeps its first ``keep_images // world`` (+1) images for
-    ``arr_0``. Every ``checkpoint_every`` batches each rank saves its state and loader position to
-    ``work_url/rank<R>.pt``; the loader's ``state_dict`` is collective, so checkpoints happen at
-    batch counts every rank reaches.
+    ``N`` (``pool.n``, ``meta["n"]``) is the number of images that went in: the pass's planned
+    ``min(n_samples, dataset size)`` less the samples that failed a check or did not decode, which
+    are counted by reason in ``meta["dropped"]``. The images with planned index < ``keep_images``
+    are kept for ``arr_0``, in planned order. Every ``checkpoint_every`` batches each rank saves its
+    state and loader position to ``work_url/rank<R>.pt`` (the position is local: no collective).
     """
     info = dist.get_dist_info()
     rank, world = info.rank, info.world_size
-    quota = min(n_samples // world + (rank < n_samples % world), loader.batches_per_epoch * loader.batch_size)
-    keep = keep_images // world + (rank < keep_images % world)
-    # Batches all ranks surely run; state_dict() must only be called at these.
-    common_batches = min(n_samples // world, loader.batches_per_epoch * loader.batch_size) // loader.batch_size
-    acc = _RankAccumulator(extractor, keep)
-    done = 0
+    acc = _RankAccumulator(extractor, keep_images)
     ckpt_url = storage.join(work_url, f"rank{rank}.pt")
+    batches = 0
     if storage.exists(ckpt_url):
         state = _load_torch(ckpt_url)
-        if state["world_size"] != world or state["quota"] != quota:
-            raise RuntimeError(
-                f"{storage.redact(ckpt_url)} was written by a run with {state['world_size']} ranks / quota "
-                f"{state['quota']}; resume with the same world size and n_samples, or delete {storage.redact(work_url)}")
+        try:
+            if "batches" not in state:
+                raise ValueError("it was written by an older version (a training-loader position)")
+            loader.load_state_dict(state["loader"])
+        except ValueError as exc:
+            raise RuntimeError(f"{storage.redact(ckpt_url)}: {exc}; or delete {storage.redact(work_url)}") from None
         acc.load_state_dict(state["accumulator"])
-        loader.load_state_dict(state["loader"])
-        done = state["done"]
-    batches = done // loader.batch_size
-    iterator = iter(loader) if done < quota else iter(())
-    for batch in iterator:
-        take = min(quota - done, len(batch["image"]))
-        acc.add(batch, extractor(batch["image"]), take)
-        done += take
+        batches = state["batches"]
+    for batch in loader:
+        acc.add(batch, extractor(batch["image"]))
         batches += 1
-        if batches % checkpoint_every == 0 and batches < common_batches:
-            _save_torch({"accumulator": acc.state_dict(), "loader": loader.state_dict(), "done": done,
-                         "world_size": world, "quota": quota}, ckpt_url)
-        if done >= quota:
-            break
+        if batches % checkpoint_every == 0:
+            _save_torch({"accumulator": acc.state_dict(), "loader": loader.state_dict(), "batches": batches},
+                        ckpt_url)
 
     # Rank parts go through storage rather than a collective: arr_0 can be gigabytes.
     part_url = storage.join(work_url, f"part_rank{rank}.pt")
     part = acc.state_dict()
-    _save_torch({k: part[k] for k in ("images", "features", "labels", "captions")}, part_url)
+    _save_torch({k: part[k] for k in ("images", "features", "labels", "captions", "index")}, part_url)
     acc.pool.all_reduce()
     if acc.spatial is not None:
         acc.spatial.all_reduce()
+    dropped: Counter = Counter()
+    for counts in dist.all_gather_object(loader.counts()):
+        dropped.update({k: v for k, v in counts.items() if k != "samples_read"})
     dist.barrier()
     result = None
     if rank == 0:
         parts = [_load_torch(storage.join(work_url, f"part_rank{r}.pt")) for r in range(world)]
-        images = [a.numpy() for p in parts for a in p["images"]]
-        features = [a.numpy() for p in parts for a in p["features"]]
-        labels = [a.numpy() for p in parts for a in p["labels"]]
+        index = np.concatenate([a.numpy() for p in parts for a in p["index"]] or [np.zeros(0, np.int64)])
+        order = np.argsort(index, kind="stable")
+
+        def ordered(key: str) -> Optional[np.ndarray]:
+            arrays = [a.numpy() for p in parts for a in p[key]]
+            return np.concatenate(arrays)[order] if arrays else None
+
         captions = [c for p in parts for c in p["captions"]]
         result = ReferenceStats(
             pool=acc.pool.stats(), spatial=acc.spatial.stats() if acc.spatial is not None else None,
-            images=np.concatenate(images) if images else None,
-            features=np.concatenate(features) if features else None,
-            labels=np.concatenate(labels) if labels else None,
-            captions=captions or None,
-            meta=dict(meta or {}, extractor=extractor.describe(), world_size=world,
+            images=ordered("images"), features=ordered("features"), labels=ordered("labels"),
+            captions=[captions[i] for i in order] if captions else None,
+            meta=dict(meta or {}, extractor=extractor.describe(), world_size=world, n_planned=loader.planned,
+                      n_requested=loader.n_requested, dataset_size=loader.dataset_size,
+                      dropped=dict(sorted(dropped.items())), batch_size=loader.batch_size, partial_batches="included",
                       created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
         )
     dist.barrier()
@@ -255,31 +264,39 @@ def finish_reference(result: Optional[ReferenceStats], out_url: str, work_url: s
     dist.barrier()
 
 
-
-def reference_from_shards(urls: List[str], extractor: FeatureExtractor, *, n_samples: int, keep_images: int,
-                          resolution: int, conditioning: str, out_url: Optional[str] = None,
+def reference_from_shards(urls: List[str], extractor: FeatureExtractor, *, n_samples: Optional[int],
+                          keep_images: int, resolution: int, conditioning: str, out_url: Optional[str] = None,
                           batch_size: int = 50, num_workers: int = 2, seed: int = 0, checkpoint_every: int = 20,
                           storage_cfg: Optional[storage.StorageConfig] = None) -> str:
     """Compute (or reuse) the reference file of a shard set; returns its URL. Collective.
 
     Images go through the training pipeline's decode / centre-crop / resize to ``resolution``, one
-    pass over the shards in a fixed order (no sample shuffling), each rank reading its own shards.
-    An existing file at the output URL is reused as is.
+    pass over ``min(n_samples, dataset size)`` samples (``n_samples=None``: all) in a fixed order
+    (``one_pass``), every image exactly once, partial last batch included, each rank reading its own
+    shards. The default file name carries the N that went in: the planned N, or, when samples were
+    dropped (a failed check, an undecodable image; counted in ``meta["dropped"]``), the smaller
+    actual N, with a warning. An existing file at the output URL is reused as is.
     """
-    from ldm_scale.data import DataConfig, build_loader
+    from ldm_scale.data import DataConfig
+    from ldm_scale.data.one_pass import OnePassLoader
 
     info = dist.get_dist_info()
-    out_url = out_url or default_reference_url(urls[0], extractor, resolution, n_samples, conditioning)
-    if storage.exists(out_url):
-        return out_url
     data_cfg = DataConfig(urls=list(urls), mode="epoch", conditioning=conditioning, resolution=resolution,
-                          crop="center", flip=False, shuffle_buffer=0, num_workers=num_workers,
-                          storage=storage_cfg or storage.StorageConfig())
-    loader = build_loader(data_cfg, info, batch_size=batch_size, seed=seed)
-    work_url = out_url + ".partial"
-    result = compute_reference_stats(loader, extractor, n_samples=n_samples, keep_images=keep_images,
-                                     work_url=work_url, checkpoint_every=checkpoint_every,
+                          crop="center", flip=False, shuffle_buffer=0, num_workers=num_workers)
+    loader = OnePassLoader(data_cfg, info, batch_size=batch_size, n_samples=n_samples, seed=seed,
+                           storage_defaults=storage_cfg)
+    planned_url = out_url or default_reference_url(urls[0], extractor, resolution, loader.planned, conditioning)
+    if storage.exists(planned_url):
+        return planned_url
+    work_url = planned_url + ".partial"
+    result = compute_reference_stats(loader, extractor, keep_images=keep_images, work_url=work_url,
+                                     checkpoint_every=checkpoint_every,
                                      meta={"data": [storage.redact(u) for u in urls], "resolution": resolution,
                                            "conditioning": conditioning, "seed": seed})
-    finish_reference(result, out_url, work_url)
-    return out_url
+    n = dist.broadcast_object(result.pool.n if result is not None else None)  # rank 0 holds the result
+    final_url = out_url or default_reference_url(urls[0], extractor, resolution, n, conditioning)
+    if n != loader.planned and info.is_main:
+        log.warning("reference statistics over %d images, not the %d planned: %s were dropped (%s); written to %s",
+                    n, loader.planned, loader.planned - n, result.meta["dropped"], storage.redact(final_url))
+    finish_reference(result, final_url, work_url)
+    return final_url

@@ -1,7 +1,11 @@
 """Feature extractors: the real FID-Inception loading path (local file, torch hub cache, s3 URL,
-hash check, offline error) exercised with a randomly initialised network of the exact architecture,
-checked against torch-fidelity's independent implementation; resize conventions; CLIP."""
+hash check with a known digest and a tampered file, eval/fid.py's up-front check, offline error)
+exercised with a randomly initialised network of the exact architecture, checked against
+torch-fidelity's independent implementation; resize conventions; CLIP."""
+import hashlib
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,9 +31,59 @@ def _images(n, size, seed=0):
                          dtype=torch.uint8)
 
 
-def test_pinned_default_hash_is_the_published_one():
-    assert inc.FID_WEIGHTS_SHA256.startswith("6726825d") and len(inc.FID_WEIGHTS_SHA256) == 64
-    assert inc.FID_WEIGHTS_FILENAME in inc.FID_WEIGHTS_URL
+SHA256_OF_ABC = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # FIPS 180-2, example B.1
+
+
+def test_hash_check_accepts_the_right_file_and_refuses_a_tampered_one(tmp_path):
+    good = tmp_path / "abc.bin"
+    good.write_bytes(b"abc")
+    assert inc.check_sha256(str(good), SHA256_OF_ABC) == SHA256_OF_ABC
+    assert inc.check_sha256(str(good), SHA256_OF_ABC[:8].upper()) == SHA256_OF_ABC  # a file-name prefix will do
+    tampered = tmp_path / "abd.bin"
+    tampered.write_bytes(b"abd")
+    actual = hashlib.sha256(b"abd").hexdigest()
+    with pytest.raises(inc.WeightsHashError) as err:
+        inc.check_sha256(str(tampered), SHA256_OF_ABC, source=f"extractor.weights={tampered}")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"extractor.weights={tampered} has SHA-256 {actual}, ")
+    assert f"extractor.sha256 expects {SHA256_OF_ABC}" in message and inc.FID_WEIGHTS_URL in message
+    assert (err.value.expected, err.value.actual) == (SHA256_OF_ABC, actual) and isinstance(err.value, ValueError)
+    with pytest.raises(ValueError, match="at least 8 hex digits"):
+        inc.check_sha256(str(good), "ba78")
+
+
+def test_pinned_weights_are_documented_where_users_look():
+    # One fact, two places: the digest and URL the loader checks are the ones docs/evaluation.md
+    # tells users to verify with sha256sum, and the default of extractor.sha256.
+    from ldm_scale.evaluation.config import ExtractorConfig
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text()
+    assert f"{inc.FID_WEIGHTS_SHA256}  {inc.FID_WEIGHTS_FILENAME}" in docs  # the sha256sum -c line
+    assert inc.FID_WEIGHTS_URL in docs and ExtractorConfig().sha256 == inc.FID_WEIGHTS_SHA256
+    assert re.fullmatch(r"[0-9a-f]{64}", inc.FID_WEIGHTS_SHA256)
+    assert inc.FID_WEIGHTS_SHA256[:8] in inc.FID_WEIGHTS_FILENAME  # torch.hub's check_hash convention
+
+
+def test_entry_point_checks_the_weights_before_reading_the_checkpoint(weights_file, tmp_path, monkeypatch):
+    from ldm_scale.evaluation.config import ExtractorConfig
+    from ldm_scale.evaluation.features import check_extractor_weights
+    from tests.fixtures.torchrun import run_python
+
+    path, sha = weights_file
+    monkeypatch.delenv(inc.WEIGHTS_ENV_VAR, raising=False)
+    assert check_extractor_weights(ExtractorConfig(name="inception", weights=path, sha256=sha)) == path
+    assert check_extractor_weights(ExtractorConfig(name="random-inception", weights=path)) is None
+    monkeypatch.setenv(inc.WEIGHTS_ENV_VAR, path)
+    with pytest.raises(inc.WeightsHashError, match=f"\\${inc.WEIGHTS_ENV_VAR}={re.escape(path)} has SHA-256 {sha}"):
+        check_extractor_weights(ExtractorConfig(name="auto"))  # the pinned digest: not this random network
+    # eval/fid.py: one line, exit 2, before the (missing) checkpoint is even looked at.
+    result = run_python(["eval/fid.py", f"ckpt={tmp_path / 'no_such_export.pt'}", f"ref={tmp_path / 'ref.npz'}",
+                         "extractor.name=inception", f"extractor.weights={path}"], timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"eval/fid.py: error: extractor.weights={path} has SHA-256 {sha}, but "
+                               f"extractor.sha256 expects {inc.FID_WEIGHTS_SHA256}")
+    assert "no_such_export" not in lines[0]
 
 
 def test_real_loader_matches_torch_fidelity_implementation(weights_file):
@@ -50,7 +104,7 @@ def test_real_loader_matches_torch_fidelity_implementation(weights_file):
 
 def test_wrong_hash_is_refused(weights_file):
     path, _ = weights_file
-    with pytest.raises(RuntimeError, match="SHA-256"):
+    with pytest.raises(inc.WeightsHashError, match="SHA-256"):
         get_extractor("inception", weights=path)  # the pinned hash of the real file
 
 

@@ -1,5 +1,7 @@
-"""Reference statistics: ADM-compatible file format, computation over shards, resume after a crash."""
+"""Reference statistics: ADM-compatible file format, computation over shards (every image once, N in
+the file name and meta), resume after a crash."""
 import io
+import shutil
 
 import numpy as np
 import pytest
@@ -104,3 +106,65 @@ def test_round_trip_through_object_storage(s3_server):
     np.testing.assert_array_equal(back.labels, [1, 2])
     assert back.pool.n == 10 and back.meta["format"] == "ldm_scale/reference-v1" and back.spatial is None
     assert np.load(io.BytesIO(storage.read_bytes(url)))["mu"].dtype == np.float64
+
+
+# ------------------------------------------------------------------ no image silently dropped
+ODD = 21  # 8 + 8 + 5: not a multiple of any batch size used below
+
+
+@pytest.fixture(scope="module")
+def odd_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("odd")
+    write_synthetic_dataset(str(root), num_samples=ODD, samples_per_shard=8, labels="text", seed=3)
+    return root
+
+
+def _odd_reference(odd_dir, extractor, tmp_path, name, **kw):
+    kw = dict(dict(n_samples=50000, keep_images=ODD, resolution=32, conditioning="text", batch_size=8,
+                   num_workers=2, checkpoint_every=1), **kw)
+    url = reference_from_shards([str(odd_dir / "{00000..00002}.tar")], extractor,
+                                out_url=None if name is None else str(tmp_path / name), **kw)
+    return url, load_reference(url)
+
+
+def test_every_image_counts_and_names_the_file(odd_dir, extractor, tmp_path):
+    # Batch 8 over 2 workers: one reads shards of 5 + 8 images (a batch across the shard boundary,
+    # then a partial one of 5), the other 8.
+    url, ref = _odd_reference(odd_dir, extractor, tmp_path, None)
+    assert url == str(odd_dir / "reference_stats" / "random-inception-seed0-75px-pil_bicubic_32px_n21_text.npz")
+    assert ref.pool.n == ref.spatial.n == ODD and ref.meta["n"] == ODD and ref.meta["n_planned"] == ODD
+    assert ref.meta["n_requested"] == 50000 and ref.meta["dropped"] == {} and len(ref.images) == ODD
+    # The same statistics one image at a time, in one process.
+    _, single = _odd_reference(odd_dir, extractor, tmp_path, "single.npz", batch_size=1, num_workers=0)
+    assert single.pool.n == ODD
+    np.testing.assert_array_equal(single.images, ref.images)  # the same images in the same (planned) order
+    assert single.captions == ref.captions
+    np.testing.assert_allclose(ref.features, single.features, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ref.pool.mu, single.pool.mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ref.pool.sigma, single.pool.sigma, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ref.spatial.sigma, single.spatial.sigma, rtol=1e-4, atol=1e-6)
+    # ...and equal to the features of the stored images computed directly.
+    feats = extract_features(extractor, nchw_uint8(single.images), batch_size=1)
+    np.testing.assert_allclose(single.features, feats["pool"].numpy(), rtol=1e-5, atol=1e-6)
+    # Fewer than the set: exactly n_samples, whatever the batch size (a partial shard is taken).
+    url13, ref13 = _odd_reference(odd_dir, extractor, tmp_path, None, n_samples=13, keep_images=5, batch_size=4)
+    assert url13.endswith("_n13_text.npz") and ref13.pool.n == 13 and len(ref13.images) == 5
+
+
+def test_a_dropped_image_is_counted_and_the_file_named_for_what_went_in(odd_dir, extractor, tmp_path):
+    from collections import Counter
+
+    from ldm_scale.data.shard_writer import tar_bytes
+    from ldm_scale.data.tar_stream import iter_tar_samples
+
+    data = tmp_path / "damaged"
+    shutil.copytree(odd_dir, data, ignore=shutil.ignore_patterns("reference_stats"))
+    samples = [{k: v for k, v in raw.items() if k == "__key__" or not k.startswith("__")}
+               for raw in iter_tar_samples(str(data / "00002.tar"), 2, Counter())]
+    samples[1]["jpg"] = b"\xff\xd8 not a jpeg"
+    (data / "00002.tar").write_bytes(tar_bytes(samples))
+    url = reference_from_shards([str(data / "{00000..00002}.tar")], extractor, n_samples=50000, keep_images=ODD,
+                                resolution=32, conditioning="text", batch_size=8, num_workers=0)
+    ref = load_reference(url)
+    assert url.endswith("_n20_text.npz") and ref.pool.n == 20 and len(ref.images) == 20
+    assert ref.meta["n_planned"] == ODD and ref.meta["dropped"] == {"skip/decode_error": 1}
