@@ -31,9 +31,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from ldm_scale.data.caption_vocab import tokenizer_overrides, write_caption_vocab  # noqa: E402
 from ldm_scale.data.synthetic import CHANCE_ADHERENCE, write_synthetic_dataset  # noqa: E402
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+# The synthetic captions use ~20 words: a 64-row embedding table instead of CLIP's 49408 rows, which
+# (3.2M of the 5M trained parameters) would dominate the optimizer step and gradient exchange of
+# every CPU step. data_tools/build_vocab.py applies the same idea, with its rule, to any shards.
+CAPTION_VOCAB_ROWS = 64
 
 
 def _env() -> dict[str, str]:
@@ -55,31 +59,6 @@ def python_tool(args: list[str]) -> None:
     """Run a repository CLI (one process) with the quickstart's environment."""
     print("+ python " + " ".join(args), flush=True)
     subprocess.run([sys.executable, *args], env=_env(), cwd=REPO_ROOT, check=True)
-
-
-def write_caption_vocab(shard_urls: list[str], path: Path) -> int:
-    """Write a WordPiece ``vocab.txt``: BERT's special tokens, then every word of the shards' captions
-    (split by the tokenizer's own basic tokenisation). Returns the vocabulary size.
-
-    The LDM's text encoder is trained from scratch, so a vocabulary of the ~20 words the captions use
-    behaves like CLIP's 49408-token BPE on them while its embedding table is 64 rows instead of 49408:
-    that table (3.2M of the 5M trained parameters) would otherwise dominate the optimizer step and
-    the gradient exchange of every CPU step.
-    """
-    from collections import Counter
-
-    from ldm_scale.data.tar_stream import iter_tar_samples
-    from ldm_scale.models.tokenizers import WordPieceTokenizer
-
-    path.write_text("\n".join(SPECIAL_TOKENS) + "\n")
-    splitter = WordPieceTokenizer(str(path))  # basic tokenisation only needs the special tokens
-    words: set[str] = set()
-    for index, url in enumerate(shard_urls):
-        for sample in iter_tar_samples(url, index, Counter()):
-            words.update(splitter.basic_tokenize(sample["txt"].decode("utf-8")))
-    tokens = [*SPECIAL_TOKENS, *sorted(words)]
-    path.write_text("\n".join(tokens) + "\n")
-    return len(tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         print("[4/4] training the tiny text-to-image LDM", flush=True)
         steps = [f"train.max_steps={args.ldm_steps}"] if args.ldm_steps else []
         # Latent shards read in the rank's own process (no decoding left to parallelise), and the
-        # captions' word vocabulary (write_caption_vocab) in place of CLIP's BPE.
+        # captions' word vocabulary (write_caption_vocab) in place of CLIP's BPE; "++": the
+        # quickstart experiment does not set these keys.
         latent_data = [f"data.urls=['{latents}/{shards}']", "data.input=latent", "data.num_workers=0"]
-        text = "model.overrides.cond_stage.text"
-        wordpiece = [f"++{text}.vocab_size=64", f"++{text}.tokenizer.kind=wordpiece", f"++{text}.tokenizer.vocab_path={vocab}"]
+        wordpiece = ["++" + o for o in tokenizer_overrides("wordpiece", str(vocab), CAPTION_VOCAB_ROWS)]
         torchrun(args.nproc, ["experiment=quickstart", "run_id=quickstart-ldm", f"model.first_stage_ckpt={ae_export}",
                               *latent_data, *wordpiece, *common, *steps])
 

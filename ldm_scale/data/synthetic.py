@@ -36,6 +36,10 @@ SHAPES: Tuple[str, ...] = ("circle", "square", "triangle")
 COLOUR_NAMES: Tuple[str, ...] = tuple(COLOURS)
 CLASS_NAMES: Tuple[str, ...] = tuple(f"{c} {s}" for s in SHAPES for c in COLOUR_NAMES)
 
+# dataset.json's "generator": the identity of these shards, which the dataset-specific evaluation
+# (the training loop's prompt-adherence score) checks before scoring with the detector below.
+GENERATOR = "ldm_scale.data.synthetic"
+
 # Expected fraction of attributes matched when image and caption are independent: each attribute is
 # uniform over its vocabulary, so the chance of a match is 1/|vocabulary| for each of the three.
 CHANCE_ADHERENCE: float = (1 / len(COLOURS) + 1 / len(SHAPES) + 1 / len(COLOURS)) / 3
@@ -181,12 +185,47 @@ def write_synthetic_dataset(
     import json
 
     storage.write_text(storage.join(url, "dataset.json"), json.dumps({
-        "generator": "ldm_scale.data.synthetic", "seed": seed, "num_samples": num_samples,
+        "generator": GENERATOR, "seed": seed, "num_samples": num_samples,
         "samples_per_shard": samples_per_shard, "labels": labels, "colours": list(COLOUR_NAMES),
         "shapes": list(SHAPES), "class_names": list(CLASS_NAMES),
         "shards": f"{url.rstrip('/')}/{{{0:05d}..{num_shards - 1:05d}}}.tar",
     }, indent=1), cfg)
     return shard_urls
+
+
+def _dataset_card(shard_dir: str, cfg: Optional[storage.StorageConfig]) -> Optional[Dict]:
+    import json
+
+    url = storage.join(shard_dir, "dataset.json")
+    try:
+        card = json.loads(storage.read_text(url, cfg))
+    except (OSError, ValueError):  # absent, unreadable, or not JSON: no card our tools wrote
+        return None
+    return card if isinstance(card, dict) else None
+
+
+def not_synthetic_reason(urls: Sequence[str], cfg: Optional[storage.StorageConfig] = None) -> Optional[str]:
+    """None when every shard set in ``urls`` (``data.urls`` entries) is this synthetic dataset, else
+    why not, naming the set: the scores of this module mean something only on it.
+
+    A set is this dataset when its directory's ``dataset.json`` (written by
+    :func:`write_synthetic_dataset`) names :data:`GENERATOR`, or when it is a latent set
+    (``data_tools/precompute_latents.py``, ``"kind": "latent"``) encoded from such a set.
+    """
+    for entry in urls:
+        dirs = dict.fromkeys(storage.parent(u) for u in storage.expand_urls(entry, cfg))
+        for shard_dir in dirs:
+            card = _dataset_card(shard_dir, cfg)
+            if card is not None and card.get("kind") == "latent" and card.get("source"):
+                source = storage.parent(list(card["source"])[0])
+                card = _dataset_card(source, cfg)
+                shard_dir = f"{shard_dir} (latents of {source})"
+            if card is None:
+                return f"{storage.redact(shard_dir)} has no dataset.json from {GENERATOR}"
+            if card.get("generator") != GENERATOR:
+                return (f"{storage.redact(shard_dir)}/dataset.json names generator {card.get('generator')!r}, "
+                        f"not {GENERATOR!r}")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ from tests.fixtures.torchrun import run_python
 URLS = ["data.urls=['s3://bucket/set/{00000..00099}.tar']", "model.first_stage_ckpt=s3://bucket/ae/export.pt",
         "checkpoint.root=s3://bucket/ckpt"]
 EXPERIMENTS = sorted(p.stem for p in (C.CONF_DIR / "experiment").glob("*.yaml"))
+# Values an experiment leaves to its user besides the URLs (its own data's vocabulary and prompts).
+REQUIRED = {"txt2img_own_data": ["model.overrides.cond_stage.text.tokenizer.vocab_path=/data/vocab.txt",
+                                 "eval.prompts=[a caption]"]}
 
 
 def composed(*overrides: str) -> C.Config:
@@ -23,7 +26,7 @@ def composed(*overrides: str) -> C.Config:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(experiment):
-    cfg = composed(f"experiment={experiment}", *URLS)
+    cfg = composed(f"experiment={experiment}", *URLS, *REQUIRED.get(experiment, []))
     # World sizes the experiments are written for: the quickstart's 2 CPU ranks, an 8-GPU node.
     # check_files=False: the URLs are placeholders (tests/unit/test_config_errors.py reads real files).
     plan = C.validate(cfg, world_size=2 if experiment == "quickstart" else 8, check_files=False)
