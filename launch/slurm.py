@@ -81,8 +81,13 @@ class SlurmConfig:
     python: str = sys.executable
     train_script: str = str(REPO_ROOT / "launch" / "train.py")
     setup: List[str] = field(default_factory=list)
+    # NCCL defaults (each overridable with env.<NAME>=..., or removed with env.<NAME>=''): fail fast
+    # on a communicator error instead of hanging, and on a collective timeout dump the flight
+    # recorder (the last 2000 collectives of every rank) so the hung one can be named.
     env: Dict[str, str] = field(default_factory=lambda: {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
-                                                         "NCCL_DEBUG": "WARN"})
+                                                         "NCCL_DEBUG": "WARN",
+                                                         "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+                                                         "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"})
     sbatch_args: List[str] = field(default_factory=list)
     check_config: bool = True
 

@@ -102,6 +102,16 @@ class TrainConfig:
     spike: SpikeRuleConfig = field(default_factory=SpikeRuleConfig)
     # Fault injection to test the spike rule (off unless debug_spike.start_batch is set).
     debug_spike: DebugSpikeConfig = field(default_factory=DebugSpikeConfig)
+    # A collective (NCCL/gloo) that does not complete within this long fails the run: start-up,
+    # checkpoints, sampling and evaluation run under it ...
+    collective_timeout_s: float = 1800.0
+    # ... and the training steps from the second one on under this much shorter one, so a hung or
+    # dead rank is found in minutes rather than half an hour. None: collective_timeout_s throughout.
+    step_collective_timeout_s: Optional[float] = 300.0
+    # Python's cyclic garbage collector: 0 leaves it automatic; N > 0 disables it in the loop and
+    # collects generation 1 every N steps, at the same step on every rank (an automatic collection
+    # pauses one rank at a random moment and every other rank waits for it in the next collective).
+    gc_every: int = 50
     # Loss by timestep bucket: T is split into this many equal ranges.
     timestep_buckets: int = 4
     progress_bar: bool = True
@@ -120,6 +130,9 @@ class LoggerConfig:
     dir: Optional[str] = None  # None: the run directory
     # Peak dense TFLOPS of one device for MFU; None: looked up from the CUDA device name.
     peak_tflops: Optional[float] = None
+    # Show the warnings our dependencies raise (deprecations, DeepSpeed's start-up notices);
+    # LDM_SCALE_SHOW_LIBRARY_WARNINGS=1/0 overrides (see ldm_scale.logging.setup_console).
+    show_library_warnings: bool = False
 
 
 @dataclass
@@ -566,6 +579,10 @@ def validate(cfg: Config, world_size: Optional[int] = None, *, check_files: bool
         problems.append(f"train.max_steps={t.max_steps}: must be >= 1")
     if t.log_every < 1:
         problems.append(f"train.log_every={t.log_every}: must be >= 1")
+    if t.collective_timeout_s <= 0 or (t.step_collective_timeout_s is not None and t.step_collective_timeout_s <= 0):
+        problems.append("train.collective_timeout_s and train.step_collective_timeout_s must be > 0")
+    if t.gc_every < 0:
+        problems.append("train.gc_every must be >= 0 (0: automatic garbage collection)")
     if t.max_consecutive_unhealthy < 1:
         problems.append("train.max_consecutive_unhealthy must be >= 1")
     if t.spike.enabled and (t.spike.factor <= 1.0 or t.spike.window < 1 or t.spike.patience < 1):

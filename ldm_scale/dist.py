@@ -7,6 +7,7 @@ Only torch is imported, so library code can call these helpers freely.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -223,6 +224,40 @@ def agree_generation(store, rank: int, world_size: int, timeout_s: float, *, whe
 
 def is_initialized() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+_collective_timeout_s: list = [None]  # the timeout last set by set_collective_timeout (None: init's)
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """From now on, a collective that does not complete within ``seconds`` fails (NCCL: the watchdog
+    aborts the communicator; gloo: the call raises), on every process group of this process: the
+    default one and those DeepSpeed created for its data-parallel reductions."""
+    if not is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=seconds)
+    from torch.distributed import distributed_c10d
+
+    # No public list of groups: the private world map is the only place that holds DeepSpeed's too.
+    for group in list(distributed_c10d._world.pg_map):
+        torch_dist.set_timeout(timeout, group=group)
+    _collective_timeout_s[0] = seconds
+
+
+@contextlib.contextmanager
+def collective_timeout(seconds: float | None):
+    """``set_collective_timeout(seconds)`` inside the block and the previous timeout after it (None:
+    no change). For the slow collective phases of a run (checkpoints, sampling) once the training
+    steps run under a tight timeout."""
+    previous = _collective_timeout_s[0]
+    if seconds is None or previous is None or seconds == previous:
+        yield
+        return
+    set_collective_timeout(seconds)
+    try:
+        yield
+    finally:
+        set_collective_timeout(previous)
 
 
 def barrier() -> None:

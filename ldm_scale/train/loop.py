@@ -8,6 +8,8 @@ a step computes lives in the task (``train/tasks.py``), everything DeepSpeed in
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import json
 import logging
 import shlex
@@ -80,6 +82,27 @@ def prompt_adherence_skip_reason(cfg: Config, info: dist.DistInfo) -> Optional[s
     return dist.broadcast_object(not_synthetic_reason(cfg.data.urls, cfg.data.storage) if info.is_main else None)
 
 
+class GarbageCollection:
+    """``train.gc_every``: Python's cyclic collector off inside the loop, generation 1 collected every
+    N optimizer steps on every rank at once (the full collection runs at each checkpoint)."""
+
+    def __init__(self, every: int):
+        self.every = every
+        if every > 0:
+            gc.collect()
+            gc.freeze()  # start-up objects (modules, configs) never need scanning again
+            gc.disable()
+
+    def after_step(self, step: int) -> None:
+        if self.every > 0 and step % self.every == 0:
+            gc.collect(1)
+
+    def close(self) -> None:
+        if self.every > 0:
+            gc.unfreeze()
+            gc.enable()
+
+
 STOP_COMPLETED = "completed"
 RUN_REFUSED_OR_STOPPED = (LeaseHeldError, CheckpointError, UnhealthyRunError, storage.StorageError)
 """Errors that end a run by design, with a message that says what to do (launch/train.py prints
@@ -117,7 +140,7 @@ def _take_ownership(cfg: Config, checkpoints, run_dir: Path, info: dist.DistInfo
 
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) one training run; the run lease is held for exactly its lifetime."""
-    info = dist.init_distributed()
+    info = dist.init_distributed(timeout_s=cfg.train.collective_timeout_s)
     plan = config_lib.validate(cfg, info.world_size)  # before anything is allocated
     storage.configure(cfg.storage)
     preemption.install(cfg.preemption)
@@ -173,10 +196,14 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
                 "wandb_run_id": wandb_run_id, "config": resolved, "health": health.state_dict(),
                 "spike": spikes.state_dict(), **task.client_state()}
 
+    slow_phase = functools.partial(dist.collective_timeout, cfg.train.collective_timeout_s)
+
     def save_checkpoint() -> None:
         if lease is not None:
             lease.check()  # a run that lost its lease writes nothing more
-        checkpoints.save(step, engines=task.engines, ema=ema, loader=loader, client_state=client_state())
+        with slow_phase():
+            checkpoints.save(step, engines=task.engines, ema=ema, loader=loader, client_state=client_state())
+            gc.collect()  # the full collection that gc_every leaves out, in a phase that is slow anyway
 
     sample_with_ema = ema is not None and cfg.eval.use_ema
 
@@ -185,7 +212,7 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
         return ema.swapped_in() if sample_with_ema else contextlib.nullcontext()
 
     def log_samples() -> None:
-        with sampling_weights():
+        with slow_phase(), sampling_weights():
             images = task.log_images(step)
         for key, grid, captions in images:
             logger.log_images(key, grid, step, captions)
@@ -208,6 +235,11 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
     def roll_back(spike: Spike) -> None:
         """Reload the newest complete checkpoint from before the spike and skip the data the
         run consumed since it (health.py, the spike rule)."""
+        nonlocal step, samples_seen, batches
+        with slow_phase():
+            _roll_back(spike)
+
+    def _roll_back(spike: Spike) -> None:
         nonlocal step, samples_seen, batches
         checkpoints.wait()
         good = [s for s in dist.broadcast_object(checkpoints.complete_steps() if info.is_main else None)
@@ -246,10 +278,15 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
     # --- 5. The loop: one iteration = one optimizer step -----------------------------------
     stop_reason = STOP_COMPLETED
     save_wanted = False
+    first_step = step
+    gc_control = GarbageCollection(cfg.train.gc_every)
     try:
         while step < cfg.train.max_steps:
             out = task.train_step(next_micro_batches(), step)
             verdict = health.decide(out.health, step)  # one collective; raises on a streak
+            if step == first_step + 1 and cfg.train.step_collective_timeout_s:
+                dist.set_collective_timeout(cfg.train.step_collective_timeout_s)  # warm-up is over
+            gc_control.after_step(step)
             if not verdict.healthy:
                 if info.is_main:
                         log.warning("optimizer step %d skipped: %s (%d in a row, %d skipped in all)", step + 1,
@@ -292,7 +329,8 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
             if preemption.requested(step):
                 if checkpoints.last_saved_step != step:
                     save_checkpoint()
-                checkpoints.wait()
+                with slow_phase():
+                    checkpoints.wait()
                 preemption.acknowledge(step, storage.redact(checkpoints.step_url(step)))
                 stop_reason = f"preempted:{preemption.signal_received()}"
                 break
@@ -309,6 +347,8 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
         raise
 
     # --- 6. The end: final checkpoint, samples, export ----------------------------------------
+    gc_control.close()
+    dist.set_collective_timeout(cfg.train.collective_timeout_s)  # the rest is slow collectives
     if progress is not None:
         progress.close()
     final: Dict[str, float] = {}

@@ -156,3 +156,46 @@ def test_lease_is_exclusive_renewed_released_and_taken_over_when_stale(tmp_path,
         second.check()
     second.release()
     assert (tmp_path / "run" / "LEASE").exists()  # not ours any more: left alone
+
+
+def test_collective_timeout_is_set_on_every_group_and_restored_after_a_slow_phase():
+    import datetime
+
+    from torch.distributed import distributed_c10d
+
+    from ldm_scale import dist
+
+    dist.init_distributed()  # a world of one
+    extra = torch.distributed.new_group(ranks=[0])  # as DeepSpeed makes for its reductions
+
+    def timeouts():
+        return [g._get_backend(torch.device("cpu")).options._timeout for g in distributed_c10d._world.pg_map]
+
+    dist.set_collective_timeout(42)
+    assert timeouts() == [datetime.timedelta(seconds=42)] * 2
+    with dist.collective_timeout(1800):
+        assert timeouts() == [datetime.timedelta(seconds=1800)] * 2
+    assert timeouts() == [datetime.timedelta(seconds=42)] * 2
+    torch.distributed.destroy_process_group(extra)
+    dist.set_collective_timeout(1800)  # later tests in this process share the default group
+
+
+def test_garbage_collection_runs_at_fixed_steps_only(monkeypatch):
+    import gc
+
+    from ldm_scale.train.loop import GarbageCollection
+
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: calls.append(generation) or 0)
+    control = GarbageCollection(every=3)
+    try:
+        assert not gc.isenabled()
+        for step in range(1, 10):
+            control.after_step(step)
+        assert calls == [2, 1, 1, 1]  # the start-up full collection, then steps 3, 6, 9
+    finally:
+        control.close()
+    assert gc.isenabled()
+    off = GarbageCollection(every=0)
+    off.after_step(3)
+    assert gc.isenabled() and calls == [2, 1, 1, 1]

@@ -156,3 +156,16 @@ def test_training_config_is_validated_for_the_job_world_size(tmp_path):
     assert result.returncode != 0
     assert "invalid for 8x8 processes" in result.stderr and "train.global_batch_size=100" in result.stderr
     assert not (tmp_path / "txt2img_kl8").exists()
+
+
+def test_nccl_defaults_are_exported_and_each_can_be_overridden_or_removed(tmp_path):
+    script, _ = render(["nodes=2", "check_config=false", "--dry-run"], tmp_path)
+    for line in ("export TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "export NCCL_DEBUG=WARN",
+                 "export TORCH_NCCL_TRACE_BUFFER_SIZE=2000", "export TORCH_NCCL_DUMP_ON_TIMEOUT=1"):
+        assert line in script.splitlines(), line
+    script, _ = render(["nodes=2", "check_config=false", "env.NCCL_DEBUG=INFO", "env.TORCH_NCCL_DUMP_ON_TIMEOUT=''",
+                        "--dry-run"], tmp_path)
+    lines = script.splitlines()
+    assert "export NCCL_DEBUG=INFO" in lines and "export NCCL_DEBUG=WARN" not in lines
+    assert "unset TORCH_NCCL_DUMP_ON_TIMEOUT" in lines and "export TORCH_NCCL_DUMP_ON_TIMEOUT=1" not in lines
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
