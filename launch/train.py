@@ -24,7 +24,8 @@ from hydra.errors import HydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from ldm_scale import config as config_lib  # noqa: E402
-from ldm_scale import storage  # noqa: E402
+from ldm_scale import dist, storage  # noqa: E402
+from ldm_scale.logging import setup_console  # noqa: E402
 
 config_lib.register_configs()
 
@@ -37,6 +38,8 @@ def main(cfg: DictConfig) -> None:
         typed = config_lib.to_object(cfg)
     except config_lib.ConfigError as exc:
         config_error(str(exc))
+    # Hydra has set the log handlers up by now: one console per run (rank 0 logs INFO).
+    setup_console(typed.logger.show_library_warnings, rank=dist.get_dist_info().rank)
     try:
         train(typed)
     except config_lib.ConfigError as exc:
@@ -61,6 +64,7 @@ def config_error(message: str) -> NoReturn:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_console()  # library warnings off from the first import (LDM_SCALE_SHOW_LIBRARY_WARNINGS=1 shows them)
     # Hydra would print a composition error (a typo in an override or an experiment file) over
     # several lines itself and exit 1; with HYDRA_FULL_ERROR it raises it here instead.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")

@@ -1,5 +1,11 @@
 """Experiment tracking: W&B on rank 0 (offline unless configured), console, throughput and MFU.
 
+The console (:func:`setup_console`, called once at start-up by the entry point): warnings raised
+inside our dependencies (torch's deprecations, DeepSpeed's, ...) and their known start-up chatter
+are filtered unless ``logger.show_library_warnings=true`` or ``LDM_SCALE_SHOW_LIBRARY_WARNINGS=1``;
+ranks other than 0 print warnings and errors only; the progress bar is rank 0's; compiler output
+of DeepSpeed's op builds goes to a log file (``ldm_scale.train.ds_ops``).
+
 Every ``log`` call passes the optimizer step explicitly (``step=global_step``): after a restart W&B
 resumes the same run id (offline runs get a new directory with the same id, wandb #4624, and are
 merged by ``wandb sync --id``), and an explicit step keeps the curves aligned either way.
@@ -9,11 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import netrc
 import os
+import re
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -28,6 +37,72 @@ from ldm_scale.config import LoggerConfig
 PEAK_TFLOPS_BF16: Dict[str, float] = {
     "H100": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0,
 }
+
+
+# ------------------------------------------------------------------------------------------
+# Console
+
+SHOW_LIBRARY_WARNINGS_ENV = "LDM_SCALE_SHOW_LIBRARY_WARNINGS"
+# Top-level packages whose warnings are theirs to fix, not ours: filtered by the module a warning
+# is attributed to, so one that points at a line of ldm_scale (stacklevel) is still shown.
+LIBRARY_PACKAGES = (
+    "torch", "torchvision", "deepspeed", "webdataset", "wandb", "hydra", "omegaconf", "fsspec", "s3fs",
+    "gcsfs", "botocore", "aiobotocore", "boto3", "aiohttp", "urllib3", "google", "open_clip", "timm",
+    "lpips", "PIL", "numpy", "scipy", "pyarrow", "tqdm", "pydantic", "transformers", "huggingface_hub",
+    "diffusers", "torch_fidelity", "torchmetrics", "img2dataset", "albumentations", "distutils", "setuptools",
+)
+# Start-up log records of dependencies that nobody can act on: logger name -> message prefixes.
+LIBRARY_NOISE = {
+    "DeepSpeed": ("Setting accelerator to CPU",),  # a CPU-only machine is expected here
+    "torch.utils.cpp_extension": ("No CUDA runtime is found",),
+}
+_LIBRARY_MODULES = r"(?:" + "|".join(map(re.escape, LIBRARY_PACKAGES)) + r")(?:\.|$)"
+
+
+class _DropLibraryNoise(logging.Filter):
+    def __init__(self, prefixes: Sequence[str]):
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def show_library_warnings(configured: bool = False) -> bool:
+    """Whether library warnings are shown: ``LDM_SCALE_SHOW_LIBRARY_WARNINGS`` (1/0) if set, else
+    ``configured`` (``logger.show_library_warnings``)."""
+    env = os.environ.get(SHOW_LIBRARY_WARNINGS_ENV)
+    if env is not None and env.strip():
+        return env.strip().lower() in ("1", "true", "yes", "on")
+    return configured
+
+
+def setup_console(show_library_warnings_cfg: bool = False, rank: Optional[int] = None) -> bool:
+    """Quiet the console once at start-up (idempotent: a later call with the composed config's
+    ``logger.show_library_warnings`` replaces an earlier one). Python warnings attributed to
+    :data:`LIBRARY_PACKAGES` and the records in :data:`LIBRARY_NOISE` are dropped unless shown
+    (:func:`show_library_warnings`); ranks other than 0 log WARNING and above only (pass ``rank``
+    once the logging handlers are final, e.g. after Hydra set them up). Returns whether library
+    warnings are shown. Forked DataLoader workers inherit the filters."""
+    show = show_library_warnings(show_library_warnings_cfg)
+    # A filter entry is (action, message, category, module, lineno).
+    ours = [f for f in warnings.filters
+            if f[0] == "ignore" and f[2] is Warning and getattr(f[3], "pattern", None) == _LIBRARY_MODULES]
+    for entry in ours:
+        warnings.filters.remove(entry)
+    if hasattr(warnings, "_filters_mutated"):
+        warnings._filters_mutated()  # the filter list was edited in place: drop the caches
+    for name, prefixes in LIBRARY_NOISE.items():
+        logger = logging.getLogger(name)  # created here if the library is not imported yet: it keeps the filter
+        for old in [f for f in logger.filters if isinstance(f, _DropLibraryNoise)]:
+            logger.removeFilter(old)
+        if not show:
+            logger.addFilter(_DropLibraryNoise(prefixes))
+    if not show:
+        warnings.filterwarnings("ignore", category=Warning, module=_LIBRARY_MODULES)
+    if rank is not None and rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    return show
 
 
 def resolve_wandb_mode(cfg: LoggerConfig) -> str:

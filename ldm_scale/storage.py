@@ -11,7 +11,7 @@ resumable: a stream that breaks mid-way is reopened at the byte it had reached, 
 survives a short outage. A missing object or a denied request is not retried.
 
 Credentials never come from the config: s3fs/botocore read the environment (``AWS_ACCESS_KEY_ID``,
-``AWS_PROFILE``, ...) or the instance role; gcsfs uses Google's default credentials
+``AWS_PROFILE``, ...), the ``~/.aws`` profile that ``storage.profile`` names, or the instance role; gcsfs uses Google's default credentials
 (``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's login, the metadata server), or none with
 ``anon=True`` (public buckets, emulators). :func:`redact` strips secrets from any text before it is
 logged or raised, and :func:`redact_config` from every copy of the resolved config that is written
@@ -23,11 +23,18 @@ loop (6 tries, sleeps up to 32 s, ~30 s before a refused connection surfaces) is
 s3fs's, and its experimental gRPC layer is not used: its bucket-type probe waits 60 s per bucket
 on any endpoint that is not Google's.
 
+One storage block: ``storage.*`` (:class:`StorageConfig`) is what every component uses:
+checkpoints, exports, first-stage loading, eval tools and, through :func:`resolve`, the data loader
+and its workers. ``data.storage.*`` (:class:`StorageOverrides`) fields default to None, meaning
+"the value of ``storage.*``"; a field set there applies to the shards only. Every error names the
+config key (or environment variable) behind the endpoint it could not reach (:func:`endpoint_of`).
+
 Filesystem objects are created lazily per process (fsspec drops its instance cache when the PID
 changes), so DataLoader workers never share an s3fs client with their parent: s3fs is not fork-safe.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob as _pyglob
 import io
 import logging
@@ -38,8 +45,8 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, List, Optional, Sequence, TypeVar, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import fsspec
 
@@ -49,16 +56,80 @@ T = TypeVar("T")
 
 @dataclass
 class StorageConfig:
-    """How to reach object storage. Never holds credentials."""
+    """How to reach object storage (the ``storage`` block). Never holds credentials."""
 
     endpoint_url: Optional[str] = None  # S3-compatible endpoint; None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS
+    region: Optional[str] = None
+    profile: Optional[str] = None  # AWS shared-config profile name (credentials stay in ~/.aws); None: AWS_PROFILE / default
+    anon: bool = False  # unsigned requests (public buckets; GCS emulators)
     retries: int = 3  # extra attempts after the first failure of one call (0 = fail at once)
     backoff_s: float = 0.5  # first sleep; doubles per attempt, with +-25% jitter
     max_backoff_s: float = 20.0
-    timeout_s: float = 60.0  # connect and read timeout of one request
-    anon: bool = False  # unsigned requests (public buckets; GCS emulators)
-    region: Optional[str] = None
+    connect_timeout_s: float = 10.0  # TCP connect of one request: bounds how long an unreachable endpoint takes
+    timeout_s: float = 60.0  # read timeout of one request
     gcs_endpoint_url: Optional[str] = None  # GCS JSON-API endpoint; None: STORAGE_EMULATOR_HOST / Google
+
+    def key(self, name: str) -> str:
+        """The config key that set field ``name`` (for messages): ``storage.<name>`` here."""
+        return f"storage.{name}"
+
+
+@dataclass
+class ResolvedStorageConfig(StorageConfig):
+    """A :class:`StorageConfig` that remembers which key set each field (``data.storage.retries``,
+    ``--endpoint-url``, ...): made by :func:`resolve`, so that errors name the right key."""
+
+    keys: Dict[str, str] = field(default_factory=dict)
+
+    def key(self, name: str) -> str:
+        return self.keys.get(name, f"storage.{name}")
+
+
+@dataclass
+class StorageOverrides:
+    """``data.storage``: per-field overrides of ``storage.*`` for the shards only; None = inherit
+    (see :class:`StorageConfig` for each field's meaning)."""
+
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    profile: Optional[str] = None
+    anon: Optional[bool] = None
+    retries: Optional[int] = None
+    backoff_s: Optional[float] = None
+    max_backoff_s: Optional[float] = None
+    connect_timeout_s: Optional[float] = None
+    timeout_s: Optional[float] = None
+    gcs_endpoint_url: Optional[str] = None
+
+
+def resolve(override: Union[StorageOverrides, StorageConfig, None], base: Optional[StorageConfig] = None,
+            key: str = "data.storage") -> StorageConfig:
+    """The storage settings a component uses: each field of ``override`` that is set (not None),
+    else ``base``'s (default: the process-wide block from :func:`configure`, i.e. ``storage.*``).
+    ``key`` names ``override`` in messages. A complete :class:`StorageConfig` given in code is
+    used whole. Call it in the parent process: workers receive the result, not the global."""
+    if isinstance(override, StorageConfig):
+        return override
+    base = base if base is not None else _default_cfg
+    values: Dict[str, Any] = {}
+    keys: Dict[str, str] = {}
+    for f in dataclasses.fields(StorageConfig):
+        own = getattr(override, f.name, None)
+        values[f.name] = getattr(base, f.name) if own is None else own
+        keys[f.name] = base.key(f.name) if own is None else f"{key}.{f.name}"
+    return ResolvedStorageConfig(**values, keys=keys)
+
+
+def config_problems(block: Union[StorageConfig, StorageOverrides], key: str) -> List[str]:
+    """One message per out-of-range field of a ``storage`` / ``data.storage`` block (None: unset)."""
+    out = []
+    for name, ok, need in (("retries", lambda v: v >= 0, ">= 0"), ("backoff_s", lambda v: v >= 0, ">= 0"),
+                           ("max_backoff_s", lambda v: v >= 0, ">= 0"), ("connect_timeout_s", lambda v: v > 0, "> 0"),
+                           ("timeout_s", lambda v: v > 0, "> 0")):
+        value = getattr(block, name)
+        if value is not None and not ok(value):
+            out.append(f"{key}.{name}={value}: must be {need}")
+    return out
 
 
 class StorageError(OSError):
@@ -78,6 +149,14 @@ def configure(cfg: StorageConfig) -> None:
 
 def get_config() -> StorageConfig:
     return _default_cfg
+
+
+def _effective(cfg: Union[StorageConfig, StorageOverrides, None]) -> StorageConfig:
+    """What a call runs with: ``cfg``, or the process-wide block; overrides (``data.storage``
+    passed as is) are resolved over that block."""
+    if cfg is None:
+        return _default_cfg
+    return cfg if isinstance(cfg, StorageConfig) else resolve(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,22 +285,59 @@ def parent(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[0]
 
 
+_S3_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_GCS_ENDPOINT_ENV = "STORAGE_EMULATOR_HOST"
+
+
+def endpoint_of(url: str, cfg: Optional[StorageConfig] = None) -> Tuple[Optional[str], str]:
+    """``(endpoint, origin)`` that calls on ``url`` go to: the endpoint (None: the provider's own)
+    and what chose it, a config key (``storage.endpoint_url``, ``data.storage.endpoint_url``, ...)
+    or an environment variable. ``(None, "")`` for schemes without a configurable endpoint."""
+    cfg = _effective(cfg)
+    proto = protocol(url)
+    if proto == "s3":
+        field_name, env_names, provider = "endpoint_url", _S3_ENDPOINT_ENV, "AWS"
+    elif proto == "gs":
+        field_name, env_names, provider = "gcs_endpoint_url", (_GCS_ENDPOINT_ENV,), "Google"
+    else:
+        return None, ""
+    endpoint, origin = getattr(cfg, field_name), cfg.key(field_name)
+    for name in env_names:
+        if endpoint:
+            break
+        endpoint, origin = os.environ.get(name), name
+    if not endpoint:
+        return None, f"{provider}'s default (none of {', '.join((cfg.key(field_name),) + env_names)} is set)"
+    if proto == "gs" and "://" not in endpoint:  # STORAGE_EMULATOR_HOST is often host:port
+        endpoint = "http://" + endpoint
+    return endpoint, origin
+
+
+def describe_endpoint(url: str, cfg: Optional[StorageConfig] = None) -> str:
+    """``S3 endpoint http://host:9000 (set by storage.endpoint_url)`` for messages; "" when ``url``
+    has no configurable endpoint."""
+    endpoint, origin = endpoint_of(url, cfg)
+    if not origin:
+        return ""
+    kind = "S3" if protocol(url) == "s3" else "GCS"
+    return f"{kind} endpoint {redact(endpoint)} (set by {origin})" if endpoint else f"{kind} endpoint: {origin}"
+
+
 def _s3_options(cfg: StorageConfig) -> dict:
-    endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint, _ = endpoint_of("s3://", cfg)
     # botocore's own retry loop would multiply ours; one attempt per call, bounded timeouts.
     config_kwargs = {
-        "connect_timeout": cfg.timeout_s,
+        "connect_timeout": cfg.connect_timeout_s,
         "read_timeout": cfg.timeout_s,
         "retries": {"max_attempts": 1, "mode": "standard"},
     }
     opts: dict = {"anon": cfg.anon, "config_kwargs": config_kwargs}
     if endpoint:
         opts["endpoint_url"] = endpoint
-    client_kwargs = {}
+    if cfg.profile:
+        opts["profile"] = cfg.profile
     if cfg.region:
-        client_kwargs["region_name"] = cfg.region
-    if client_kwargs:
-        opts["client_kwargs"] = client_kwargs
+        opts["client_kwargs"] = {"region_name": cfg.region}
     return opts
 
 
@@ -231,7 +347,7 @@ def _fs_options(proto: str, cfg: StorageConfig) -> dict:
     if proto in ("http", "https"):
         import aiohttp  # fsspec's http implementation depends on it
 
-        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=cfg.timeout_s,
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s,
                                                                    sock_read=cfg.timeout_s)}}
     if proto == "gs":
         return _gs_options(cfg)
@@ -241,12 +357,11 @@ def _fs_options(proto: str, cfg: StorageConfig) -> dict:
 def _gs_options(cfg: StorageConfig) -> dict:
     import aiohttp  # gcsfs's transport
 
-    opts: dict = {"session_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=cfg.timeout_s,
+    opts: dict = {"session_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s,
                                                                       sock_read=cfg.timeout_s)}}
-    endpoint = cfg.gcs_endpoint_url or os.environ.get("STORAGE_EMULATOR_HOST")
+    endpoint, _ = endpoint_of("gs://", cfg)
     if endpoint:
-        # gcsfs wants scheme://host:port; STORAGE_EMULATOR_HOST is often given as host:port.
-        opts["endpoint_url"] = endpoint if "://" in endpoint else "http://" + endpoint
+        opts["endpoint_url"] = endpoint
     if cfg.anon:
         opts["token"] = "anon"
     return opts
@@ -278,7 +393,7 @@ def __getattr__(name: str):
 
 def filesystem(url: str, cfg: Optional[StorageConfig] = None) -> "fsspec.AbstractFileSystem":
     """The fsspec filesystem for ``url``'s scheme, built in (and cached for) the calling process."""
-    cfg = cfg or _default_cfg
+    cfg = _effective(cfg)
     proto = protocol(url)
     try:
         opts = _fs_options(proto, cfg)
@@ -317,10 +432,16 @@ def _sleep_for(attempt: int, cfg: StorageConfig) -> float:
     return base * random.uniform(0.75, 1.25)
 
 
+def _endpoint_hint(url: str, cfg: StorageConfig) -> str:
+    where = describe_endpoint(url, cfg)
+    return f" [{where}]" if where else ""
+
+
 def with_retries(fn: Callable[[], T], what: str, url: str, cfg: Optional[StorageConfig] = None) -> T:
     """Call ``fn`` with the configured retries; a final failure raises :class:`StorageError`
-    naming ``what`` and the redacted URL (the original exception is chained)."""
-    cfg = cfg or _default_cfg
+    naming ``what``, the redacted URL and, for object stores, the endpoint with the config key or
+    environment variable that set it (the original exception is chained)."""
+    cfg = _effective(cfg)
     attempt = 0
     while True:
         try:
@@ -333,12 +454,14 @@ def with_retries(fn: Callable[[], T], what: str, url: str, cfg: Optional[Storage
                     raise
                 if isinstance(exc, (ValueError, TypeError)):
                     raise
-                raise StorageError(f"{what} failed for {redact(url)}: {redact(exc)}") from exc
+                raise StorageError(f"{what} failed for {redact(url)}{_endpoint_hint(url, cfg)}: {redact(exc)}") from exc
             if attempt >= cfg.retries:
+                endpoint, origin = endpoint_of(url, cfg)
+                setting = f" ({origin}={redact(endpoint)})" if endpoint else ""
                 raise StorageError(
-                    f"{what} failed for {redact(url)} after {attempt + 1} attempt(s) "
-                    f"(storage.retries={cfg.retries}): {type(exc).__name__}: {redact(exc)}. "
-                    "Check that the endpoint is reachable and the credentials in the environment."
+                    f"{what} failed for {redact(url)}{_endpoint_hint(url, cfg)} after {attempt + 1} attempt(s) "
+                    f"({cfg.key('retries')}={cfg.retries}): {type(exc).__name__}: {redact(exc)}. "
+                    f"Check that the endpoint is reachable{setting} and the credentials in the environment."
                 ) from exc
             delay = _sleep_for(attempt, cfg)
             log.warning("%s failed for %s (%s: %s); retry %d/%d in %.2fs", what, redact(url),
@@ -401,8 +524,9 @@ class _ResumableReader(io.RawIOBase):
             except Exception as exc:  # noqa: BLE001
                 if _is_permanent(exc) or attempt >= self._cfg.retries:
                     raise StorageError(
-                        f"read failed for {redact(self._url)} at byte {self._pos} after {attempt + 1} "
-                        f"attempt(s) (storage.retries={self._cfg.retries}): {type(exc).__name__}: {redact(exc)}"
+                        f"read failed for {redact(self._url)}{_endpoint_hint(self._url, self._cfg)} at byte "
+                        f"{self._pos} after {attempt + 1} attempt(s) ({self._cfg.key('retries')}={self._cfg.retries}): "
+                        f"{type(exc).__name__}: {redact(exc)}"
                     ) from exc
                 delay = _sleep_for(attempt, self._cfg)
                 log.warning("read of %s broke at byte %d (%s); reopening in %.2fs (%d/%d)",
@@ -434,7 +558,7 @@ def open_url(url: str, mode: str = "rb", cfg: Optional[StorageConfig] = None, *,
              block_size: int = 8 << 20) -> Any:
     """Open ``url`` like ``open()``. Reads (``rb``/``r``) return a buffered, seekable, resumable
     stream; writes (``wb``/``w``) go to fsspec's writer (local parents are created)."""
-    cfg = cfg or _default_cfg
+    cfg = _effective(cfg)
     if "r" in mode and "+" not in mode:
         raw = _ResumableReader(url, cfg, block_size)
         buffered = io.BufferedReader(raw, buffer_size=1 << 20)

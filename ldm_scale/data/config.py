@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ldm_scale.storage import StorageConfig
+from ldm_scale.storage import StorageOverrides
 
 
 @dataclass
@@ -53,7 +53,9 @@ class DataConfig:
     prefetch_factor: int = 2
     pin_memory: bool = False
     multiprocessing_context: Optional[str] = None  # None: platform default ("fork" on Linux)
-    storage: StorageConfig = field(default_factory=StorageConfig)
+    # Overrides of the top-level ``storage`` block for the shards only; every field defaults to
+    # None = inherit ``storage.*`` (see ``ldm_scale.storage.resolve``).
+    storage: StorageOverrides = field(default_factory=StorageOverrides)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field and the fix."""

@@ -12,6 +12,9 @@ Order of application (see STYLE.md, principle 2):
   2. activation checkpointing is switched on by the model's own ``set_activation_checkpointing``;
   3. :func:`initialize_engine` wraps the trainable module (never the frozen autoencoder / frozen
      text encoder: those stay plain modules, unsharded, outside the optimizer and the checkpoint).
+
+DeepSpeed's JIT-built C++ ops (where they are built, build locks, compiler output, the CPU comm op
+that is skipped) are handled by :mod:`ldm_scale.train.ds_ops` before DeepSpeed first starts.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from ldm_scale.train import ds_ops
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -167,6 +172,7 @@ def model_init_context(ds_config: Dict[str, Any]) -> contextlib.AbstractContextM
     zero = ds_config["zero_optimization"]
     if zero["stage"] != 3:
         return contextlib.nullcontext()
+    ds_ops.prepare()  # before DeepSpeed's comm backend starts (it may JIT-build an op)
     import deepspeed
 
     if torch.distributed.is_initialized():
@@ -267,6 +273,7 @@ def initialize_engine(module: nn.Module, ds_config: Dict[str, Any], optim: Optim
     Returns the ``deepspeed.DeepSpeedEngine``; its ``optimizer`` and ``lr_scheduler`` are attached.
     The schedule is stepped by DeepSpeed on each applied optimizer step (not on fp16 overflow skips).
     """
+    ds_ops.prepare()  # JIT op builds (comm op, cpu_adam with offload): see ds_ops
     import deepspeed
 
     config = dict(ds_config)
@@ -310,6 +317,13 @@ def _guard_unchecked_optimizer(engine) -> None:
 
     optimizer.overflow = False
     optimizer.step = checked_step
+
+
+def inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that writes the weights (or, under ZeRO, their fp32 masters): DeepSpeed's
+    ZeRO / bf16 wrappers keep it as ``.optimizer``; without ZeRO in fp32 it is the engine's own."""
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def step_status(engine, ds_config: Dict[str, Any]) -> Tuple[bool, Any, bool]:
@@ -403,6 +417,6 @@ def destroy() -> None:
 __all__: List[str] = [
     "ZeroConfig", "DeepSpeedConfig", "OptimConfig", "BatchPlan", "build_ds_config",
     "model_init_context", "param_groups", "lr_multiplier", "initialize_engine", "autocast",
-    "engine_stats", "step_status", "adamw_kernel", "configure_device_math", "apply_memory_format",
+    "engine_stats", "step_status", "inner_optimizer", "adamw_kernel", "configure_device_math", "apply_memory_format",
     "to_memory_format", "local_param_and_optimizer_bytes", "peak_lr", "destroy",
 ]
