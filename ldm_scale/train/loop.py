@@ -28,6 +28,7 @@ from ldm_scale.data.device import DeviceHandoff
 from ldm_scale.logging import (METRICS_FILE, MetricMeter, RunLogger, Throughput, console_line, history_step,
                                peak_flops_per_device, sum_over_ranks, truncate_metrics)
 from ldm_scale.train.checkpoint import CheckpointError, CheckpointManager
+from ldm_scale.train import engine as ds_engine
 from ldm_scale.train.ema import CpuEma
 from ldm_scale.train.health import LOSS_SCALE_KEY, LossSpikeDetector, Spike, StepHealth, UnhealthyRunError
 from ldm_scale.train.lease import LeaseHeldError, RunLease
@@ -170,6 +171,9 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
     task = build_task(cfg, plan, device=device, total_steps=cfg.train.max_steps)
     ema = (CpuEma(task.ema_module.named_parameters(), cfg.ema, info)
            if cfg.ema.enabled and task.ema_module is not None else None)
+    if ema is not None:  # its device->host copies must finish before the next step writes the weights
+        for engine in task.engines.values():
+            ema.attach_to(ds_engine.inner_optimizer(engine))
     health = StepHealth(cfg.train.max_consecutive_unhealthy)
     spikes = LossSpikeDetector(cfg.train.spike)
 

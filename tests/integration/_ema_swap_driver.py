@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ldm_scale import dist
-from ldm_scale.train.ema import CpuEma, EmaConfig
+from ldm_scale.train.ema import CpuEma, EmaConfig, assemble_full_state_dict
 from tests.integration._ckpt_driver import ToyLoader, full_params
 
 
@@ -58,6 +58,15 @@ def main() -> None:
             ema.update(n)
         trained = full_params(a)
         full_ema = ema.full_state_dict(dst=None)
+        # The flat-tensor gather (chunked, to all ranks or to one) equals the shards' own assembly.
+        shards = [None] * info.world_size
+        torch.distributed.all_gather_object(shards, ema.state_dict())
+        assembled = assemble_full_state_dict(shards)
+        to_rank0 = ema.full_state_dict(dst=0, chunk_numel=7)
+        gathers_match = all(torch.equal(full_ema[k], v) for k, v in assembled.items()) and (
+            (to_rank0 is None) != info.is_main) and (to_rank0 is None or all(
+                torch.equal(to_rank0[k], v) for k, v in assembled.items()))
+        gathers_match = all(dist.all_gather_object(gathers_match))
         reference = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 32), nn.SiLU(), nn.Linear(32, 4))
         reference.load_state_dict(full_ema)
         with ema.swapped_in(chunk_numel=600):  # several chunks: 1,316 parameters in 6 tensors
@@ -75,6 +84,7 @@ def main() -> None:
             print(f"CHECK {stage} params_vs_ema {ema_in_params:.3e}", flush=True)
             print(f"CHECK {stage} tensors_not_restored {restored}", flush=True)
             print(f"CHECK {stage} same_losses_after {same_losses}", flush=True)
+            print(f"CHECK {stage} flat_gather_equals_shards {gathers_match}", flush=True)
         ema.close()
         dist.barrier()
 

@@ -23,3 +23,4 @@ def test_ema_swapped_in_under_zero2_and_zero3_then_training_continues_unchanged(
         assert float(checks[stage, "params_vs_ema"]) == 0.0, checks
         assert checks[stage, "tensors_not_restored"] == "0", checks  # trained weights back, bitwise
         assert checks[stage, "same_losses_after"] == "True", checks  # training unaffected
+        assert checks[stage, "flat_gather_equals_shards"] == "True", checks  # no pickling, same values

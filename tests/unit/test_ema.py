@@ -210,3 +210,23 @@ def test_swapped_in_loads_the_ema_and_restores_the_weights_even_on_error():
     for k, v in model.state_dict().items():
         assert torch.equal(v, trained[k])
     ema.close()
+
+
+@pytest.mark.gpu
+def test_cuda_ema_copies_on_their_own_stream_and_the_optimizer_waits_for_them():
+    from ldm_scale.train.ema import CpuEma, EmaConfig
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(1 << 20, device="cuda"))
+    optimizer = torch.optim.SGD([w], lr=0.1)
+    ema = CpuEma([("w", w)], EmaConfig(decay=0.9, use_num_updates=False, async_update=True))
+    ema.attach_to(optimizer)
+    assert ema._copy_stream is not None and ema._copy_stream != torch.cuda.current_stream()
+    expected = w.detach().cpu().clone()
+    for step in range(1, 6):
+        w.grad = torch.ones_like(w)
+        optimizer.step()  # the pre-step hook orders this after the previous copy
+        ema.update(step)
+        expected.lerp_(w.detach().cpu(), 0.1)
+    torch.testing.assert_close(ema.local_tensors()["w"], expected, rtol=0, atol=1e-6)
+    ema.close()
