@@ -21,6 +21,9 @@ from ldm_scale.data.latents import finalize_latent_dataset, load_autoencoder, pr
 
 
 def main(argv=None) -> int:
+    from ldm_scale.logging import setup_console
+
+    setup_console()  # library warnings off (LDM_SCALE_SHOW_LIBRARY_WARNINGS=1 shows them)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="image shard pattern (brace/glob/list)")
     p.add_argument("--out", required=True, help="output directory or URL for latent shards")

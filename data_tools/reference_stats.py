@@ -34,6 +34,9 @@ def parse_config(argv: list[str]) -> ReferenceStatsConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from ldm_scale.logging import setup_console
+
+    setup_console()  # library warnings off (LDM_SCALE_SHOW_LIBRARY_WARNINGS=1 shows them)
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     # The Inception weights' hash before any shard is read (one line, exit 2).
     report_input_errors("data_tools/reference_stats.py",

@@ -32,6 +32,9 @@ def parse_config(argv: list[str]) -> FIDEvalConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from ldm_scale.logging import setup_console
+
+    setup_console()  # library warnings off (LDM_SCALE_SHOW_LIBRARY_WARNINGS=1 shows them)
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     # The Inception weights' hash first: before any checkpoint is read or sample generated.
     report_input_errors("eval/fid.py", lambda: check_extractor_weights(cfg.extractor, storage_cfg=cfg.storage))

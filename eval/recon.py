@@ -30,6 +30,9 @@ def parse_config(argv: list[str]) -> ReconEvalConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from ldm_scale.logging import setup_console
+
+    setup_console()  # library warnings off (LDM_SCALE_SHOW_LIBRARY_WARNINGS=1 shows them)
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     if cfg.rfid:  # the Inception weights' hash first: before the checkpoint is read
         report_input_errors("eval/recon.py", lambda: check_extractor_weights(cfg.extractor))

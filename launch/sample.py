@@ -35,6 +35,9 @@ def usage() -> str:
 
 
 def main(argv: list[str]) -> int:
+    from ldm_scale.logging import setup_console
+
+    setup_console()  # library warnings off (LDM_SCALE_SHOW_LIBRARY_WARNINGS=1 shows them)
     if any(a in ("-h", "--help", "help") for a in argv):
         print(usage())
         return 0
