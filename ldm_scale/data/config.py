@@ -52,7 +52,10 @@ class DataConfig:
     shards_per_block: int = 2  # shards read interleaved by one worker; the buffer drains at block ends
     prefetch_factor: int = 2
     pin_memory: bool = False
-    multiprocessing_context: Optional[str] = None  # None: platform default ("fork" on Linux)
+    # How data workers start. None: "forkserver" once this process has initialised CUDA (a forked
+    # child of a process holding a CUDA context, NCCL communicators and their threads can deadlock
+    # or crash), else the platform default ("fork" on Linux: the cheapest start).
+    multiprocessing_context: Optional[str] = None
     # Overrides of the top-level ``storage`` block for the shards only; every field defaults to
     # None = inherit ``storage.*`` (see ``ldm_scale.storage.resolve``).
     storage: StorageOverrides = field(default_factory=StorageOverrides)
@@ -84,3 +87,12 @@ class DataConfig:
             raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0, data.shards_per_block >= 1")
         if self.samples_per_epoch is not None and self.samples_per_epoch <= 0:
             raise ValueError("data.samples_per_epoch must be positive")
+
+
+def worker_start_method(configured: Optional[str]) -> Optional[str]:
+    """The DataLoader ``multiprocessing_context`` for ``data.multiprocessing_context`` (see there)."""
+    if configured is not None:
+        return configured
+    import torch
+
+    return "forkserver" if torch.cuda.is_available() and torch.cuda.is_initialized() else None

@@ -41,7 +41,7 @@ import torch
 
 from ldm_scale import dist, storage
 from ldm_scale.data import shards as shard_lib
-from ldm_scale.data.config import DataConfig
+from ldm_scale.data.config import DataConfig, worker_start_method
 from ldm_scale.data.filters import check_sample, image_member
 from ldm_scale.data.tar_stream import iter_tar_samples
 from ldm_scale.data.transforms import (batch_to_unit_range, decode_image, decode_latent, resize_crop_flip, sample_rng,
@@ -346,7 +346,7 @@ class ShardLoader:
         loader = torch.utils.data.DataLoader(
             _EpochDataset(plan), batch_size=None, num_workers=self.cfg.num_workers,
             prefetch_factor=self.cfg.prefetch_factor,
-            multiprocessing_context=self.cfg.multiprocessing_context, persistent_workers=False,
+            multiprocessing_context=worker_start_method(self.cfg.multiprocessing_context), persistent_workers=False,
             generator=torch.Generator().manual_seed(int(worker_seed)))
         return iter(loader)
 

@@ -32,7 +32,7 @@ import torch
 
 from ldm_scale import dist, storage
 from ldm_scale.data import shards as shard_lib
-from ldm_scale.data.config import DataConfig
+from ldm_scale.data.config import DataConfig, worker_start_method
 from ldm_scale.data.filters import check_sample, image_member
 from ldm_scale.data.tar_stream import iter_tar_samples
 from ldm_scale.data.transforms import batch_to_unit_range, decode_image, resize_crop_flip, stack_uint8
@@ -217,7 +217,7 @@ class OnePassLoader:
         # (nothing here is random; callers' RNG streams stay untouched).
         return iter(torch.utils.data.DataLoader(
             _PassDataset(plan), batch_size=None, num_workers=self.cfg.num_workers,
-            prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=self.cfg.multiprocessing_context,
+            prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=worker_start_method(self.cfg.multiprocessing_context),
             persistent_workers=False, generator=torch.Generator().manual_seed(self.seed)))
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:

@@ -240,3 +240,18 @@ def test_reading_metrics_at_an_epoch_boundary_does_not_end_the_stream(shapes, mo
         next(batches)
         loader.metrics()
     assert loader.epoch == 2 and loader.batches_done == 1
+
+
+def test_forkserver_workers_yield_the_batches_fork_workers_do(shapes):
+    """The start method used once CUDA is initialised (data.config.worker_start_method) reads the
+    same data: the dataset plan and its storage settings travel to the workers by pickling."""
+    from ldm_scale.data.config import worker_start_method
+
+    assert worker_start_method("spawn") == "spawn"
+    assert worker_start_method(None) in (None, "forkserver")
+    batches = {}
+    for method in ("fork", "forkserver"):
+        loader = build_loader(_cfg(shapes, multiprocessing_context=method), ONE, batch_size=4, seed=3)
+        it = iter(loader)
+        batches[method] = [next(it) for _ in range(3)]
+    assert _same(batches["fork"], batches["forkserver"])
