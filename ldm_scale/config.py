@@ -37,6 +37,7 @@ from ldm_scale.models.registry import AUTOENCODERS, FLAVOURS, FirstStageConfig, 
 from ldm_scale.preemption import PreemptionConfig
 from ldm_scale.storage import StorageConfig
 from ldm_scale.train.checkpoint import CheckpointConfig
+from ldm_scale.train.compile import CompileMode
 from ldm_scale.train.ema import EmaConfig
 from ldm_scale.train.engine import BatchPlan, DeepSpeedConfig, OptimConfig, peak_lr
 from ldm_scale.train.health import DebugSpikeConfig, SpikeRuleConfig
@@ -115,6 +116,9 @@ class TrainConfig:
     # Loss by timestep bucket: T is split into this many equal ranges.
     timestep_buckets: int = 4
     progress_bar: bool = True
+    # torch.compile of the trainable networks (train/compile.py): off | unet (each network as one
+    # graph) | blocks (each residual / transformer block as its own graph; use it under ZeRO-3).
+    compile: CompileMode = CompileMode.off
 
 
 @dataclass
@@ -561,6 +565,11 @@ def validate(cfg: Config, world_size: Optional[int] = None, *, check_files: bool
                         "for_loop")
     if ds.precision not in ("fp32", "bf16", "fp16"):
         problems.append(f"deepspeed.precision={ds.precision!r}: expected fp32, bf16 or fp16")
+    if ds.frozen_precision not in ("auto", "fp32", "bf16", "fp16"):
+        problems.append(f"deepspeed.frozen_precision={ds.frozen_precision!r}: expected auto, fp32, bf16 or fp16")
+    elif ds.precision == "fp32" and ds.frozen_precision in ("bf16", "fp16"):
+        problems.append(f"deepspeed.frozen_precision={ds.frozen_precision} needs a half-precision run: the frozen "
+                        "text encoder runs under the run's autocast, and deepspeed.precision=fp32 has none")
     if ds.gradient_clipping < 0:
         problems.append("deepspeed.gradient_clipping must be >= 0 (0 disables clipping)")
 
@@ -583,6 +592,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, *, check_files: bool
         problems.append("train.collective_timeout_s and train.step_collective_timeout_s must be > 0")
     if t.gc_every < 0:
         problems.append("train.gc_every must be >= 0 (0: automatic garbage collection)")
+    if t.compile not in set(CompileMode):  # compose time checks the name; this catches code that sets it
+        problems.append(f"train.compile={t.compile!r}: expected one of {[m.value for m in CompileMode]}")
     if t.max_consecutive_unhealthy < 1:
         problems.append("train.max_consecutive_unhealthy must be >= 1")
     if t.spike.enabled and (t.spike.factor <= 1.0 or t.spike.window < 1 or t.spike.patience < 1):
@@ -643,7 +654,8 @@ def resolved_dict(cfg: Config) -> Dict[str, Any]:
     every checkpoint's client state, exports): credentials are masked by
     :func:`ldm_scale.storage.redact_config`. ``cfg`` itself keeps the real values the run needs; a
     reader of a persisted copy must not connect with its URLs (see ``storage.is_redacted``)."""
-    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    # Enums as their strings: persisted copies stay plain data (weights_only loads, JSON, YAML).
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
     return storage.redact_config(container)  # type: ignore[return-value]
 
 

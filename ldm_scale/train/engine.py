@@ -26,9 +26,11 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ldm_scale.train import precision as precision_policy
+
 from ldm_scale.train import ds_ops
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = tuple(precision_policy.DTYPES)
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -65,6 +67,9 @@ class DeepSpeedConfig:
     fp16_min_loss_scale: float = 1.0
     # Reduce gradients in fp32 even when training in bf16/fp16 (slower, more exact). None = DeepSpeed's choice.
     communication_data_type: Optional[str] = None
+    # Dtype of a frozen text encoder: auto = the run's half precision on CUDA, fp32 on CPU
+    # (train/precision.py, which also says why the first stage stays fp32); or fp32 | bf16 | fp16.
+    frozen_precision: str = "auto"
     # CUDA only: TF32 tensor cores for the fp32 matmuls and convolutions that remain (frozen parts,
     # fp32 runs). ~8x the fp32 matmul rate on A100/H100 at 10-bit mantissa inputs; ignored on CPU.
     tf32: bool = True
@@ -341,16 +346,9 @@ def step_status(engine, ds_config: Dict[str, Any]) -> Tuple[bool, Any, bool]:
 
 
 def autocast(ds_config: Dict[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed-precision context for forward passes of an engine's module.
-
-    DeepSpeed keeps bf16/fp16 weights; autocast makes fp32 inputs (latents, timestep embeddings)
-    meet them in the right dtype and keeps reductions such as normalisation in fp32.
-    """
-    if ds_config["bf16"]["enabled"]:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if ds_config["fp16"]["enabled"]:
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
+    """Mixed-precision context for forward passes of an engine's module (``train/precision.py``)."""
+    precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
+    return precision_policy.autocast(precision, device)
 
 
 def engine_stats(engine) -> Dict[str, float]:

@@ -41,8 +41,9 @@ from ldm_scale.models.conditioners import build_conditioner
 from ldm_scale.models.ldm import LatentDiffusion
 from ldm_scale.models.registry import FirstStageConfig, LDMSpec, build_autoencoder
 from ldm_scale.models.unet import UNetModel
+from ldm_scale.train import compile as compile_lib
 from ldm_scale.train import engine as ds_engine
-from ldm_scale.train import health
+from ldm_scale.train import health, precision
 from ldm_scale.train.health import LOSS_SCALE_KEY, StepOutput
 
 log = logging.getLogger(__name__)
@@ -132,9 +133,13 @@ class LDMTask:
         self.ds_config = ds_engine.build_ds_config(cfg.deepspeed, plan.batch)
 
         # 1. Frozen parts, outside DeepSpeed (never sharded, never in the optimizer or checkpoints).
+        #    The first stage keeps fp32 storage (it is exported and decodes samples) and computes
+        #    under the run's autocast; a frozen text encoder is stored in the policy's frozen dtype
+        #    (train/precision.py).
         first_stage = self._build_first_stage(cfg.model, spec, device, cfg.storage)
         joint = spec.cond_stage.kind in JOINTLY_TRAINED_CONDITIONERS
-        cond_stage = None if joint else build_conditioner(spec.cond_stage)
+        frozen = precision.frozen_dtype(cfg.deepspeed.precision, cfg.deepspeed.frozen_precision, device)
+        cond_stage = None if joint else build_conditioner(spec.cond_stage).to(device=device, dtype=frozen)
 
         # 2. Trainable parts; under ZeRO-3 partitioned as they are constructed. Same seed on every
         #    rank so ZeRO-1/2 replicas start equal (DeepSpeed also broadcasts rank 0's weights).
@@ -147,6 +152,9 @@ class LDMTask:
         self.ldm = LatentDiffusion(unet, first_stage, cond_stage, spec.scale_factor, spec.parameterization)
         self.ldm.to(device)
         self.train_module = DiffusionTrainModule(self.ldm, cfg.diffusion)
+        # Compiled after activation checkpointing, before DeepSpeed wraps it (train/compile.py).
+        compile_lib.log_compiled("trainable", compile_lib.apply_compile(self.train_module, cfg.train.compile))
+        compile_lib.log_compiled("frozen", compile_lib.apply_frozen_compile(first_stage, cfg.train.compile))
 
         # 3. The engine wraps only the trainable module (in channels_last first, when asked).
         ds_engine.configure_device_math(cfg.deepspeed)
