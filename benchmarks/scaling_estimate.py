@@ -47,6 +47,9 @@ HEADROOM = 0.85  # share of the card the predicted peak may use: fragmentation, 
 COMM_BUCKETS_GIB = 0.4  # DeepSpeed reduce / all-gather buckets at the default 200M-element sizes
 # Model states per trainable parameter: bf16 weights, bf16 gradients, fp32 master + Adam m and v.
 WEIGHT_B, GRAD_B, OPTIM_B = 2, 2, 12
+# The frozen first stage keeps fp32 storage (train/precision.py: it is exported and decodes samples)
+# and computes in bf16 under autocast, so its activations are bf16 but its weights 4 B each.
+FROZEN_FIRST_STAGE_B = 4
 
 
 # ------------------------------------------------------------------------------ activation memory
@@ -306,12 +309,12 @@ def estimate(flavour: str) -> Estimate:
 
 
 def predicted_peak(est: Estimate, variant: str, stage: int, gpus: int, micro: int) -> float:
-    """Bytes per GPU at the step's peak: model states + bf16 frozen first stage + buckets + the
+    """Bytes per GPU at the step's peak: model states + fp32 frozen first stage + buckets + the
     larger of the activation peak and the frozen encoder's (it runs, under no_grad, before the UNet)."""
     per, fixed = est.peak[variant]
     enc_per, enc_fixed = est.encoder_peak
     activations = max(per * micro + fixed, enc_per * micro + enc_fixed)
-    return (model_state_bytes(stage, est.trainable, gpus) + WEIGHT_B * est.params["first_stage"]
+    return (model_state_bytes(stage, est.trainable, gpus) + FROZEN_FIRST_STAGE_B * est.params["first_stage"]
             + COMM_BUCKETS_GIB * GIB + activations)
 
 
@@ -343,7 +346,7 @@ def report(est: Estimate, mfu: float, global_batch: int, micro_batches: Sequence
     ep, ef = est.encoder_peak
     print(f"- frozen encoder forward (no_grad), peak: {ep / MIB:.1f} + {ef / MIB:.1f}")
 
-    frozen = WEIGHT_B * p["first_stage"]
+    frozen = FROZEN_FIRST_STAGE_B * p["first_stage"]
     print(f"\nmodel states per GPU, GiB ({WEIGHT_B} + {GRAD_B} + {OPTIM_B} B x {est.trainable / 1e6:.1f}M, "
           f"sharded per stage); + frozen first stage {frozen / GIB:.2f} + buckets {COMM_BUCKETS_GIB}")
     print("| GPUs | ZeRO-1 | ZeRO-2 | ZeRO-3 |")

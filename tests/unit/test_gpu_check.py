@@ -195,12 +195,15 @@ DOC_EXCERPT = """
 | **trainable** | **1415.2M** | |
 
 Training FLOPs per 256x256 image: **779.9 GFLOP** for the UNet and text transformer
-Activations held after the forward pass, per image, bf16: 3401 MiB without and 131 MiB with activation
-checkpointing (`model.activation_checkpointing=true`).
+**364 MiB per image without activation checkpointing**, 120 MiB with activation checkpointing.
 
-| GPUs | ZeRO-1 | ZeRO-2 | ZeRO-3 | of which activations | frozen AE |
+| GPUs | ZeRO-1 | ZeRO-2 | ZeRO-3 |
+|---|---|---|---|
+| 8 | 7.25 | 4.94 | 2.64 |
+
+| GPUs | ZeRO-1 | ZeRO-2 | ZeRO-3 | activation peak | frozen AE |
 |---|---|---|---|---|---|
-| 8 | 9.5 | 7.1 | 4.8 | 2.0 | 0.16 |
+| 8 | 14.0 | 11.7 | 9.4 | 6.04 | 0.31 |
 
 images/s = MFU x peak FLOP/s / 779.9 GFLOP, at a stated MFU of **0.35** (typical)
 
@@ -215,15 +218,16 @@ def test_doc_predictions_and_the_comparison(gpu_check):
     predicted = gpu_check.doc_predictions(DOC_EXCERPT)
     assert predicted["not_found"] == []
     assert (predicted["trainable_parameters_m"], predicted["train_gflop_per_image"],
-            predicted["activation_mib_per_image_checkpointed"], predicted["stated_mfu"],
+            predicted["activation_mib_per_image"], predicted["stated_mfu"],
             predicted["h100_images_per_s_per_gpu"], predicted["frozen_first_stage_gib"]) == (
-        1415.2, 779.9, 131.0, 0.35, 444.0, 0.16)
+        1415.2, 779.9, 364.0, 0.35, 444.0, 0.31)
+    assert predicted["table_row_8_gpus"] == "| 8 | 14.0 | 11.7 | 9.4 | 6.04 | 0.31 |"
     probe = {"micro_batch": 64, "loader_steps": {"peak_gib": 40.5, "data_wait_share": 0.02,
                                                  "perf": {"perf/images_per_s_per_device": 300.0, "perf/mfu": 0.24}}}
     train = {"micro_batch": 64, "perf": {"perf/images_per_s_per_device": 280.0, "perf/mfu": 0.22}}
     out = gpu_check.compare_with_doc(predicted, probe, train, "NVIDIA H200")
-    # 16 B x 1415.2M + 64 x 131 MiB + 0.16 GiB
-    assert out["predicted_memory_gib"] == pytest.approx(16 * 1415.2e6 / 2**30 + 64 * 131 / 1024 + 0.16, abs=0.01)
+    # 16 B x 1415.2M + 64 x 364 MiB + 0.31 GiB
+    assert out["predicted_memory_gib"] == pytest.approx(16 * 1415.2e6 / 2**30 + 64 * 364 / 1024 + 0.31, abs=0.01)
     assert (out["measured_peak_memory_gib"], out["predicted_images_per_s_per_gpu"], out["measured_images_per_s_per_gpu"],
             out["measured_mfu"], out["measured_mfu_in_process"], out["measured_data_wait_share"]) == (
         40.5, 444.0, 280.0, 0.22, 0.24, 0.02)
@@ -234,6 +238,7 @@ def test_the_real_doc_is_read_without_error(gpu_check):
     names what it did not find (then the comparison leaves those numbers out)."""
     predicted = gpu_check.doc_predictions(gpu_check.SCALING_DOC.read_text())
     assert set(predicted["not_found"]) <= {k for k in predicted if k not in ("not_found", "table_row_8_gpus")}
+    assert predicted["not_found"] == [], predicted  # today's doc states every number the check compares
     gpu_check.compare_with_doc(predicted, {}, {}, None)
 
 
