@@ -594,6 +594,9 @@ def validate(cfg: Config, world_size: Optional[int] = None, *, check_files: bool
         problems.append("train.gc_every must be >= 0 (0: automatic garbage collection)")
     if t.compile not in set(CompileMode):  # compose time checks the name; this catches code that sets it
         problems.append(f"train.compile={t.compile!r}: expected one of {[m.value for m in CompileMode]}")
+    elif t.compile == CompileMode.unet and cfg.deepspeed.zero.stage == 3:
+        problems.append("train.compile=unet under deepspeed.zero.stage=3 breaks the graph at every layer's "
+                        "parameter gather: use train.compile=blocks (one gather per compiled block)")
     if t.max_consecutive_unhealthy < 1:
         problems.append("train.max_consecutive_unhealthy must be >= 1")
     if t.spike.enabled and (t.spike.factor <= 1.0 or t.spike.window < 1 or t.spike.patience < 1):

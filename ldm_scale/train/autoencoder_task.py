@@ -37,8 +37,10 @@ from ldm_scale.losses import (AutoencoderLoss, AutoencoderLossConfig, LearnedLog
                               gan_active)
 from ldm_scale.models.registry import FirstStageConfig, build_autoencoder
 from ldm_scale.data.device import unit_range
+from ldm_scale.train import compile as compile_lib
 from ldm_scale.train import engine as ds_engine
 from ldm_scale.train import health
+from ldm_scale.train.compile import CompileMode
 from ldm_scale.train.health import LOSS_SCALE_KEY, StepOutput
 from ldm_scale.train.engine import BatchPlan, DeepSpeedConfig, OptimConfig
 
@@ -170,7 +172,8 @@ class AutoencoderTask:
     def __init__(self, first_stage: FirstStageConfig, loss_cfg: AutoencoderLossConfig, *,
                  perceptual: Optional[nn.Module], ds_config: Dict[str, Any], optim: OptimConfig,
                  plan: BatchPlan, total_steps: int, device: torch.device, seed: int = 0,
-                 num_log_images: int = 8, ds: Optional[DeepSpeedConfig] = None):
+                 num_log_images: int = 8, ds: Optional[DeepSpeedConfig] = None,
+                 compile_mode: CompileMode = CompileMode.off):
         check_autoencoder_plan(first_stage, loss_cfg, ds_config["zero_optimization"]["stage"])
         self.kind = first_stage.kind
         self.first_stage_cfg = first_stage
@@ -188,6 +191,8 @@ class AutoencoderTask:
             build_autoencoder(first_stage), LearnedLogVariance(loss_cfg.logvar_init, loss_cfg.learn_logvar),
             first_stage.kind)
         discriminator = DiscriminatorWithLoss(PatchDiscriminator(loss_cfg.discriminator))
+        # The generator's conv stacks compiled before DeepSpeed wraps them (train/compile.py).
+        compile_lib.log_compiled("generator", compile_lib.apply_compile(generator, compile_mode))
 
         # 3. Two engines. Same Adam settings (the paper); the discriminator's lr x disc_lr_ratio.
         disc_optim = replace(copy.deepcopy(optim), lr=optim.lr * loss_cfg.disc_lr_ratio)
@@ -361,4 +366,4 @@ def build_autoencoder_task(cfg: "Config", plan: "Plan", *, device: torch.device,
     return AutoencoderTask(plan.autoencoder, loss_cfg, perceptual=perceptual,
                            ds_config=ds_engine.build_ds_config(cfg.deepspeed, plan.batch), optim=cfg.optim,
                            plan=plan.batch, total_steps=total_steps, device=device, seed=cfg.seed,
-                           ds=cfg.deepspeed)
+                           ds=cfg.deepspeed, compile_mode=cfg.train.compile)

@@ -10,7 +10,9 @@ Order of application (see STYLE.md, principle 2):
   1. trainable modules are built inside :func:`model_init_context` (``deepspeed.zero.Init`` under
      ZeRO-3, so a 1.45B model is partitioned as it is constructed and never exists whole on a rank);
   2. activation checkpointing is switched on by the model's own ``set_activation_checkpointing``;
-  3. :func:`initialize_engine` wraps the trainable module (never the frozen autoencoder / frozen
+  3. ``train.compile`` compiles the networks or their blocks in place (:mod:`ldm_scale.train.compile`:
+     state-dict keys unchanged; under ZeRO-3 :func:`initialize_engine` makes compiled blocks leaves);
+  4. :func:`initialize_engine` wraps the trainable module (never the frozen autoencoder / frozen
      text encoder: those stay plain modules, unsharded, outside the optimizer and the checkpoint).
 
 DeepSpeed's JIT-built C++ ops (where they are built, build locks, compiler output, the CPU comm op
@@ -26,9 +28,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ldm_scale.train import precision as precision_policy
-
+from ldm_scale.train import compile as compile_lib
 from ldm_scale.train import ds_ops
+from ldm_scale.train import precision as precision_policy
 
 PRECISIONS = tuple(precision_policy.DTYPES)
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -284,6 +286,11 @@ def initialize_engine(module: nn.Module, ds_config: Dict[str, Any], optim: Optim
     config = dict(ds_config)
     offload = "offload_optimizer" in config["zero_optimization"]
     config["optimizer"] = _optimizer_section(optim, plan, offload)
+    if config["zero_optimization"]["stage"] == 3:
+        # Compiled blocks become ZeRO-3 "leaf" modules: their parameters are gathered once at the
+        # block's entry and no ZeRO hook fires inside a compiled graph (train/compile.py).
+        for block in compile_lib.zero3_leaf_modules(module):
+            deepspeed.utils.set_z3_leaf_module(block, True)
 
     def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(

@@ -153,7 +153,8 @@ class LDMTask:
         self.ldm.to(device)
         self.train_module = DiffusionTrainModule(self.ldm, cfg.diffusion)
         # Compiled after activation checkpointing, before DeepSpeed wraps it (train/compile.py).
-        compile_lib.log_compiled("trainable", compile_lib.apply_compile(self.train_module, cfg.train.compile))
+        compile_lib.log_compiled("trainable", compile_lib.apply_compile(
+            self.train_module, cfg.train.compile, zero_stage=self.ds_config["zero_optimization"]["stage"]))
         compile_lib.log_compiled("frozen", compile_lib.apply_frozen_compile(first_stage, cfg.train.compile))
 
         # 3. The engine wraps only the trainable module (in channels_last first, when asked).
