@@ -145,8 +145,10 @@ def test_two_nodes_on_loopback_stop_together_resume_and_survive_a_worker_crash(t
         os.kill(training_worker(agents[1].pid, timeout=30), signal.SIGKILL)
     finally:
         second = finish(agents, tmp_path / "second")
-    for log in second:
-        assert resumed_steps(log)[0] == stopped and resumed_steps(log)[1:] and resumed_steps(log)[1] >= saved, log[-6000:]
+    # Rank 0 logs each resume (other ranks log warnings only), in whichever agent holds it after a
+    # restart: across both agents, one resume from the stop checkpoint, then one from >= saved.
+    steps = resumed_steps("\n".join(second))
+    assert len(steps) == 2 and steps[0] == stopped and steps[1] >= saved, [log[-6000:] for log in second]
     assert_finished(run_dir, ckpt_dir)
 
 
@@ -208,6 +210,6 @@ def test_restarted_workers_meet_whichever_agent_notices_the_crash_first(tmp_path
     done = finish(agents, logs)
     if order == "membership_restart":
         assert RESTART_FOR_NEW_NODE in done[1] and RESTART_FOR_NEW_NODE not in done[0], done[1][-6000:]
-    for log in done:
-        assert len(resumed_steps(log)) == 1 and resumed_steps(log)[0] >= saved, log[-6000:]
+    steps = resumed_steps("\n".join(done))  # rank 0's resume, in whichever agent holds rank 0
+    assert len(steps) == 1 and steps[0] >= saved, [log[-6000:] for log in done]
     assert_finished(run_dir, ckpt_dir)
