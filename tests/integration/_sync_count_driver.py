@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import sys
 import traceback
 
@@ -31,6 +32,7 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sca
                "broadcast", "barrier", "all_gather_object", "broadcast_object_list", "all_to_all_single")
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
 SITES: collections.Counter | None = None  # (kind, call site) -> count, while counting
 
 
@@ -38,7 +40,10 @@ def _call_site() -> str:
     """The innermost frame outside torch (ldm_scale, deepspeed, ...): who asked for the sync."""
     for frame in reversed(traceback.extract_stack()[:-2]):
         if "/torch/" not in frame.filename:
-            return f"{frame.filename.split('site-packages/')[-1].split('/work/main/')[-1]}:{frame.lineno}"
+            name = frame.filename.split("site-packages/")[-1]
+            if name.startswith(REPO_ROOT):  # wherever the checkout lives
+                name = name[len(REPO_ROOT):]
+            return f"{name}:{frame.lineno}"
     return "?"
 
 
