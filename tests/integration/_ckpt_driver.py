@@ -155,7 +155,9 @@ def main() -> None:
             manager.save(step, engines={"model": engine}, ema=ema, loader=loader,
                          client_state={"step": step, "samples_seen": samples_seen, "wandb_run_id": "wandb-toy",
                                        "config": {"stage": args.stage, "storage": {"endpoint_url": None}}})
-            print(f"SAVED step={step} params={checksum(full_params(engine)):.10f}", flush=True)
+            value = checksum(full_params(engine))  # a gather under ZeRO-3: every rank takes part
+            if info.is_main:  # one writer: two ranks' prints on one pipe can interleave mid-line
+                print(f"SAVED step={step} params={value:.10f}", flush=True)
         if args.kill_at and attempt == 0 and args.kill_at - step == 1:
             manager.wait()  # the checkpoint before the kill is durable: the restart resumes from it
         if args.kill_at and attempt == 0 and step == args.kill_at and info.rank == 1:
