@@ -282,8 +282,21 @@ def gpu_image_blocklist(gpu_check) -> list[str]:
     # torch_fidelity's top-level `tests` share such names). ldm_scale's own requirements are not
     # followed: they are what the GPU image lacks.
     ours = {p.name for p in REPO_ROOT.iterdir()} | set(sys.stdlib_module_names)
+    # Distributions vendored inside another package's folder (setuptools/_vendor/jaraco_*.dist-info,
+    # seen once setuptools is imported and has put _vendor on sys.path) travel with that package:
+    # allowed when their owner is. Without this, whether `jaraco` was blocked depended on whether an
+    # earlier test in the same pytest process had imported setuptools.
+    tops = importlib.metadata.packages_distributions()
+    for dist in installed.values():
+        base = Path(dist.locate_file("")).resolve()
+        for folder in base.parents:
+            owners = [installed.get(canonicalize_name(o)) for o in tops.get(folder.name, [])]
+            if any(o is not None and canonicalize_name(o.metadata["Name"]) in allowed
+                   and Path(o.locate_file("")).resolve() == folder.parent for o in owners):
+                allowed.add(canonicalize_name(dist.metadata["Name"]))
+                break
     blocked = []
-    for top, dists in importlib.metadata.packages_distributions().items():
+    for top, dists in tops.items():
         if top not in ours and not any(canonicalize_name(d) in allowed for d in dists):
             blocked.append(top)
     return sorted(blocked)
