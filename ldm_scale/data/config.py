@@ -56,6 +56,9 @@ class DataConfig:
     # child of a process holding a CUDA context, NCCL communicators and their threads can deadlock
     # or crash), else the platform default ("fork" on Linux: the cheapest start).
     multiprocessing_context: Optional[str] = None
+    # Keep the data workers across epochs (started once per run; they prefetch the next epoch's
+    # first batches while this one ends). False: start them anew each epoch.
+    persistent_workers: bool = True
     # Overrides of the top-level ``storage`` block for the shards only; every field defaults to
     # None = inherit ``storage.*`` (see ``ldm_scale.storage.resolve``).
     storage: StorageOverrides = field(default_factory=StorageOverrides)

@@ -14,7 +14,19 @@ How a batch is made (each step a pure function of (seed, epoch, position)):
    position and skip counters.
 5. The main process hands batches out in DataLoader's strict round-robin worker order and records a
    worker's position only when its batch is handed out: prefetched batches never count. It makes
-   the images float in [-1, 1] as it hands them out (4x fewer bytes cross the process boundary).
+   the images float in [-1, 1] as it hands them out (4x fewer bytes cross the process boundary),
+   or leaves them uint8 for the device to normalise (``uint8_images``, see ``data/device.py``).
+6. Captions are tokenised in the workers when the trainer hands the loader its text encoder's
+   tokenizer (``tokenize=``): the batch then also carries ``tokens`` [B, L] (int64), so the main
+   process never runs the tokenizer's Python loop between two steps.
+
+Workers persist across epochs (``data.persistent_workers``, default on): a worker's stream goes on
+into the next epoch by itself (the next epoch's plan is a pure function of the current one), so
+the DataLoader is started once per run, not once per epoch, and it prefetches the next epoch's
+first batches while the last ones of this epoch train. Which logical worker a physical worker plays
+shifts at each epoch boundary by the number of batches the epoch handed out (see
+:meth:`_EpochDataset.__iter__`), so batch ``g`` of every epoch still comes from logical worker
+``g % num_workers`` and the batches are exactly those of a per-epoch restart.
 
 Exact resume (same world size and workers): a worker restarts at its recorded block, replays the
 block's raw bytes through the same buffer without decoding the samples already consumed, and goes
@@ -31,10 +43,11 @@ so no rank waits for another at the end of an epoch.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -68,10 +81,22 @@ class _Plan:
     world_size: int
     num_workers: int
     batch_size: int
-    worker_offset: int  # physical DataLoader worker i plays logical worker (i + offset) % num_workers
     batches_done: int  # handed out so far in this epoch; batch g of the epoch comes from worker g % num_workers
     batches_total: int
     start: Dict[int, Dict[str, Any]] = field(default_factory=dict)
+    persistent: bool = False  # go on into the following epochs (data.persistent_workers)
+    tokenize: Optional[Callable[[List[str]], torch.Tensor]] = None  # captions -> tokens, in the worker
+
+    def next_epoch(self) -> "_Plan":
+        """The plan of the following epoch, as the main process would make it after rolling over: a
+        full epoch in a fresh shard order, no resume positions (the salt stays: it changes only
+        when an elastic resume re-splits an epoch)."""
+        epoch = self.epoch + 1
+        epoch_shards = shard_lib.epoch_order(len(self.urls), self.seed, epoch) if self.cfg.mode == "epoch" else []
+        total = epoch_batches(self.cfg, self.shard_set, self.world_size, self.batch_size, epoch_shards,
+                              resumed_epoch_shards=False, remaining_samples=None)
+        return dataclasses.replace(self, epoch_shards=epoch_shards, epoch=epoch, batches_done=0,
+                                   batches_total=total, start={})
 
     def assigned(self, worker: int) -> List[int]:
         return shard_lib.split(self.epoch_shards, self.rank, self.world_size, worker, self.num_workers)
@@ -87,6 +112,29 @@ class _Plan:
                                           self.salt, self.rank, worker, spb)
         return shard_lib.resampled_blocks(self.shard_set, self.cfg.weights, self.seed, self.epoch, self.salt,
                                           self.rank, worker, spb)
+
+
+def epoch_batches(cfg: DataConfig, shard_set: shard_lib.ShardSet, world_size: int, batch_size: int,
+                  epoch_shards: List[int], *, resumed_epoch_shards: bool, remaining_samples: Optional[int]) -> int:
+    """Batches every rank yields in one epoch (all ranks agree). ``epoch_shards``: the epoch's shards
+    (epoch mode); ``resumed_epoch_shards``: they are the remainder an elastic resume left;
+    ``remaining_samples``: the samples a resampled epoch still had at an elastic resume."""
+    per_step = world_size * batch_size
+    if remaining_samples is not None:
+        samples = remaining_samples
+    elif cfg.samples_per_epoch is not None:
+        samples = cfg.samples_per_epoch
+        if cfg.mode == "epoch" and resumed_epoch_shards:
+            samples = samples * len(epoch_shards) // len(shard_set.urls)
+    elif cfg.mode == "epoch":
+        samples = shard_set.total(epoch_shards)
+    else:
+        samples = shard_set.total(range(len(shard_set.urls)))
+    n = int(samples) // per_step
+    if n < 1 and not resumed_epoch_shards:
+        raise ValueError(f"an epoch of {samples} samples is less than one global batch of {per_step} "
+                         f"({world_size} ranks x batch {batch_size})")
+    return max(n, 1)
 
 
 def _interleave(iterators: List[Iterator[Dict]]) -> Iterator[Dict]:
@@ -133,7 +181,8 @@ class _Counters:
         self.current[key] = value
 
 
-def _collate(samples: List[Dict], cfg: DataConfig) -> Dict[str, Any]:
+def _collate(samples: List[Dict], cfg: DataConfig,
+             tokenize: Optional[Callable[[List[str]], torch.Tensor]] = None) -> Dict[str, Any]:
     batch: Dict[str, Any] = {"key": [s["__key__"] for s in samples]}
     if cfg.input == "image":
         batch["image"] = stack_uint8([s["image"] for s in samples])  # made float by _finish
@@ -142,6 +191,8 @@ def _collate(samples: List[Dict], cfg: DataConfig) -> Dict[str, Any]:
         batch["latent_logvar"] = torch.stack([s["latent_logvar"] for s in samples])
     if cfg.conditioning == "text":
         batch["caption"] = [s["caption"] for s in samples]
+        if tokenize is not None:
+            batch["tokens"] = tokenize(batch["caption"]).to(torch.long)
     elif cfg.conditioning == "class":
         batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
     return batch
@@ -214,7 +265,7 @@ def _worker_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any], D
             counters["samples_yielded"] += 1
             pending.append(sample)
             if len(pending) == plan.batch_size:
-                batch = _collate(pending, cfg)
+                batch = _collate(pending, cfg, plan.tokenize)
                 pending = []
                 yield batch, {"block": block, "emitted": emitted, "counters": dict(counters.live)}
                 remaining -= 1
@@ -240,11 +291,26 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         self.plan = plan
 
     def __iter__(self):
+        """Yields ``(batch, logical worker, position, epoch, batch index in the epoch)``.
+
+        DataLoader hands out fetch ``k`` (counted from this iterator's start) from physical worker
+        ``k % W``. Batch ``g`` of an epoch must come from logical worker ``g % W``, and an epoch's
+        batches ``[batches_done, batches_total)`` occupy fetches ``[K, K + batches_total -
+        batches_done)``, so physical worker ``i`` plays logical ``(i - K + batches_done) % W`` in it
+        (``K = 0`` for the first epoch: the old fixed offset ``batches_done % W``)."""
         info = torch.utils.data.get_worker_info()
         physical = info.id if info is not None else 0
-        worker = (physical + self.plan.worker_offset) % self.plan.num_workers
-        for batch, state in _worker_stream(self.plan, worker):
-            yield batch, worker, state
+        plan, width, first_fetch = self.plan, self.plan.num_workers, 0
+        while True:
+            worker = (physical - first_fetch + plan.batches_done) % width
+            index = plan.batches_done + (worker - plan.batches_done) % width
+            for batch, state in _worker_stream(plan, worker):
+                yield batch, worker, state, plan.epoch, index
+                index += width
+            if not plan.persistent:
+                return
+            first_fetch += plan.batches_total - plan.batches_done
+            plan = plan.next_epoch()
 
 
 class ShardLoader:
@@ -252,11 +318,13 @@ class ShardLoader:
     moves to the next epoch; :meth:`infinite` chains epochs. See the module docstring."""
 
     def __init__(self, cfg: DataConfig, dist_info: dist.DistInfo, *, batch_size: int, seed: int,
-                 storage_defaults: Optional[storage.StorageConfig] = None, uint8_images: bool = False):
+                 storage_defaults: Optional[storage.StorageConfig] = None, uint8_images: bool = False,
+                 tokenize: Optional[Callable[[List[str]], torch.Tensor]] = None):
         cfg.validate()
         # True: hand images over as uint8 (normalised on the device by data/device.py: a quarter of
         # the bytes to pin and copy, and no per-pixel pass in the main process).
         self.uint8_images = uint8_images
+        self._tokenize = tokenize
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         self.cfg = cfg
@@ -286,6 +354,20 @@ class ShardLoader:
         self._remaining_samples: Optional[int] = None
         self._worker_states: Dict[int, Dict[str, Any]] = {}
         self._metrics_base: Counter = Counter()
+        # Persistent workers: the live batch source and the (epoch, batch) its next item is.
+        self._live: Optional[Iterator] = None
+        self._live_next: Optional[Tuple[int, int]] = None
+
+    @property
+    def tokenize(self) -> Optional[Callable[[List[str]], torch.Tensor]]:
+        """Picklable captions -> LongTensor[B, L] the workers run (the text encoder's tokenizer);
+        None: batches carry captions only."""
+        return self._tokenize if self.cfg.conditioning == "text" else None
+
+    @tokenize.setter
+    def tokenize(self, fn: Optional[Callable[[List[str]], torch.Tensor]]) -> None:
+        self.close()  # live workers hold the old plan
+        self._tokenize = fn
 
     # ------------------------------------------------------------------ epoch bookkeeping
     def _current_epoch_shards(self) -> List[int]:
@@ -296,22 +378,9 @@ class ShardLoader:
     @property
     def batches_per_epoch(self) -> int:
         """Batches every rank yields in the current epoch (all ranks agree)."""
-        per_step = self.dist_info.world_size * self.batch_size
-        if self._remaining_samples is not None:
-            samples = self._remaining_samples
-        elif self.cfg.samples_per_epoch is not None:
-            samples = self.cfg.samples_per_epoch
-            if self.cfg.mode == "epoch" and self._epoch_shards is not None:
-                samples = samples * len(self._epoch_shards) // len(self.shard_set.urls)
-        elif self.cfg.mode == "epoch":
-            samples = self.shard_set.total(self._current_epoch_shards())
-        else:
-            samples = self.shard_set.total(range(len(self.shard_set.urls)))
-        n = int(samples) // per_step
-        if n < 1 and self._epoch_shards is None:
-            raise ValueError(f"an epoch of {samples} samples is less than one global batch of {per_step} "
-                             f"({self.dist_info.world_size} ranks x batch {self.batch_size})")
-        return max(n, 1)
+        return epoch_batches(self.cfg, self.shard_set, self.dist_info.world_size, self.batch_size,
+                             self._current_epoch_shards(), resumed_epoch_shards=self._epoch_shards is not None,
+                             remaining_samples=self._remaining_samples)
 
     def _roll_epoch_if_done(self) -> None:
         if self.batches_done >= self.batches_per_epoch:
@@ -329,12 +398,13 @@ class ShardLoader:
             epoch_shards=self._current_epoch_shards() if self.cfg.mode == "epoch" else [],
             seed=self.seed, epoch=self.epoch, salt=self._salt, rank=self.dist_info.rank,
             world_size=self.dist_info.world_size, num_workers=self.num_workers, batch_size=self.batch_size,
-            worker_offset=self.batches_done % self.num_workers, batches_done=self.batches_done,
-            batches_total=self.batches_per_epoch, start=copy.deepcopy(self._worker_states),
+            batches_done=self.batches_done, batches_total=self.batches_per_epoch,
+            start=copy.deepcopy(self._worker_states), persistent=self.cfg.persistent_workers,
+            tokenize=self.tokenize,
         )
 
     # ------------------------------------------------------------------ iteration
-    def _source(self, plan: _Plan) -> Iterator[Tuple[Dict[str, Any], int, Dict[str, Any]]]:
+    def _source(self, plan: _Plan) -> Iterator[Tuple[Dict[str, Any], int, Dict[str, Any], int, int]]:
         if self.cfg.num_workers == 0:
             return iter(_EpochDataset(plan))
         # An explicit generator: without one, DataLoader draws its worker base seed from the global
@@ -346,6 +416,8 @@ class ShardLoader:
         loader = torch.utils.data.DataLoader(
             _EpochDataset(plan), batch_size=None, num_workers=self.cfg.num_workers,
             prefetch_factor=self.cfg.prefetch_factor,
+            # persistent_workers=False: our workers persist by never ending (see _EpochDataset), and
+            # DataLoader's own persistence would restart the same (stale) plan at every epoch.
             multiprocessing_context=worker_start_method(self.cfg.multiprocessing_context), persistent_workers=False,
             generator=torch.Generator().manual_seed(int(worker_seed)))
         return iter(loader)
@@ -355,6 +427,8 @@ class ShardLoader:
         ``data.device.unit_range`` gives the same values); page-locked when ``data.pin_memory`` is
         set and CUDA is there (pinned here rather than by DataLoader, which would pin the uint8)."""
         pin = self.cfg.pin_memory and torch.cuda.is_available()
+        if pin and "tokens" in batch:
+            batch["tokens"] = batch["tokens"].pin_memory()
         if "image" in batch and self.uint8_images:
             if pin:
                 batch["image"] = batch["image"].pin_memory()
@@ -369,24 +443,46 @@ class ShardLoader:
         self._roll_epoch_if_done()
         total = self.batches_per_epoch
         epoch = self.epoch
-        source = self._source(self._plan())
+        if self._live is None or self._live_next != (self.epoch, self.batches_done):
+            self.close()
+            self._live = self._source(self._plan())
+        source = self._live
+        finished = False
         try:
             # metrics() / state_dict() between two batches roll the epoch once its last batch is out:
             # then this epoch is over, whatever batches_done (reset to 0) says.
             while self.epoch == epoch and self.batches_done < total:
                 try:
-                    batch, worker, state = next(source)
+                    batch, worker, state, batch_epoch, index = next(source)
                 except StopIteration:
                     raise RuntimeError(f"data workers stopped after {self.batches_done} of {total} batches "
                                        f"in epoch {self.epoch}") from None
+                if (batch_epoch, index) != (self.epoch, self.batches_done):
+                    raise RuntimeError(f"data worker {worker} sent batch {index} of epoch {batch_epoch} where batch "
+                                       f"{self.batches_done} of epoch {self.epoch} was due (a loader bug: please "
+                                       "report it with the run's config)")
                 batch = self._finish(batch)
                 # Record the position before handing the batch out: from now on it counts as consumed.
                 self._worker_states[worker] = state
                 self.batches_done += 1
+                last = self.batches_done >= total
+                self._live_next = (self.epoch + 1, 0) if last else (self.epoch, self.batches_done)
                 yield batch
+            finished = True
         finally:
-            del source  # shuts DataLoader workers down
+            if not (finished and self.cfg.persistent_workers):
+                self.close()  # an epoch left early (or per-epoch workers): shut the workers down
         self._roll_epoch_if_done()
+
+    def close(self) -> None:
+        """Stop the data workers (they restart on the next iteration, at the recorded position)."""
+        live, self._live, self._live_next = self._live, None, None
+        if live is None:
+            return
+        if hasattr(live, "_shutdown_workers"):  # DataLoader's iterator: join its worker processes now
+            live._shutdown_workers()
+        elif hasattr(live, "close"):  # num_workers=0: the in-process generator
+            live.close()
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -459,6 +555,7 @@ class ShardLoader:
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         """Restore a position saved by :meth:`state_dict` (of any rank when the topology changed)."""
+        self.close()  # the live workers are positioned for the old state
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {sd.get('version')} is not {STATE_VERSION}")
         for key, mine in (("seed", self.seed), ("mode", self.cfg.mode), ("num_shards", len(self.shard_set.urls))):
@@ -505,9 +602,10 @@ class ShardLoader:
 
 def build_loader(cfg: DataConfig, dist_info: Optional[dist.DistInfo] = None, *, batch_size: int,
                  seed: int, storage_defaults: Optional[storage.StorageConfig] = None,
-                 uint8_images: bool = False) -> ShardLoader:
+                 uint8_images: bool = False,
+                 tokenize: Optional[Callable[[List[str]], torch.Tensor]] = None) -> ShardLoader:
     """The training data loader for this rank (see :class:`ShardLoader`). Shards are read with
     ``cfg.storage`` over ``storage_defaults`` (None: the process-wide ``storage.configure`` block,
     which the launcher sets from ``storage.*``)."""
     return ShardLoader(cfg, dist_info or dist.get_dist_info(), batch_size=batch_size, seed=seed,
-                       storage_defaults=storage_defaults, uint8_images=uint8_images)
+                       storage_defaults=storage_defaults, uint8_images=uint8_images, tokenize=tokenize)

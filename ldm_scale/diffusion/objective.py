@@ -122,7 +122,8 @@ def drop_conditions(
     """Replace each sample's raw condition by the null condition with probability ``p``.
 
     ``raw`` is a ``list[str]`` of captions (dropped -> the empty prompt ``null_raw`` gives), a
-    ``LongTensor[B]`` of class labels (dropped -> the null class) or ``None`` (unconditional: returned
+    ``LongTensor[B]`` of class labels (dropped -> the null class), a ``LongTensor[B, L]`` of caption
+    tokens (dropped -> the empty prompt's tokens) or ``None`` (unconditional: returned
     unchanged). Returns ``(raw_after_dropout, dropped[B] bool)``. Dropout happens on the raw condition,
     before the text encoder, so the model learns exactly the embedding used as the unconditional
     branch at sampling time.
@@ -136,8 +137,13 @@ def drop_conditions(
         return raw, dropped
     null = null_raw(batch)
     if isinstance(raw, torch.Tensor):
-        mask = dropped.to(raw.device)
-        return torch.where(mask, torch.as_tensor(null, device=raw.device, dtype=raw.dtype), raw), dropped
+        # Labels [B] or tokens [B, L]: one mask row per sample. non_blocking: a blocking copy to a
+        # CUDA device waits for its stream (a host sync per micro-batch); from pageable memory the
+        # bytes are staged at once, so the CPU mask may go away.
+        mask = dropped.to(raw.device, non_blocking=True).view(-1, *([1] * (raw.dim() - 1)))
+        null = null.to(raw.device, raw.dtype, non_blocking=True) if isinstance(null, torch.Tensor) \
+            else torch.full((), null, device=raw.device, dtype=raw.dtype)
+        return torch.where(mask, null, raw), dropped
     if isinstance(raw, (list, tuple)):
         return [n if d else r for r, n, d in zip(raw, null, dropped.tolist())], dropped
     raise TypeError(f"raw conditions must be list[str], a LongTensor or None, got {type(raw).__name__}")

@@ -13,15 +13,18 @@ Every conditioner has the same interface (docs/architecture.md):
   text transformer and class embedding jointly; pretrained CLIP text towers stay frozen).
 
 Raw conditions: ``list[str]`` for text, ``LongTensor[B]`` for classes, ``None`` for unconditional,
-a tensor for concat.
+a tensor for concat. Text conditioners also take the tokens themselves (``LongTensor[B, L]``): their
+``caption_tokenizer`` is a picklable ``list[str] -> LongTensor[B, L]`` that the data workers run
+(``data/loader.py``), and ``null_raw(n, tokens=True)`` gives the empty prompt's tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -153,12 +156,17 @@ class TransformerEmbedder(nn.Module):
                 x = block(x)
         return self.final_norm(x)
 
-    def forward(self, raw: List[str]) -> Dict[str, torch.Tensor]:
-        tokens = self.tokenizer(list(raw)).to(self.token_emb.weight.device)
-        return {"context": self.encode_tokens(tokens)}
+    @property
+    def caption_tokenizer(self):
+        """Captions -> LongTensor[B, max_length]; a plain object (pickled to data workers)."""
+        return self.tokenizer
 
-    def null_raw(self, n: int) -> List[str]:
-        return [""] * n
+    def forward(self, raw: Union[List[str], torch.Tensor]) -> Dict[str, torch.Tensor]:
+        tokens = raw if isinstance(raw, torch.Tensor) else self.tokenizer(list(raw))
+        return {"context": self.encode_tokens(tokens.to(self.token_emb.weight.device))}
+
+    def null_raw(self, n: int, tokens: bool = False) -> Union[List[str], torch.Tensor]:
+        return _null_tokens(self, n) if tokens else [""] * n
 
 
 class FrozenOpenCLIPEmbedder(nn.Module):
@@ -223,13 +231,18 @@ class FrozenOpenCLIPEmbedder(nn.Module):
             x = x.transpose(0, 1)
         return model.ln_final(x)
 
-    def forward(self, raw: List[str]) -> Dict[str, torch.Tensor]:
-        tokens = self.tokenizer(list(raw), context_length=self.cfg.max_length)
+    @property
+    def caption_tokenizer(self):
+        """Captions -> LongTensor[B, max_length] (open_clip's tokenizer object; picklable)."""
+        return functools.partial(self.tokenizer, context_length=self.cfg.max_length)
+
+    def forward(self, raw: Union[List[str], torch.Tensor]) -> Dict[str, torch.Tensor]:
+        tokens = raw if isinstance(raw, torch.Tensor) else self.caption_tokenizer(list(raw))
         with torch.no_grad():
             return {"context": self.encode_tokens(tokens.to(self.model.token_embedding.weight.device))}
 
-    def null_raw(self, n: int) -> List[str]:
-        return [""] * n
+    def null_raw(self, n: int, tokens: bool = False) -> Union[List[str], torch.Tensor]:
+        return _null_tokens(self, n) if tokens else [""] * n
 
 
 class ClassEmbedder(nn.Module):
@@ -329,12 +342,29 @@ class ConcatConditioner(nn.Module):
                          "concat input in both branches (drop only the text/class condition)")
 
 
+def _null_tokens(conditioner: nn.Module, n: int) -> torch.Tensor:
+    """The empty prompt's tokens [n, L] (CPU), tokenised once per conditioner."""
+    cached = getattr(conditioner, "_null_token_row", None)  # a plain attribute: not a buffer, not saved
+    if cached is None:
+        cached = conditioner.caption_tokenizer([""]).to(torch.long)
+        conditioner._null_token_row = cached
+    return cached.expand(n, -1)
+
+
 def _check_labels(raw: torch.Tensor, n_classes: int) -> torch.Tensor:
     labels = torch.as_tensor(raw, dtype=torch.long)
     if labels.ndim != 1:
         raise ValueError(f"class labels must be a 1-D LongTensor [B], got shape {tuple(labels.shape)}")
-    if labels.numel() and (labels.min() < 0 or labels.max() > n_classes):
-        raise ValueError(f"class labels must lie in [0, {n_classes}] ({n_classes} = null class)")
+    if not labels.numel():
+        return labels
+    in_range = (labels.min() >= 0) & (labels.max() <= n_classes)
+    if labels.device.type == "cpu":
+        if not bool(in_range):
+            raise ValueError(f"class labels must lie in [0, {n_classes}] ({n_classes} = null class)")
+    else:
+        # On the device a Python check would wait for the GPU (a host sync per forward); the
+        # asynchronous assert fails the step on the device instead.
+        torch._assert_async(in_range, f"class labels must lie in [0, {n_classes}] ({n_classes} = null class)")
     return labels
 
 

@@ -221,6 +221,9 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
         for key, grid, captions in images:
             logger.log_images(key, grid, step, captions)
 
+    # Captions are tokenised in the data workers with the text encoder's own tokenizer (set before
+    # the workers start: they receive it with their plan).
+    loader.tokenize = getattr(task, "caption_tokenizer", lambda: None)()
     batches = loader.infinite()
     to_device = DeviceHandoff(device)  # uint8 images -> device (side stream on CUDA) -> [-1, 1] there
 
@@ -351,6 +354,8 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
         raise
 
     # --- 6. The end: final checkpoint, samples, export ----------------------------------------
+    batches.close()
+    loader.close()  # persistent data workers would go on decoding the next batches meanwhile
     gc_control.close()
     dist.set_collective_timeout(cfg.train.collective_timeout_s)  # the rest is slow collectives
     if progress is not None:

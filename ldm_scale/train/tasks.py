@@ -10,16 +10,19 @@ A task builds its parts (frozen modules outside DeepSpeed, trainable ones inside
 - ``optimizer_stats() -> dict[str, float]``: lr, grad norm, loss scale;
 - ``ema_module``: the module whose weights the CPU EMA tracks (or None);
 - ``client_state() / load_client_state(d)``: task numbers that go into every checkpoint;
-- ``log_images(step) -> list[(key, images[N,3,H,W], captions)]``: sample grids (every rank calls).
+- ``log_images(step) -> list[(key, images[N,3,H,W], captions)]``: sample grids (every rank calls);
+- optionally ``caption_tokenizer()``: a picklable tokenizer the loop hands the data workers, so
+  batches arrive with ``tokens`` and the step never tokenises (None or absent: no captions).
 
 The autoencoder task lives in ``train/autoencoder_task.py``; :func:`build_task` selects one.
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -115,8 +118,8 @@ class DiffusionTrainModule(nn.Module):
 
 
 def _raw_condition(batch: Dict[str, Any], conditioning: str) -> Any:
-    if conditioning == "text":
-        return list(batch["caption"])
+    if conditioning == "text":  # tokens when the data workers tokenised the captions
+        return batch["tokens"] if "tokens" in batch else list(batch["caption"])
     if conditioning == "class":
         return batch["label"]
     return None
@@ -201,6 +204,12 @@ class LDMTask:
     def optimizer_stats(self) -> Dict[str, float]:
         return ds_engine.engine_stats(self.engine)
 
+    def caption_tokenizer(self) -> Optional[Callable[[List[str]], torch.Tensor]]:
+        """The text encoder's tokenizer for the data workers (None: no captions to tokenise)."""
+        if self.conditioning != "text":
+            return None
+        return getattr(self.ldm.cond_stage, "caption_tokenizer", None)
+
     def _autocast(self):
         return ds_engine.autocast(self.ds_config, self.device)
 
@@ -247,8 +256,10 @@ class LDMTask:
             if not self.scale_factor_ready:
                 self.estimate_scale_factor(batch)
             z0 = ds_engine.to_memory_format(self._unscaled_latents(batch) * self.ldm.scale_factor, self.cfg.deepspeed)
-            raw, _ = drop_conditions(_raw_condition(batch, self.conditioning), self.cfg.diffusion.cond_drop_prob,
-                                     self.ldm.cond_stage.null_raw)
+            raw = _raw_condition(batch, self.conditioning)
+            null = (functools.partial(self.ldm.cond_stage.null_raw, tokens=True)
+                    if self.conditioning == "text" and isinstance(raw, torch.Tensor) else self.ldm.cond_stage.null_raw)
+            raw, _ = drop_conditions(raw, self.cfg.diffusion.cond_drop_prob, null)
             if isinstance(raw, torch.Tensor):
                 raw = raw.to(self.device)
             with self._autocast():
@@ -265,7 +276,7 @@ class LDMTask:
             bucket_count.scatter_add_(0, index, torch.ones_like(per_sample))
         applied, grad_norm, searching = ds_engine.step_status(self.engine, self.ds_config)
         n = len(micro_batches)
-        metrics = {"loss": (loss_sum, torch.tensor(float(n), device=self.device))}
+        metrics = {"loss": (loss_sum, health.device_scalar(n, self.device))}
         T = self.cfg.diffusion.num_timesteps
         for b in range(buckets):
             metrics[f"loss_by_t/{b * width}-{min((b + 1) * width, T) - 1}"] = (bucket_sum[b], bucket_count[b])
