@@ -273,9 +273,9 @@ class AutoencoderTask:
                 self.discriminator.step()
                 logs.update(d_logs)
             for key, value in logs.items():
-                value = torch.as_tensor(value, device=self.device).detach().float()
+                value = health.device_scalar(value, self.device)
                 sums[key] = sums[key] + value if key in sums else value
-        n = torch.tensor(float(len(micro_batches)), device=self.device)
+        n = health.device_scalar(len(micro_batches), self.device)
         metrics = {key: (value, n) for key, value in sums.items()}
         if gan_on:
             disc_applied = bool(self.discriminator.was_step_applied())

@@ -102,21 +102,30 @@ class Verdict:
     counts_toward_streak: bool
 
 
+def device_scalar(value: Any, device: torch.device) -> torch.Tensor:
+    """``value`` (a Python number or a tensor) as a 0-dim float tensor on ``device`` without a
+    blocking host-to-device copy: ``torch.tensor(x, device=cuda)`` copies from pageable memory and
+    waits for the stream (a host sync); a fill kernel does not."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device, torch.float32, non_blocking=True).reshape(())
+    return torch.full((), float(value), dtype=torch.float32, device=device)
+
+
 def local_health(loss_sum: torch.Tensor, loss_count: int, nonfinite_losses: torch.Tensor,
                  grad_norm: Any, applied: bool, scale_searching: bool) -> torch.Tensor:
     """This rank's health vector, on the device, with no host sync:
     ``[non-finite losses, not applied, non-finite grad norm, loss sum (finite part), loss count,
     fp16 scale still searching]``."""
     device = loss_sum.device
-    norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, dtype=torch.float32, device=device)
+    norm = device_scalar(grad_norm if grad_norm is not None else 0.0, device)
     finite_sum = torch.where(torch.isfinite(loss_sum), loss_sum, torch.zeros_like(loss_sum))
-    flags = [nonfinite_losses.float().reshape(()),
-             torch.tensor(0.0 if applied else 1.0, device=device),
-             (~torch.isfinite(norm)).float().reshape(()),
-             finite_sum.float().reshape(()),
-             torch.tensor(float(loss_count), device=device),
-             torch.tensor(1.0 if scale_searching else 0.0, device=device)]
-    return torch.stack(flags).double()
+    measured = torch.stack([nonfinite_losses.double().reshape(()), (~torch.isfinite(norm)).double(),
+                            finite_sum.double().reshape(())])
+    # The host-known entries in one non-blocking copy (from pageable memory the bytes are staged
+    # at once; nothing waits for the device).
+    known = torch.tensor([0.0 if applied else 1.0, float(loss_count), 1.0 if scale_searching else 0.0],
+                         dtype=torch.float64).to(device, non_blocking=True)
+    return torch.stack([measured[0], known[0], measured[1], measured[2], known[1], known[2]])
 
 
 class StepHealth:

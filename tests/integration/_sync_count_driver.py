@@ -3,8 +3,10 @@
 Builds the real task (``build_task``) from the composed quickstart / autoencoder_tiny experiments,
 runs a few warm-up steps, then counts, over N non-log optimizer steps of the loop's hot path
 (``task.train_step`` + ``StepHealth.decide``), every call that copies device data to the host
-(``Tensor.item / tolist / cpu / numpy / __bool__ / __float__ / __int__``) and every
-``torch.distributed`` collective, our own and DeepSpeed's. Prints ``RESULT {json}`` on rank 0.
+(``Tensor.item / tolist / cpu / numpy / __bool__ / __float__ / __int__``), every
+``torch.distributed`` collective, our own and DeepSpeed's, and every tensor made from host values
+straight on a device (``torch.tensor / as_tensor`` given a ``device``: on CUDA a blocking copy from
+pageable memory, which waits for the stream). Prints ``RESULT {json}`` on rank 0.
 
 On CPU a "sync" is only a call site (nothing waits), but the call sites are exactly those that
 would block the host on CUDA, which is what the bound is about.
@@ -28,6 +30,7 @@ from ldm_scale.train.health import StepHealth
 from ldm_scale.train.tasks import build_task
 
 HOST_COPIES = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+HOST_TO_DEVICE = ("tensor", "as_tensor")
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
                "broadcast", "barrier", "all_gather_object", "broadcast_object_list", "all_to_all_single")
 
@@ -64,8 +67,23 @@ def counting(counts: collections.Counter):
         saved.append((owner, name, original))
         setattr(owner, name, counted)
 
+    def wrap_factory(name):
+        original = getattr(torch, name)
+
+        def counted(*args, **kwargs):
+            if kwargs.get("device") is not None:
+                counts[f"h2d/{name}"] += 1
+                if SITES is not None:
+                    SITES[(f"h2d/{name}", _call_site())] += 1
+            return original(*args, **kwargs)
+
+        saved.append((torch, name, original))
+        setattr(torch, name, counted)
+
     for name in HOST_COPIES:
         wrap(torch.Tensor, name, f"sync/{name}")
+    for name in HOST_TO_DEVICE:
+        wrap_factory(name)
     for name in COLLECTIVES:
         if hasattr(torch_dist, name):
             wrap(torch_dist, name, f"collective/{name}")
@@ -90,6 +108,7 @@ def measure(experiment: str, stage: int, data_url: str, steps: int) -> dict:
     loader = build_loader(cfg.data, dist.get_dist_info(), batch_size=plan.batch.micro_batch_size, seed=0)
     task = build_task(cfg, plan, device=torch.device("cpu"), total_steps=100)
     health = StepHealth(5)
+    loader.tokenize = getattr(task, "caption_tokenizer", lambda: None)()  # as the loop does
     batches = loader.infinite()
     accumulation = plan.batch.gradient_accumulation_steps
 

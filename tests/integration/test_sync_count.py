@@ -4,7 +4,8 @@ step-health decision), counted on 2 CPU ranks for the LDM (ZeRO-2, ZeRO-3) and t
 
 What is allowed, by call site:
 - ours: exactly one collective and one device->host copy per optimizer step (the step-health
-  all-reduce and its ``tolist``, train/health.py), whatever the accumulation;
+  all-reduce and its ``tolist``, train/health.py), whatever the accumulation, and no tensor built
+  from host values on the device (``torch.tensor(x, device=...)``: a blocking copy on CUDA);
 - host-only tensors that count as "syncs" on CPU but are host memory on CUDA too: the condition
   dropout mask (drawn from the CPU RNG on purpose, diffusion/objective.py) and torch AdamW's CPU step
   counters;
@@ -37,8 +38,8 @@ def results(tmp_path_factory):
 
 
 def split(step: dict) -> dict:
-    out = {"ours_sync": Counter(), "ours_collective": Counter(), "deepspeed_sync": 0, "deepspeed_collective": 0,
-           "host_only": 0}
+    out = {"ours_sync": Counter(), "ours_collective": Counter(), "ours_h2d": Counter(), "deepspeed_sync": 0,
+           "deepspeed_collective": 0, "deepspeed_h2d": 0, "host_only": 0}
     for key, n in step.items():
         kind, site = key.split(" ", 1)
         if site.startswith(HOST_ONLY_SITES):
@@ -61,6 +62,7 @@ def test_one_sync_and_one_collective_of_ours_per_optimizer_step(results, case):
     for s in steps:
         assert s["ours_sync"] == Counter({HEALTH: 1}), s
         assert s["ours_collective"] == Counter({DIST: 1}), s
+        assert s["ours_h2d"] == Counter(), s
     # DeepSpeed's share is fixed per step (no growth with the step count) and small.
     assert len({(s["deepspeed_sync"], s["deepspeed_collective"]) for s in steps}) == 1, steps
     assert steps[0]["deepspeed_sync"] <= 6 and steps[0]["deepspeed_collective"] <= 12, steps[0]

@@ -53,3 +53,15 @@ def test_nonfinite_loss_on_one_rank_is_skipped_everywhere_then_stops(results, mo
     assert nf["applied"] == [[False] * 3] * 2 and nf["unchanged"] == [True, True]
     assert nf["skipped"]["nonfinite_loss"] == 3
     assert "3 optimizer steps in a row were unhealthy (last: nonfinite_loss)" in nf["error"]
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_gradient_clipping_matches_torch(results, stage):
+    """fp32 with clipping active: ZeRO-0 (clipped in our checked step, with the norm its finiteness
+    check computes) and ZeRO-2 (DeepSpeed's own clipping) both give torch's clip_grad_norm_ + AdamW
+    update on the ranks' averaged gradient, and report the pre-clip norm."""
+    record = results[f"clip_zero{stage}"]
+    assert record["reference_norm"] > 0.02 * 10, record  # clipping really scales the gradient down
+    assert abs(record["norm"] - record["reference_norm"]) <= 1e-4 * record["reference_norm"], record
+    assert record["rel_diff_clipped"] < 1e-3, record
+    assert record["rel_diff_unclipped"] > 0.5, record  # the check would see a missing clip

@@ -42,9 +42,9 @@ def fixed_batch(n: int, rank: int):
             torch.randn(n, 77, 64, generator=g), torch.randn(n, 4, 8, 8, generator=g))
 
 
-def build(stage: int, precision: str, micro: int, accum: int, world: int, optim: E.OptimConfig):
+def build(stage: int, precision: str, micro: int, accum: int, world: int, optim: E.OptimConfig, clip: float = 0.0):
     ds = E.DeepSpeedConfig(zero=E.ZeroConfig(stage=stage, stage3_param_persistence_threshold=0),
-                           precision=precision, gradient_clipping=0.0)
+                           precision=precision, gradient_clipping=clip)
     plan = E.BatchPlan(micro, accum, world)
     cfg = E.build_ds_config(ds, plan)
     torch.manual_seed(0)
@@ -123,6 +123,35 @@ def nonfinite_skip(stage: int, precision: str, world: int, rank: int) -> None:
            applied=dist.all_gather_object(applied), skipped=health.skipped, error=error)
 
 
+def clipping(stage: int, world: int, rank: int) -> None:
+    """One fp32 step with gradient clipping at 0.02 (active: the norm is far above it) against
+    plain torch on all ranks' batches: mean loss, clip_grad_norm_, AdamW. ZeRO-0 clips in our
+    checked step (engine._guard_unchecked_optimizer), ZeRO-2 in DeepSpeed's optimizer. A huge eps
+    makes Adam's first step lr * g / eps (Adam is otherwise blind to a gradient's scale), so the
+    update shows whether and how much the gradient was clipped."""
+    optim = E.OptimConfig(lr=1e3, eps=1e3)
+    engine, _ = build(stage, "fp32", 4, 1, world, optim, clip=0.02)
+    start = torch.cat([p.detach().flatten() for p in engine.module.parameters()])
+    x, t, ctx, target = fixed_batch(4, rank)
+    engine.backward(engine(x, t, ctx, target).mean())
+    engine.step()
+    ours = torch.cat([p.detach().flatten() for p in engine.module.parameters()]) - start
+    updates = {}
+    for clip in (0.02, None):
+        torch.manual_seed(0)
+        model = FixedTargetUNet()  # the engine's initial weights (same seed)
+        loss = sum(model(*fixed_batch(4, r)).mean() for r in range(world)) / world
+        loss.backward()
+        if clip is not None:
+            updates["reference_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                          weight_decay=0.0).step()
+        updates[clip] = torch.cat([p.detach().flatten() for p in model.parameters()]) - start
+    report(f"clip_zero{stage}", norm=float(engine.get_global_grad_norm()), reference_norm=updates["reference_norm"],
+           rel_diff_clipped=float((ours - updates[0.02]).norm() / updates[0.02].norm()),
+           rel_diff_unclipped=float((ours - updates[None]).norm() / updates[None].norm()))
+
+
 def main() -> int:
     info = dist.init_distributed()
     world, rank = info.world_size, info.rank
@@ -133,6 +162,8 @@ def main() -> int:
     accumulation_equivalence(world, rank)
     for stage, precision in [(3, "bf16"), (2, "fp32"), (0, "fp32")]:
         nonfinite_skip(stage, precision, world, rank)
+    for stage in (0, 2):
+        clipping(stage, world, rank)
     dist.barrier()
     return 0
 
