@@ -5,12 +5,18 @@ A plain ``python`` process is rank 0 of a world of one (``dist.init_distributed`
 Then, for ZeRO-2 and ZeRO-3, the tiny text-to-image LDM of experiment=quickstart is built through
 ``build_task`` on CUDA in bf16 with activation checkpointing and trained for a few steps on loader
 batches (uint8, pinned, moved by the loop's ``DeviceHandoff``), each judged by ``StepHealth`` as
-the loop does. Prints ``RESULT {json}``.
+the loop does. After a warm-up step, the hand-off and ``task.train_step`` run under
+``torch.cuda.set_sync_debug_mode("warn")``: every synchronising CUDA call they make is recorded with
+the innermost call site outside torch (ours, or DeepSpeed's own). Prints ``RESULT {json}``.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import sys
+import traceback
+import warnings
 
 import torch
 import torch.distributed as torch_dist
@@ -23,6 +29,31 @@ from ldm_scale.train.health import StepHealth
 from ldm_scale.train.tasks import build_task
 
 STEPS = 3
+
+
+@contextlib.contextmanager
+def recording_cuda_syncs(sites: collections.Counter):
+    """Count synchronising CUDA operations by call site (torch's sync debug mode warns on each)."""
+    shown = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return shown(message, category, filename, lineno, file, line)
+        for frame in reversed(traceback.extract_stack()[:-1]):
+            if "/torch/" not in frame.filename and "/warnings.py" not in frame.filename:
+                name = frame.filename.split("site-packages/")[-1]
+                sites[f"{name.split('ldm_scale/', 1)[-1] if 'ldm_scale/' in name else name}:{frame.lineno}"] += 1
+                break
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
 
 
 def train_steps(data_url: str, stage: int, device: torch.device) -> dict:
@@ -43,12 +74,17 @@ def train_steps(data_url: str, stage: int, device: torch.device) -> dict:
     health = StepHealth(cfg.train.max_consecutive_unhealthy)
     to_device = DeviceHandoff(device)
     batches = loader.infinite()
+    loader.tokenize = task.caption_tokenizer()  # as the loop does
     losses, healthy, pinned = [], [], []
+    syncs: collections.Counter = collections.Counter()
     torch.cuda.reset_peak_memory_stats()
     for step in range(STEPS):
         host = next(batches)
         pinned.append(bool(host["image"].is_pinned()))
-        verdict = health.decide(task.train_step([to_device(host)], step).health, step)
+        # Step 0 warms up (the latent scale estimate syncs once per run, by design).
+        with recording_cuda_syncs(syncs) if step > 0 else contextlib.nullcontext():
+            out = task.train_step([to_device(host)], step)
+        verdict = health.decide(out.health, step)
         healthy.append(bool(verdict.healthy))
         losses.append(float(verdict.loss))
     return {
@@ -63,6 +99,8 @@ def train_steps(data_url: str, stage: int, device: torch.device) -> dict:
         "optimizer": f"{type(inner).__module__}.{type(inner).__name__}",
         "optimizer_fused": inner.defaults.get("fused"),
         "max_memory_allocated": torch.cuda.max_memory_allocated(),
+        "syncs_in_steps": dict(syncs),  # call site -> count over STEPS - 1 steps
+        "tokens_in_batches": "tokens" in host,
     }
 
 

@@ -74,6 +74,17 @@ def test_bf16_steps_of_the_tiny_ldm_through_build_task(cuda_step_result, stage):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
+def test_no_synchronising_cuda_call_of_ours_in_the_step(cuda_step_result, stage):
+    """torch.cuda.set_sync_debug_mode over the hand-off and train_step (the step-health decision,
+    the step's one sync, comes after): no call site in ldm_scale synchronises. DeepSpeed's own (its
+    overflow / norm checks, ZeRO-3's gathers) land in the result file for the record."""
+    run = next(r for r in cuda_step_result["runs"] if r["stage"] == stage)
+    assert run["tokens_in_batches"], run
+    ours = {site: n for site, n in run["syncs_in_steps"].items() if not site.startswith("deepspeed/")}
+    assert ours == {}, run["syncs_in_steps"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
 def test_the_engine_uses_torch_fused_adamw_on_cuda(cuda_step_result, stage):
     run = next(r for r in cuda_step_result["runs"] if r["stage"] == stage)
     assert run["optimizer"] == "torch.optim.adamw.AdamW", run
