@@ -47,6 +47,7 @@ WHEELS=(
   open-clip-torch==3.3.0      # the CLIP BPE tokenizer of the tiny (quickstart) flavour
   ftfy==6.3.1                 # open_clip's tokenizer
   wcwidth==0.9.4              # ftfy
+  braceexpand==0.1.7          # ldm_scale.storage: shard patterns
 )
 
 if [ "$dest" = "--list" ]; then

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import fsspec
+from braceexpand import braceexpand
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -745,30 +746,20 @@ def get_dir(url: str, local_dir: str, cfg: Optional[StorageConfig] = None) -> Li
 # ---------------------------------------------------------------------------------------------
 # Shard lists
 # ---------------------------------------------------------------------------------------------
-_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"\{(\d+\.\.\d+(?:\.\.\d+)?)\}")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 def expand_braces(pattern: str) -> List[str]:
-    """Expand ``{a,b}`` alternatives and ``{000..041}`` zero-padded ranges (as in webdataset/bash)."""
-    m = _BRACE.search(pattern)
-    if not m:
-        return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)(?:\.\.(\d+))?", body)
-    if rng:
-        lo_s, hi_s, step_s = rng.groups()
-        lo, hi, step = int(lo_s), int(hi_s), int(step_s or 1)
+    """Expand ``{a,b}`` alternatives (nested too) and ``{000..041}`` zero-padded ranges, as bash and
+    webdataset do (the ``braceexpand`` package: a maintained implementation of exactly that). A
+    descending range (``{5..1}``) is refused: bash would count down, but in a shard list it is a
+    typo far more often than an intent, and it would silently reverse the shard order."""
+    for body in _RANGE.findall(pattern):
+        lo, hi = (int(x) for x in body.split("..")[:2])
         if hi < lo:
             raise ValueError(f"brace range {{{body}}} is descending in {redact(pattern)}")
-        width = len(lo_s) if lo_s.startswith("0") and len(lo_s) > 1 else 0
-        items = [str(i).zfill(width) for i in range(lo, hi + 1, step)]
-    else:
-        items = body.split(",")
-    out: List[str] = []
-    for item in items:
-        out.extend(expand_braces(head + item + tail))
-    return out
+    return list(braceexpand(pattern))
 
 
 def _has_glob(url: str) -> bool:

@@ -18,6 +18,12 @@ def test_expand_braces_ranges_and_alternatives():
     assert storage.expand_urls("a/{0..1}.tar::b/{2..3}.tar") == ["a/0.tar", "a/1.tar", "b/2.tar", "b/3.tar"]
     with pytest.raises(ValueError, match="descending"):
         storage.expand_braces("{5..1}")
+    # nested alternatives (the hand-written expansion split "{a,{b,c}}" at every comma)
+    assert storage.expand_braces("d/{a,{b,c}}/{0..4..2}.tar") == [
+        "d/a/0.tar", "d/a/2.tar", "d/a/4.tar", "d/b/0.tar", "d/b/2.tar", "d/b/4.tar", "d/c/0.tar", "d/c/2.tar",
+        "d/c/4.tar"]
+    assert storage.expand_braces("https://h/x/{0..1}.tar?X-Amz-Signature=abc") == [
+        "https://h/x/0.tar?X-Amz-Signature=abc", "https://h/x/1.tar?X-Amz-Signature=abc"]
 
 
 def test_redact_removes_credentials(monkeypatch):
