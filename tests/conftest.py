@@ -23,4 +23,5 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.gcs", "tests.fixtures.torchrun", "tests.fixtures.slurm"]
+pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.gcs", "tests.fixtures.torchrun", "tests.fixtures.slurm",
+                  "tests.fixtures.shapes"]

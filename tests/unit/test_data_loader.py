@@ -13,23 +13,12 @@ from ldm_scale.data import DataConfig, FilterConfig, build_loader
 from ldm_scale.data.shard_writer import tar_bytes, write_shard, write_sizes
 from ldm_scale.data.synthetic import make_sample, write_synthetic_dataset
 from ldm_scale.dist import DistInfo
+from tests.fixtures.shapes import shapes_cfg
 
 ONE = DistInfo()
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("shapes"))
-    write_synthetic_dataset(root, num_samples=96, samples_per_shard=12, seed=0, min_size=32, max_size=64,
-                            labels="both")
-    return root
-
-
-def _cfg(root: str, **kw) -> DataConfig:
-    base = dict(urls=[root + "/{00000..00007}.tar"], resolution=32, num_workers=2, shuffle_buffer=6,
-                crop="random", flip=True)
-    base.update(kw)
-    return DataConfig(**base)
+_cfg = shapes_cfg  # the `shapes` fixture (tests/fixtures/shapes.py) and its loader config
 
 
 def _same(a, b) -> bool:

@@ -12,27 +12,16 @@ import pickle
 import pytest
 import torch
 
-from ldm_scale.data import DataConfig, build_loader
-from ldm_scale.data.synthetic import write_synthetic_dataset
+from ldm_scale.data import build_loader
 from ldm_scale.diffusion.objective import drop_conditions
 from ldm_scale.dist import DistInfo
 from ldm_scale.models.conditioners import TextEmbedderConfig, TransformerEmbedder
+from tests.fixtures.shapes import shapes_cfg
 
 ONE = DistInfo()
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("shapes"))
-    write_synthetic_dataset(root, num_samples=96, samples_per_shard=12, seed=0, min_size=32, max_size=48)
-    return root
-
-
-def _cfg(root: str, **kw) -> DataConfig:
-    base = dict(urls=[root + "/{00000..00007}.tar"], resolution=32, num_workers=2, shuffle_buffer=6,
-                crop="random", flip=True)
-    base.update(kw)
-    return DataConfig(**base)
+_cfg = shapes_cfg  # the `shapes` fixture (tests/fixtures/shapes.py) and its loader config
 
 
 def _keys(batches):
