@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_scale import storage
+from ldm_scale.train import precision as precision_policy
 from ldm_scale.diffusion import (
     NoiseSchedule,
     SamplerConfig,
@@ -28,11 +28,11 @@ from ldm_scale.diffusion import (
     num_sampling_steps,
     sample,
 )
-from ldm_scale.diffusion.noise import randn
+from ldm_scale.diffusion.noise import Generator, PerSampleGenerators, initial_noise, randn
 
 LDM_FORMAT = "ldm_scale/ldm-v1"
 AUTOENCODER_FORMAT = "ldm_scale/autoencoder-v1"
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = precision_policy.DTYPES  # sampling autocasts as training's forward passes do (train/precision.py)
 
 
 @dataclass
@@ -57,7 +57,7 @@ class SampleConfig:
     mask: Optional[str] = None  # inpainting mask image: white = repaint, black = keep
     use_ema: bool = True  # sample with the EMA UNet weights (use_ema=false: the raw weights)
     flavour: Optional[str] = None  # required for CompVis-layout .ckpt files (no stored model config)
-    precision: str = "fp32"  # fp32 | bf16 (autocast for the networks; sampler state stays fp32)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for the networks; sampler state stays fp32)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     outdir: str = "outputs"
     trust_checkpoint: bool = False  # allow arbitrary pickles in the checkpoint (CompVis Lightning .ckpt)
@@ -320,7 +320,7 @@ def is_concat_inpainting(loaded: LoadedModel) -> bool:
 
 
 def prepare_inpainting(loaded: LoadedModel, init_image: torch.Tensor, mask: Optional[torch.Tensor],
-                       batch: int, generator: torch.Generator) -> Inpainting:
+                       batch: int, generator: Generator) -> Inpainting:
     """Encode the init image (and mask) for ``batch`` samples.
 
     ``init_image`` [1, 3, H, W] in [0, 1]; ``mask`` [1, 1, H, W] in [0, 1], > 0.5 = repaint.
@@ -342,9 +342,11 @@ def prepare_inpainting(loaded: LoadedModel, init_image: torch.Tensor, mask: Opti
     return Inpainting(image, init_latent, repaint, repaint_latent, concat)
 
 
-def _on_device(generator: torch.Generator, device: torch.device) -> torch.Generator:
-    """A generator on ``device`` for code that draws there (the first stage's posterior sample),
-    seeded from ``generator`` so runs stay reproducible."""
+def _on_device(generator: Generator, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` for code that draws there (the first stage's posterior sample of
+    an init image), seeded from ``generator`` so runs stay reproducible."""
+    if isinstance(generator, PerSampleGenerators):
+        generator = generator.torch_generator()
     if generator.device.type == device.type:
         return generator
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -360,7 +362,7 @@ def generate(
     *,
     height: int,
     width: int,
-    generator: torch.Generator,
+    generator: Generator,
     precision: str = "fp32",
     inpainting: Optional[Inpainting] = None,
     strength: float = 1.0,
@@ -369,8 +371,10 @@ def generate(
 ) -> torch.Tensor:
     """``batch`` images [B, 3, H, W] in [-1, 1] for the raw conditions ``raw`` (None: unconditional).
 
-    The initial noise is drawn from ``generator`` unless ``x_T`` is given (evaluation seeds each
-    sample's noise by its index so results do not depend on the batching).
+    The initial noise is drawn from ``generator`` unless ``x_T`` is given. Every entry point passes
+    ``x_T = initial_noise(..., indices, seed)`` and ``generator = PerSampleGenerators(seed,
+    indices)``: the seeding rule of ``diffusion/noise.py``, under which an image does not depend on
+    the batch, the world size or the entry point.
 
     Any H, W that are multiples of ``loaded.size_multiple`` work: the UNet is convolutional, so
     sampling beyond the training size runs as is (global coherence degrades far beyond it).
@@ -379,9 +383,7 @@ def generate(
     check_size(loaded, height, width)
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: choose one of {sorted(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
+    autocast = precision_policy.autocast(precision, device)
 
     if condition_kind(loaded.spec) == "concat":
         if not is_concat_inpainting(loaded):
@@ -489,7 +491,8 @@ def run(cfg: SampleConfig) -> Dict[str, Any]:
     check_size(loaded, height, width)
     sampler_cfg = cfg.sampler_config()
     batches = read_prompts(cfg, loaded.spec)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    f = loaded.spec.first_stage.downsample_factor
+    latent_shape = (loaded.spec.first_stage.latent_channels, height // f, width // f)
 
     init = mask = None
     strength = 1.0
@@ -506,13 +509,18 @@ def run(cfg: SampleConfig) -> Dict[str, Any]:
     steps = num_sampling_steps(sampler_cfg, loaded.schedule, strength)
     bar = _progress(cfg.progress, total=cfg.n_iter * len(batches) * steps)
     written, all_images = [], []
+    index = 0  # sample i of this command: noise seeded by (seed, i), diffusion/noise.py
     for _ in range(cfg.n_iter):
         for prompts in batches:
+            indices = range(index, index + len(prompts))
+            index += len(prompts)
+            generator = PerSampleGenerators(cfg.seed, indices)
             inpainting = (prepare_inpainting(loaded, init, mask, len(prompts), generator)
                           if init is not None else None)
             images = generate(loaded, raw_conditions(loaded.spec, prompts), len(prompts), sampler_cfg,
                               height=height, width=width, generator=generator, precision=cfg.precision,
                               inpainting=inpainting, strength=strength,
+                              x_T=initial_noise(latent_shape, indices, cfg.seed, loaded.device),
                               on_step=lambda i, n, x, x0: bar.update(1))
             for image, prompt in zip(to_uint8(images), prompts):
                 path = storage.join(sample_dir, f"{count:05d}.png")

@@ -69,6 +69,7 @@ class FIDEvalConfig:
     sampler: str = "ddim"  # ddim | plms | ddpm
     ddim_steps: int = 200
     ddim_eta: float = 0.0
+    spacing: str = "uniform"  # uniform (CompVis/SD) | quadratic | trailing: as training's eval.sampler.spacing
     scale: float = 1.0  # classifier-free guidance scale (1 = off)
     seed: int = 0
     use_ema: bool = True

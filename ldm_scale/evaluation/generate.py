@@ -3,10 +3,10 @@
 The N samples are cut into fixed chunks of ``chunk_size`` consecutive indices; chunk ``c`` is made by
 rank ``c mod world`` and written as one ``.npz`` (``images`` uint8 [B, H, W, 3], ``indices``, and the
 ``labels`` / ``captions`` used), so a crashed run redoes at most one chunk per rank. Determinism does
-not depend on the number of ranks: the initial noise of sample ``i`` comes from a generator seeded
-with (seed, i), and any further sampler noise (DDIM with eta > 0, DDPM) from a generator seeded
-with (seed, chunk); the chunk layout depends only on N and ``chunk_size``. The condition of sample
-``i`` is ``conditions[i mod len(conditions)]``.
+not depend on the number of ranks or the chunk size: sample ``i`` is seeded by the rule of
+``diffusion/noise.py`` (its initial noise from (seed, i), its sampler noise from its own generator),
+as in training grids and ``launch/sample.py``. The condition of sample ``i`` is
+``conditions[i mod len(conditions)]``.
 """
 from __future__ import annotations
 
@@ -19,26 +19,11 @@ import numpy as np
 import torch
 
 from ldm_scale import dist, storage
+from ldm_scale.diffusion.noise import PerSampleGenerators, initial_noise
 from ldm_scale.evaluation.preprocess import nhwc_uint8
 
 # sample_batch(x_T [B, C, h, w], raw_condition, generator) -> images [B, 3, H, W] in [-1, 1]
-SampleBatchFn = Callable[[torch.Tensor, Any, torch.Generator], torch.Tensor]
-
-_NOISE_STREAM, _SAMPLER_STREAM = 0, 1
-
-
-def stream_seed(seed: int, stream: int, index: int) -> int:
-    """A well-mixed 63-bit seed for item ``index`` of ``stream`` (numpy's SeedSequence hashing)."""
-    words = np.random.SeedSequence([seed, stream, index]).generate_state(2, dtype=np.uint32)
-    return int((int(words[0]) << 31) ^ int(words[1]))
-
-
-def initial_noise(shape: Sequence[int], indices: Sequence[int], seed: int,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """x_T for the given sample indices, [len(indices), *shape]; row i depends only on (seed, i)."""
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(stream_seed(seed, _NOISE_STREAM, i)))
-            for i in indices]
-    return torch.stack(rows).to(device)
+SampleBatchFn = Callable[[torch.Tensor, Any, PerSampleGenerators], torch.Tensor]
 
 
 def chunk_ranges(n_samples: int, chunk_size: int) -> List[Tuple[int, int]]:
@@ -114,7 +99,7 @@ def generate_samples(sample_batch: SampleBatchFn, *, samples_url: str, n_samples
         t0 = time.perf_counter()
         indices = list(range(start, end))
         raw = conditions_for(indices, conditions)
-        generator = torch.Generator(device).manual_seed(stream_seed(seed, _SAMPLER_STREAM, c))
+        generator = PerSampleGenerators(seed, indices)
         with torch.no_grad():
             out = sample_batch(initial_noise(latent_shape, indices, seed, device), raw, generator)
         arrays = {"images": nhwc_uint8(out.clamp(-1, 1)), "indices": np.arange(start, end)}

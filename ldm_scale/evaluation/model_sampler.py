@@ -50,10 +50,11 @@ def load_model_sampler(cfg, device: torch.device) -> ModelSampler:
     kind = condition_kind(spec)
     if kind not in ("text", "class", "none"):
         raise ValueError(f"{spec.name} is a {kind!r}-conditioned model (inpainting): there is no FID protocol for it here")
-    sampler_cfg = SamplerConfig(sampler=cfg.sampler, steps=cfg.ddim_steps, eta=cfg.ddim_eta, guidance_scale=cfg.scale)
+    sampler_cfg = SamplerConfig(sampler=cfg.sampler, steps=cfg.ddim_steps, eta=cfg.ddim_eta, spacing=cfg.spacing,
+                                guidance_scale=cfg.scale)
     sampler_cfg.validate()
 
-    def sample_batch(x_T: torch.Tensor, raw: Any, generator: torch.Generator) -> torch.Tensor:
+    def sample_batch(x_T: torch.Tensor, raw: Any, generator) -> torch.Tensor:  # PerSampleGenerators
         if isinstance(raw, torch.Tensor):
             raw = raw.to(device)
         return generate(loaded, raw, len(x_T), sampler_cfg, height=spec.image_size, width=spec.image_size,

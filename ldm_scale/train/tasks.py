@@ -33,13 +33,12 @@ from ldm_scale.data.device import unit_range
 from ldm_scale.diffusion import (
     DiffusionConfig,
     SamplerConfig,
-    classifier_free,
     diffusion_loss,
     drop_conditions,
     latent_moments,
-    sample,
     scale_factor_from_moments,
 )
+from ldm_scale.diffusion.noise import PerSampleGenerators, initial_noise
 from ldm_scale.models.conditioners import build_conditioner
 from ldm_scale.models.ldm import LatentDiffusion
 from ldm_scale.models.registry import FirstStageConfig, LDMSpec, build_autoencoder
@@ -332,40 +331,33 @@ class LDMTask:
                  batch_size: int = 16) -> torch.Tensor:
         """Images [N,3,H,W] in [-1,1] for ``conditions`` (prompts / labels / None), split over ranks.
 
-        Sample i starts from noise seeded by ``seed + i``, so the result does not depend on the world
-        size. Every rank must call this (under ZeRO-3 the forward passes gather shards collectively):
-        each rank gets an equal, padded share of the work; all ranks receive the full result.
+        ``sampling.generate`` on the live model, seeded by the one rule of ``diffusion/noise.py``
+        (sample i from (seed, i)): the same prompt and seed give the same image here, in
+        ``launch/sample.py`` and in ``eval/fid.py``, whatever the world size. Every rank must call
+        this (under ZeRO-3 the forward passes gather shards collectively): each rank gets an equal,
+        padded share of the work; all ranks receive the full result.
         """
+        from ldm_scale.sampling import LoadedModel
+        from ldm_scale.sampling import generate as sample_images
+
         info = dist.get_dist_info()
         n = len(conditions)
         share = math.ceil(n / info.world_size)
         mine = [min(i, n - 1) for i in range(info.rank * share, (info.rank + 1) * share)]
         was_training = self.train_module.training
         self.train_module.eval()
-        schedule = self.train_module.schedule(self.device)
-        h = self.plan.latent_size
+        live = LoadedModel(model=self.ldm, spec=self.spec, schedule=self.train_module.schedule(self.device),
+                           step=None, used_ema=False)
+        size, h = self.plan.image_size, self.plan.latent_size
         out: List[torch.Tensor] = []
         for start in range(0, len(mine), batch_size):
             idx = mine[start:start + batch_size]
-            noise = torch.stack([torch.randn(self.plan.latent_channels, h, h,
-                                             generator=torch.Generator().manual_seed(seed + i)) for i in idx])
-            raw = self._batch_raw([conditions[i] for i in idx])
-            with self._autocast():
-                cond = self.ldm.condition(raw)
-                uncond = self.ldm.condition(self._null_raw(len(idx))) if cond else {}
-            model_fn = classifier_free(lambda x, t, c: self.ldm.apply_model(x, t, c).float(), cond, uncond,
-                                       sampler.guidance_scale)
-
-            def guided(x: torch.Tensor, t: torch.Tensor, model_fn=model_fn) -> torch.Tensor:
-                with self._autocast():
-                    return model_fn(x, t)
-
-            z = sample(guided, noise.to(self.device), schedule, sampler, parameterization=self.spec.parameterization,
-                       generator=torch.Generator(device=self.device).manual_seed(seed + idx[0]))
-            with self._autocast():
-                out.append(self.ldm.decode_latents(z).float().clamp(-1, 1).cpu())
+            out.append(sample_images(
+                live, self._batch_raw([conditions[i] for i in idx]), len(idx), sampler, height=size, width=size,
+                generator=PerSampleGenerators(seed, idx), precision=self.cfg.deepspeed.precision,
+                x_T=initial_noise((self.plan.latent_channels, h, h), idx, seed, self.device)).cpu())
         self.train_module.train(was_training)
-        local = torch.cat(out) if out else torch.zeros(0, 3, self.plan.image_size, self.plan.image_size)
+        local = torch.cat(out) if out else torch.zeros(0, 3, size, size)
         gathered = dist.all_gather_object(local)
         return torch.cat(gathered)[:n]
 
@@ -375,10 +367,6 @@ class LDMTask:
         if self.conditioning == "class":
             return torch.tensor(items, dtype=torch.long, device=self.device)
         return None
-
-    def _null_raw(self, n: int) -> Any:
-        raw = self.ldm.cond_stage.null_raw(n)
-        return raw.to(self.device) if isinstance(raw, torch.Tensor) else raw
 
     def log_images(self, step: int) -> List[Tuple[str, torch.Tensor, List[str]]]:
         conditions, captions = self._eval_conditions()
