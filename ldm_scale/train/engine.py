@@ -21,6 +21,7 @@ that is skipped) are handled by :mod:`ldm_scale.train.ds_ops` before DeepSpeed f
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -31,6 +32,8 @@ from torch import nn
 from ldm_scale.train import compile as compile_lib
 from ldm_scale.train import ds_ops
 from ldm_scale.train import precision as precision_policy
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = tuple(precision_policy.DTYPES)
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -311,7 +314,15 @@ def initialize_engine(module: nn.Module, ds_config: Dict[str, Any], optim: Optim
         model=module, model_parameters=param_groups(module, optim.weight_decay), config=config,
         lr_scheduler=make_scheduler)
     _guard_unchecked_optimizer(engine, clip)
-    if engine.dp_world_size == 1 and config["zero_optimization"]["stage"] <= 1:
+    stage = config["zero_optimization"]["stage"]
+    if engine.dp_world_size == 1 and stage in (1, 2) and not offload and engine.global_rank == 0:
+        # Measured (benchmarks/RESULTS.md, training spine): ZeRO-2 at one rank costs 1.7x the step
+        # of a bare loop on CPU, ZeRO-0 1.07x: per-parameter bucket hooks in backward, copies into
+        # the flat partition and back, a per-tensor norm loop; with no peer, none of it buys memory.
+        log.warning("deepspeed.zero.stage=%d with one data-parallel rank shards nothing and only adds "
+                    "DeepSpeed's bucketing and copies to every step: use deepspeed.zero.stage=0 (or "
+                    "zero.offload_optimizer=true to save GPU memory)", stage)
+    if engine.dp_world_size == 1 and stage <= 1:
         # No data-parallel peers: DeepSpeed would still flatten every gradient into buckets and
         # "all-reduce" them with itself, a full copy of the gradients per step.
         engine.enable_backward_allreduce = False
