@@ -448,13 +448,33 @@ def _check_autoencoder(cfg: Config, problems: List[str]) -> Optional[FirstStageC
     ae = _merge_overrides(copy.deepcopy(AUTOENCODERS[name]), cfg.model.overrides, "model.overrides", problems)
     if cfg.data.input != "image":
         problems.append("task=autoencoder trains on images: set data.input=image")
-    from ldm_scale.train.autoencoder_task import check_autoencoder_plan
-
     try:
         check_autoencoder_plan(ae, cfg.autoencoder_loss, cfg.deepspeed.zero.stage, cfg.data.resolution)
     except ValueError as exc:
         problems.append(str(exc))
     return ae
+
+
+def check_autoencoder_plan(first_stage: FirstStageConfig, loss: AutoencoderLossConfig, zero_stage: int,
+                           image_size: Optional[int] = None) -> None:
+    """Cross-field checks for autoencoder training (ValueError naming the setting and the fix).
+
+    ``validate()`` runs it with the other checks, and the autoencoder task again first thing when it
+    is built (it can be built from a hand-made config), before any model or engine is allocated."""
+    loss.check()
+    if zero_stage == 3:
+        raise ValueError(
+            "autoencoder training does not support deepspeed.zero.stage=3: the adaptive GAN weight "
+            "(Esser et al. 2021, Eq. 7) needs autograd.grad of the reconstruction and GAN losses w.r.t. "
+            "the decoder's last-layer weight, and ZeRO-3 partitions that parameter across ranks. Use "
+            "stage 1 or 2 (autoencoders are small enough that only optimizer/gradient sharding matters).")
+    if first_stage.kind not in ("kl", "vq"):
+        raise ValueError(f"model.first_stage.kind={first_stage.kind!r}: choose 'kl' or 'vq'")
+    f = first_stage.downsample_factor
+    if image_size is not None and image_size % f:
+        raise ValueError(f"data image size {image_size} is not divisible by the autoencoder's factor f={f}")
+    if loss.discriminator.in_channels != (first_stage.kl if first_stage.kind == "kl" else first_stage.vq).ddconfig.out_ch:
+        raise ValueError("loss.discriminator.in_channels must equal the autoencoder's output channels")
 
 
 # Fields of a first stage that do not shape its weights (training-only); everything else must match.
@@ -488,7 +508,7 @@ def check_first_stage_ckpt(url: str, spec: LDMSpec, storage_cfg: Optional[Storag
     is read (:func:`ldm_scale.train.export.read_metadata`), not its weights.
     """
     from ldm_scale.models.registry import config_from_dict
-    from ldm_scale.train.export import AUTOENCODER_FORMAT, LDM_FORMAT, read_metadata
+    from ldm_scale.formats import AUTOENCODER_FORMAT, LDM_FORMAT, read_metadata
 
     key = f"model.first_stage_ckpt={storage.redact(url)}"
     fix = ("give the export.pt an experiment=autoencoder_* run writes under checkpoint.root/<run id>/ "

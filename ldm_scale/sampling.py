@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_scale import storage
+from ldm_scale.formats import AUTOENCODER_FORMAT, LDM_FORMAT
 from ldm_scale.train import precision as precision_policy
 from ldm_scale.diffusion import (
     NoiseSchedule,
@@ -30,8 +31,6 @@ from ldm_scale.diffusion import (
 )
 from ldm_scale.diffusion.noise import Generator, PerSampleGenerators, initial_noise, randn
 
-LDM_FORMAT = "ldm_scale/ldm-v1"
-AUTOENCODER_FORMAT = "ldm_scale/autoencoder-v1"
 PRECISIONS = precision_policy.DTYPES  # sampling autocasts as training's forward passes do (train/precision.py)
 
 

@@ -29,10 +29,10 @@ from ldm_scale.data.filters import check_sample, image_member
 from ldm_scale.data.shard_writer import write_shard, write_sizes
 from ldm_scale.data.tar_stream import iter_tar_samples
 from ldm_scale.data.transforms import decode_image, resize_crop_flip, to_unit_range
+from ldm_scale.formats import AUTOENCODER_FORMAT
 
 log = logging.getLogger(__name__)
 
-AUTOENCODER_FORMAT = "ldm_scale/autoencoder-v1"
 VQ_LOGVAR = -30.0
 
 

@@ -35,10 +35,11 @@ from ldm_scale import dist, storage
 from ldm_scale.evaluation.features import FeatureExtractor
 from ldm_scale.evaluation.fid import GaussianStats, StreamingMoments
 from ldm_scale.evaluation.preprocess import nhwc_uint8
+from ldm_scale.formats import REFERENCE_FORMAT
 
 log = logging.getLogger(__name__)
 
-FORMAT = "ldm_scale/reference-v1"
+FORMAT = REFERENCE_FORMAT  # ldm_scale/formats.py
 ADM_ASSUMED_EXTRACTOR = {"name": "inception-v3-fid", "resize": "tf_bilinear", "source": "ADM reference batch"}
 
 

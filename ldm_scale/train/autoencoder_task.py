@@ -44,32 +44,12 @@ from ldm_scale.train.compile import CompileMode
 from ldm_scale.train.health import LOSS_SCALE_KEY, StepOutput
 from ldm_scale.train.engine import BatchPlan, DeepSpeedConfig, OptimConfig
 
-if TYPE_CHECKING:  # config imports the engine module; the task only needs the types
+from ldm_scale.config import check_autoencoder_plan  # noqa: F401 - re-exported: the task runs it first thing
+
+if TYPE_CHECKING:
     from ldm_scale.config import Config, Plan
 
 log = logging.getLogger(__name__)
-
-
-def check_autoencoder_plan(first_stage: FirstStageConfig, loss: AutoencoderLossConfig, zero_stage: int,
-                           image_size: Optional[int] = None) -> None:
-    """Cross-field checks for autoencoder training (ValueError naming the setting and the fix).
-
-    Run first thing when the task is built, before any model or engine is allocated; meant for
-    ``config.validate()`` as well, so that a bad plan fails with the other config problems."""
-    loss.check()
-    if zero_stage == 3:
-        raise ValueError(
-            "autoencoder training does not support deepspeed.zero.stage=3: the adaptive GAN weight "
-            "(Esser et al. 2021, Eq. 7) needs autograd.grad of the reconstruction and GAN losses w.r.t. "
-            "the decoder's last-layer weight, and ZeRO-3 partitions that parameter across ranks. Use "
-            "stage 1 or 2 (autoencoders are small enough that only optimizer/gradient sharding matters).")
-    if first_stage.kind not in ("kl", "vq"):
-        raise ValueError(f"model.first_stage.kind={first_stage.kind!r}: choose 'kl' or 'vq'")
-    f = first_stage.downsample_factor
-    if image_size is not None and image_size % f:
-        raise ValueError(f"data image size {image_size} is not divisible by the autoencoder's factor f={f}")
-    if loss.discriminator.in_channels != (first_stage.kl if first_stage.kind == "kl" else first_stage.vq).ddconfig.out_ch:
-        raise ValueError("loss.discriminator.in_channels must equal the autoencoder's output channels")
 
 
 @contextlib.contextmanager

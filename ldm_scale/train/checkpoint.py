@@ -57,12 +57,13 @@ import torch
 from torch import nn
 
 from ldm_scale import dist, storage
+from ldm_scale.formats import TRAIN_CKPT_FORMAT
 from ldm_scale.train.ema import CpuEma, assemble_full_state_dict
 from ldm_scale.train.lease import LeaseConfig
 
 log = logging.getLogger(__name__)
 
-CKPT_FORMAT = "ldm_scale/train-ckpt-v1"
+CKPT_FORMAT = TRAIN_CKPT_FORMAT  # ldm_scale/formats.py
 STEP_PREFIX = "step_"
 COMPLETE = "COMPLETE"
 LATEST = "latest"

@@ -60,8 +60,9 @@ import torch
 import torch.distributed as torch_dist
 
 from ldm_scale.dist import DistInfo, get_dist_info, is_initialized
+from ldm_scale.formats import EMA_SHARD_FORMAT
 
-SHARD_FORMAT = "ldm_scale/ema-shard-v1"
+SHARD_FORMAT = EMA_SHARD_FORMAT  # ldm_scale/formats.py
 
 
 @dataclass

@@ -19,7 +19,6 @@ The autoencoder task lives in ``train/autoencoder_task.py``; :func:`build_task` 
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -27,8 +26,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ldm_scale import dist, storage
-from ldm_scale.config import Config, ModelConfig, Plan
+from ldm_scale import dist
+from ldm_scale.config import Config, Plan
 from ldm_scale.data.device import unit_range
 from ldm_scale.diffusion import (
     DiffusionConfig,
@@ -41,42 +40,19 @@ from ldm_scale.diffusion import (
 from ldm_scale.diffusion.noise import PerSampleGenerators, initial_noise
 from ldm_scale.models.conditioners import build_conditioner
 from ldm_scale.models.ldm import LatentDiffusion
-from ldm_scale.models.registry import FirstStageConfig, LDMSpec, build_autoencoder
+from ldm_scale.models.registry import LDMSpec
 from ldm_scale.models.unet import UNetModel
 from ldm_scale.train import compile as compile_lib
 from ldm_scale.train import engine as ds_engine
 from ldm_scale.train import health, precision
+from ldm_scale.train.first_stage import build_first_stage, load_first_stage  # noqa: F401 - re-exported
 from ldm_scale.train.health import LOSS_SCALE_KEY, StepOutput
 
 log = logging.getLogger(__name__)
 
-AUTOENCODER_FORMAT = "ldm_scale/autoencoder-v1"
 
 # Conditioners the paper trains jointly with the UNet (its text transformer, class embeddings).
 JOINTLY_TRAINED_CONDITIONERS = ("text", "class")
-
-
-def load_first_stage(url: str, first_stage: FirstStageConfig, device: torch.device,
-                     storage_cfg: Optional[storage.StorageConfig] = None) -> nn.Module:
-    """Build the first stage from ``first_stage`` and load an exported autoencoder checkpoint.
-
-    The checkpoint must be ``ldm_scale/autoencoder-v1`` (``train/export.py``) for the same
-    architecture: a mismatch names the differing field instead of failing inside load_state_dict.
-    """
-    payload = torch.load(io.BytesIO(storage.read_bytes(url, storage_cfg)), map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != AUTOENCODER_FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"model.first_stage_ckpt={storage.redact(url)} is not an exported autoencoder "
-                         f"(format {found!r}, expected {AUTOENCODER_FORMAT!r}); export one with "
-                         "experiment=autoencoder_* or train/export.py")
-    module = build_autoencoder(first_stage)
-    state = payload["state_dict"]
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"model.first_stage_ckpt={storage.redact(url)} does not match the first stage of this "
-                         f"model (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}): train or "
-                         "export the autoencoder named by the LDM flavour")
-    return module.to(device).eval().requires_grad_(False)
 
 
 class DiffusionTrainModule(nn.Module):
@@ -138,7 +114,7 @@ class LDMTask:
         #    The first stage keeps fp32 storage (it is exported and decodes samples) and computes
         #    under the run's autocast; a frozen text encoder is stored in the policy's frozen dtype
         #    (train/precision.py).
-        first_stage = self._build_first_stage(cfg.model, spec, device, cfg.storage)
+        first_stage = build_first_stage(cfg.model, spec, device, cfg.storage)
         joint = spec.cond_stage.kind in JOINTLY_TRAINED_CONDITIONERS
         frozen = precision.frozen_dtype(cfg.deepspeed.precision, cfg.deepspeed.frozen_precision, device)
         cond_stage = None if joint else build_conditioner(spec.cond_stage).to(device=device, dtype=frozen)
@@ -167,17 +143,6 @@ class LDMTask:
         self.scale_factor_ready = cfg.model.scale_factor_mode == "spec"
         # Per-rank noise / dropout stream (the global torch RNG, saved in rng_rank<R>.pt by checkpoints).
         torch.manual_seed(cfg.seed + 7919 * (dist.get_dist_info().rank + 1))
-
-    # ----------------------------------------------------------------------------- build helpers
-    @staticmethod
-    def _build_first_stage(model: ModelConfig, spec: LDMSpec, device: torch.device,
-                           storage_cfg: storage.StorageConfig) -> nn.Module:
-        if model.first_stage_ckpt:
-            return load_first_stage(model.first_stage_ckpt, spec.first_stage, device, storage_cfg)
-        log.warning("model.allow_random_first_stage=true: the first stage is RANDOMLY initialised "
-                    "(fine for tests and benchmarks, useless for real training)")
-        torch.manual_seed(0)
-        return build_autoencoder(spec.first_stage).to(device).eval().requires_grad_(False)
 
     # ----------------------------------------------------------------------------- loop interface
     @property
@@ -387,4 +352,4 @@ def build_task(cfg: Config, plan: Plan, *, device: torch.device, total_steps: in
     raise ValueError(f"task={cfg.task!r}: expected 'ldm' or 'autoencoder'")
 
 
-__all__ = ["LDMTask", "DiffusionTrainModule", "build_task", "load_first_stage"]
+__all__ = ["LDMTask", "DiffusionTrainModule", "build_task", "load_first_stage", "build_first_stage"]

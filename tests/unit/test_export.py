@@ -53,7 +53,7 @@ def test_text_encoder_is_exported_raw_and_recorded(text_export, caplog):
     for name, p in ldm.cond_stage.named_parameters():
         torch.testing.assert_close(ckpt["state_dict"][f"cond_stage.{name}"], p.detach(), rtol=0, atol=0)
 
-    with caplog.at_level(logging.INFO, logger="ldm_scale.train.export"):
+    with caplog.at_level(logging.INFO, logger="ldm_scale.formats"):  # write_export logs the coverage
         export_ldm(path + ".again", ldm, None, get_spec("tiny"), config=CONFIG, step=3)
     assert "weights: EMA: -; raw (trained, no EMA): cond_stage, unet; frozen: first_stage" in caplog.text
     assert torch.load(path + ".again", map_location="cpu", weights_only=True)["ema_coverage"]["ema"] == []
