@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 
 from ldm_scale import config as config_lib
 from ldm_scale import dist, preemption, storage
 from ldm_scale.config import Config
 from ldm_scale.data import build_loader
+from ldm_scale.evaluation.run_hooks import end_of_run_hooks
 from ldm_scale.data.device import DeviceHandoff
 from ldm_scale.logging import (METRICS_FILE, MetricMeter, RunLogger, Throughput, console_line, history_step,
                                peak_flops_per_device, sum_over_ranks, truncate_metrics)
@@ -53,34 +53,6 @@ def _progress_bar(enabled: bool, initial: int, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train")
-
-
-def prompt_adherence_eval(task, num_samples: int, seed: int, sampler) -> Dict[str, float]:
-    """Generate ``num_samples`` images for random synthetic-shapes prompts and score them with the
-    dataset's attribute detector (chance level is ``CHANCE_ADHERENCE``). Collective.
-
-    Meaningful only for a model trained on the synthetic shapes: see :func:`prompt_adherence_skip_reason`."""
-    from ldm_scale.data.synthetic import CHANCE_ADHERENCE, prompt_adherence, random_attributes
-
-    rng = np.random.default_rng(seed)
-    prompts = []
-    for _ in range(num_samples):
-        a = random_attributes(rng)
-        prompts.append(f"a {a.colour} {a.shape} on a {a.background} background")
-    images = task.generate(prompts, seed=seed, sampler=sampler)
-    return {"eval/prompt_adherence": prompt_adherence(images, prompts),
-            "eval/prompt_adherence_chance": CHANCE_ADHERENCE}
-
-
-def prompt_adherence_skip_reason(cfg: Config, info: dist.DistInfo) -> Optional[str]:
-    """Why ``eval.prompt_adherence_samples`` must not score this run (None: score it), the same on
-    every rank. The shapes detector scores shapes prompts: on other shards (an experiment used as a
-    template) the number would look like a result and mean nothing, so the training data must carry
-    the synthetic dataset's card (``ldm_scale.data.synthetic.not_synthetic_reason``). Collective."""
-    from ldm_scale.data.synthetic import not_synthetic_reason
-
-    # Rank 0 reads the cards and every rank follows its answer: the scoring that may follow is collective.
-    return dist.broadcast_object(not_synthetic_reason(cfg.data.urls, cfg.data.storage) if info.is_main else None)
 
 
 class GarbageCollection:
@@ -367,21 +339,18 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
             save_checkpoint()
         if cfg.eval.sample_at_end:
             log_samples()
-        if cfg.eval.prompt_adherence_samples > 0:
-            skip_reason = prompt_adherence_skip_reason(cfg, info)
+        for hook in end_of_run_hooks(cfg):  # dataset-specific scores live behind the hooks
+            skip_reason = hook.skip_reason(cfg, info)  # collective: the same answer on every rank
             if skip_reason is None:
                 with sampling_weights():
-                    final.update(prompt_adherence_eval(task, cfg.eval.prompt_adherence_samples, cfg.eval.seed,
-                                                       cfg.eval.sampler))
-                logger.log(final, step=step)
-                logger.summary(final)
+                    final.update(hook.run(task, cfg))
             else:
-                skipped_evals["prompt_adherence"] = skip_reason
+                skipped_evals[hook.name] = skip_reason
                 if info.is_main:
-                    log.warning("eval.prompt_adherence_samples=%d: not scored, the synthetic-shapes detector "
-                                "applies only to the synthetic shapes data and %s (set "
-                                "eval.prompt_adherence_samples=0 to silence this)",
-                                cfg.eval.prompt_adherence_samples, skip_reason)
+                    log.warning("%s", hook.skip_notice(cfg, skip_reason))
+        if final:
+            logger.log(final, step=step)
+            logger.summary(final)
         if cfg.checkpoint.export_final:
             task.export(storage.join(cfg.checkpoint.root, run_id, "export.pt"), ema=ema, config=resolved, step=step)
         checkpoints.wait()
