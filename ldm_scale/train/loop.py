@@ -23,8 +23,8 @@ from ldm_scale import config as config_lib
 from ldm_scale import dist, preemption, storage
 from ldm_scale.config import Config
 from ldm_scale.data import build_loader
-from ldm_scale.evaluation.run_hooks import end_of_run_hooks
 from ldm_scale.data.device import DeviceHandoff
+from ldm_scale.evaluation.run_hooks import end_of_run_hooks
 from ldm_scale.logging import (METRICS_FILE, MetricMeter, RunLogger, Throughput, console_line, history_step,
                                peak_flops_per_device, sum_over_ranks, truncate_metrics)
 from ldm_scale.train.checkpoint import CheckpointError, CheckpointManager
@@ -317,8 +317,8 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
         # Every rank raised at the same step: earlier checkpoints still finish uploading (a
         # collective, safe here); nothing is saved after the streak began.
         checkpoints.close()
-        _write_result(info, run_dir, run_id, step, samples_seen, f"unhealthy:{exc.reason}", {}, None, spikes.events,
-                      resumed_from=resumed_from)
+        RunSummary(run_id, step, samples_seen, f"unhealthy:{exc.reason}", resumed_from,
+                   rollbacks=spikes.events).write(info, run_dir)
         logger.finish(exit_code=1)
         raise
     except BaseException:
@@ -357,36 +357,52 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
     checkpoints.close()
     if ema is not None:
         ema.close()
-    _write_result(info, run_dir, run_id, step, samples_seen, stop_reason, final,
-                  "ema" if sample_with_ema else "raw", spikes.events, skipped_evals, resumed_from=resumed_from)
+    RunSummary(run_id, step, samples_seen, stop_reason, resumed_from, final, "ema" if sample_with_ema else "raw",
+               spikes.events, skipped_evals).write(info, run_dir)
     logger.finish()
     dist.barrier()
     return TrainResult(run_id=run_id, run_dir=run_dir, step=step, samples_seen=samples_seen, final_metrics=final,
                        stop_reason=stop_reason)
 
 
-def _write_result(info: dist.DistInfo, run_dir: Path, run_id: str, step: int, samples_seen: int, stop_reason: str,
-                  final: Dict[str, float], sample_weights: Optional[str],
-                  rollbacks: Optional[List[Dict[str, Any]]] = None,
-                  skipped_evals: Optional[Dict[str, str]] = None, resumed_from: Optional[int] = None) -> None:
-    """``result.json`` and the last log line (rank 0): how the run stopped, how to continue it, and
-    which configured evaluations were not run and why (``skipped_evals``)."""
-    if not info.is_main:
-        return
-    summary: Dict[str, Any] = {"run_id": run_id, "step": step, "samples_seen": samples_seen,
-                               "stop_reason": stop_reason, "resumed_from": resumed_from}
-    if sample_weights is not None:
-        summary["sample_weights"] = sample_weights
-    summary.update(final)
-    if skipped_evals:
-        summary["skipped_evals"] = dict(skipped_evals)
-    if rollbacks:
-        summary["rollbacks"] = rollbacks
-    if stop_reason != STOP_COMPLETED:
-        summary["resume_command"] = resume_command(run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if stop_reason == STOP_COMPLETED:
-        log.info("finished at step %d: %s", step, summary)
-    else:
-        log.warning("stopped at step %d (%s); continue with: %s", step, stop_reason, summary["resume_command"])
+@dataclass
+class RunSummary:
+    """What ``result.json`` records about how a run stopped (rank 0 writes it: :meth:`write`)."""
+
+    run_id: str
+    step: int
+    samples_seen: int
+    stop_reason: str
+    resumed_from: Optional[int] = None
+    final: Dict[str, float] = field(default_factory=dict)  # end-of-run metrics
+    sample_weights: Optional[str] = None  # "ema" | "raw": what grids and scores sampled with
+    rollbacks: List[Dict[str, Any]] = field(default_factory=list)
+    skipped_evals: Dict[str, str] = field(default_factory=dict)  # configured but not run: why
+
+    def as_dict(self) -> Dict[str, Any]:
+        summary: Dict[str, Any] = {"run_id": self.run_id, "step": self.step, "samples_seen": self.samples_seen,
+                                   "stop_reason": self.stop_reason, "resumed_from": self.resumed_from}
+        if self.sample_weights is not None:
+            summary["sample_weights"] = self.sample_weights
+        summary.update(self.final)
+        if self.skipped_evals:
+            summary["skipped_evals"] = dict(self.skipped_evals)
+        if self.rollbacks:
+            summary["rollbacks"] = list(self.rollbacks)
+        if self.stop_reason != STOP_COMPLETED:
+            summary["resume_command"] = resume_command(self.run_id)
+        return summary
+
+    def write(self, info: dist.DistInfo, run_dir: Path) -> None:
+        """``result.json`` and the last log line (rank 0): how the run stopped, how to continue it,
+        and which configured evaluations were not run and why."""
+        if not info.is_main:
+            return
+        summary = self.as_dict()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.stop_reason == STOP_COMPLETED:
+            log.info("finished at step %d: %s", self.step, summary)
+        else:
+            log.warning("stopped at step %d (%s); continue with: %s", self.step, self.stop_reason,
+                        summary["resume_command"])
