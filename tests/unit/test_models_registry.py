@@ -159,7 +159,12 @@ def test_spec_validation_errors():
         build_ldm(spec)
     with pytest.raises(KeyError, match="available"):
         build_ldm("txt2img_huge")
-    assert isinstance(LDMSpec(), LDMSpec)
+    # The bare defaults are a consistent spec too (what a hand-written config starts from): it builds,
+    # and its latent size follows the first stage's factor.
+    with torch.device("meta"):
+        default = build_ldm(LDMSpec())
+    assert default.unet.cfg.in_channels == LDMSpec().first_stage.latent_channels
+    assert LDMSpec().latent_size == LDMSpec().image_size // LDMSpec().first_stage.downsample_factor
 
 
 def test_registry_main_prints_every_flavour(capsys):
