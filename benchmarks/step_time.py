@@ -33,6 +33,8 @@ def main() -> int:
     plan = config_lib.validate(cfg, info.world_size, **kwargs)
     loader = build_loader(cfg.data, info, batch_size=micro, seed=0)
     task = build_task(cfg, plan, device=torch.device("cpu"), total_steps=1000)
+    if hasattr(task, "caption_tokenizer"):  # this tree: captions are tokenised in the data workers, as in the loop
+        loader.tokenize = task.caption_tokenizer()
     batches, meter = loader.infinite(), MetricMeter()
     # The data is drawn before timing: the step, not the loader, is what is compared.
     pool = [next(batches) for _ in range(steps + 2)]
