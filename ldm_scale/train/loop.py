@@ -12,8 +12,10 @@ import functools
 import gc
 import json
 import logging
+import os
 import shlex
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -158,6 +160,9 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
     data_position = int(resumed.get("data_position", step * accumulation))  # micro-batches drawn, this rank
     health.load_state_dict(resumed.get("health", {}))
     spikes.load_state_dict(resumed.get("spike", {}))
+    if resumed:
+        record_event(info, run_dir, "resume", step=step, saved_world_size=int(resumed.get("world_size", 0)),
+                     world_size=info.world_size)
 
     # --- 4. Tracking ------------------------------------------------------------------------
     wandb_run_id = resumed.get("wandb_run_id", run_id)
@@ -363,6 +368,22 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
     dist.barrier()
     return TrainResult(run_id=run_id, run_dir=run_dir, step=step, samples_seen=samples_seen, final_metrics=final,
                        stop_reason=stop_reason)
+
+
+EVENTS_FILE = "events.jsonl"  # in the run directory: one JSON line per resume, appended by rank 0
+
+
+def record_event(info: dist.DistInfo, run_dir: Path, event: str, **fields: Any) -> None:
+    """Append ``{"event", "time", "restart", **fields}`` to the run's event log (rank 0), so what
+    happened to a run across restarts and requeues is data, not log wording to parse."""
+    if not info.is_main:
+        return
+    record = {"event": event, "time": round(time.time(), 3),
+              "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+              "slurm_restart": os.environ.get("SLURM_RESTART_COUNT"), **fields}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / EVENTS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 @dataclass

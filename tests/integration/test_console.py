@@ -15,7 +15,7 @@ import pytest
 from ldm_scale.train import ds_ops
 from tests.integration.tiny_training import TRAIN_SCRIPT, tiny_overrides, write_shards
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 NOISE = re.compile(r"FutureWarning|DeprecationWarning|^gcc |Setting accelerator to CPU|No CUDA runtime is found",
                    re.MULTILINE)

@@ -27,7 +27,7 @@ import pytest
 from ldm_scale.dist import INIT_TIMEOUT_ENV
 from tests.fixtures.s3 import free_port
 from tests.fixtures.torchrun import kill_group, start_group, torchrun_cmd
-from tests.integration.tiny_training import TRAIN_SCRIPT, tiny_overrides, write_shards
+from tests.integration.tiny_training import TRAIN_SCRIPT, events, tiny_overrides, write_shards
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.usefixtures("no_stray_processes")]
 
@@ -145,15 +145,13 @@ def test_two_nodes_on_loopback_stop_together_resume_and_survive_a_worker_crash(t
         os.kill(training_worker(agents[1].pid, timeout=30), signal.SIGKILL)
     finally:
         second = finish(agents, tmp_path / "second")
-    # Rank 0 logs each resume (other ranks log warnings only), in whichever agent holds it after a
-    # restart: across both agents, one resume from the stop checkpoint, then one from >= saved.
-    steps = resumed_steps("\n".join(second))
-    assert len(steps) == 2 and steps[0] == stopped and steps[1] >= saved, [log[-6000:] for log in second]
+    # The run's event log (rank 0, whichever agent holds it after a restart): one resume from the
+    # stop checkpoint, then one from >= saved after torchrun restarted the workers, both on 2 ranks.
+    resumes = [e for e in events(run_dir) if e["event"] == "resume"]
+    steps = [e["step"] for e in resumes]
+    assert len(steps) == 2 and steps[0] == stopped and steps[1] >= saved, ([log[-6000:] for log in second], resumes)
+    assert [(e["saved_world_size"], e["world_size"]) for e in resumes] == [(2, 2), (2, 2)], resumes
     assert_finished(run_dir, ckpt_dir)
-
-
-def resumed_steps(log: str) -> list[int]:
-    return [int(line.split("(step ")[1].split(",")[0]) for line in log.splitlines() if "resuming from" in line]
 
 
 def assert_finished(run_dir: Path, ckpt_dir: Path) -> None:
@@ -210,6 +208,6 @@ def test_restarted_workers_meet_whichever_agent_notices_the_crash_first(tmp_path
     done = finish(agents, logs)
     if order == "membership_restart":
         assert RESTART_FOR_NEW_NODE in done[1] and RESTART_FOR_NEW_NODE not in done[0], done[1][-6000:]
-    steps = resumed_steps("\n".join(done))  # rank 0's resume, in whichever agent holds rank 0
-    assert len(steps) == 1 and steps[0] >= saved, [log[-6000:] for log in done]
+    resumes = [e for e in events(run_dir) if e["event"] == "resume"]  # rank 0's, whichever agent holds it
+    assert len(resumes) == 1 and resumes[0]["step"] >= saved, ([log[-6000:] for log in done], resumes)
     assert_finished(run_dir, ckpt_dir)

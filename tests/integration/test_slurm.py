@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.torchrun import run_python
-from tests.integration.tiny_training import tiny_overrides, write_shards
+from tests.integration.tiny_training import events, tiny_overrides, write_shards
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -75,8 +75,10 @@ def test_quickstart_job_checkpoints_on_signal_requeues_resumes_and_completes(slu
     assert f"checkpoint step_{stopped_at} complete" in first
     # Instance 1: same run id, resumed from that checkpoint on 2 ranks, finished without a marker.
     assert batch_log.count(f"job {job_id} restart 1 run {RUN_ID}") == 1
-    # Rank 0 logs the resume (the other ranks log warnings only); result.json records it too.
-    assert second.count(f"(step {stopped_at}, saved on 2 ranks, now 2)") == 1
+    # The run's event log holds exactly one resume: the requeued instance's, from the stop checkpoint.
+    resumes = [e for e in events(run_dir) if e["event"] == "resume"]
+    assert [(e["step"], e["saved_world_size"], e["world_size"], e["slurm_restart"]) for e in resumes] == [
+        (stopped_at, 2, 2, "1")], resumes
     assert batch_log.rstrip().endswith("job step ended with status 0")
     assert not (logs / f"preempted.{job_id}.1.json").exists()
     ckpt = output_dir / "checkpoints" / RUN_ID

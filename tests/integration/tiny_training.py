@@ -39,3 +39,13 @@ def tiny_overrides(data_url: str, output_dir: Path, max_steps: int) -> list[str]
         "preemption.check_every=1",
         f"output_dir={output_dir}",
     ]
+
+
+def events(run_dir: Path) -> list[dict]:
+    """The run's event log (``events.jsonl``: one record per resume, written by rank 0)."""
+    import json
+
+    from ldm_scale.train.loop import EVENTS_FILE
+
+    path = Path(run_dir) / EVENTS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
