@@ -1,6 +1,6 @@
 """Every file format ldm_scale writes: the format strings, and the readers and payload builders of
 the exported checkpoint (``train/export.py`` gathers a live model's weights into them,
-``sampling.py`` and ``config.validate`` read them back).
+``sampling/checkpoints.py`` and ``config.validate`` read them back).
 
 Format strings (the ``format`` field of each file; a reader refuses any other):
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import netrc
 import os
 import re
@@ -31,6 +30,7 @@ import torch
 
 from ldm_scale import dist, storage
 from ldm_scale.config import LoggerConfig
+from ldm_scale.images import image_grid, save_png
 
 # Dense bf16/fp16 tensor-core peak per device (vendor data sheets), for MFU. Matched by substring
 # of torch.cuda.get_device_name(); unknown devices report no MFU unless logger.peak_tflops is set.
@@ -149,29 +149,6 @@ def count_flops(fn: Callable[[], Any]) -> float:
     with counter:
         fn()
     return float(counter.get_total_flops())
-
-
-def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
-    """[N,3,H,W] in [-1,1] -> one uint8 [H',W',3] grid (2px gaps)."""
-    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    n, c, h, w = images.shape
-    nrow = max(1, min(nrow, n))
-    rows = math.ceil(n / nrow)
-    pad = 2
-    grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[:, y:y + h, x:x + w] = images[i]
-    return grid.permute(1, 2, 0).contiguous()
-
-
-def save_png(array_hwc: torch.Tensor, path: Path) -> Path:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array_hwc.numpy()).save(path)
-    return path
 
 
 class MetricMeter:
@@ -350,8 +327,8 @@ class RunLogger:
         """Write ``<run_dir>/samples/<key>_step<N>.png`` and log the grid to W&B (rank 0)."""
         if not self.is_main:
             return None
-        grid = image_grid(images, nrow)
-        path = save_png(grid, self.run_dir / "samples" / f"{key.replace('/', '_')}_step{step:07d}.png")
+        grid = image_grid(images, ncols=nrow)
+        path = Path(save_png(grid, str(self.run_dir / "samples" / f"{key.replace('/', '_')}_step{step:07d}.png")))
         if self._run is not None:
             import wandb
 

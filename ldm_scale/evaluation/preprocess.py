@@ -22,16 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldm_scale.images import quantize_to_uint8  # noqa: F401 - the one quantiser, re-exported
+
 RESIZE_MODES: Tuple[str, ...] = ("pil_bicubic", "tf_bilinear", "torch_bilinear")
-
-
-def quantize_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1], [B, C, H, W] -> uint8 [B, C, H, W] (round half to even, clipped)."""
-    if images.dtype == torch.uint8:
-        return images
-    if not images.is_floating_point():
-        raise TypeError(f"expected float images in [-1, 1] or uint8, got {images.dtype}")
-    return ((images.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def nhwc_uint8(images: torch.Tensor) -> np.ndarray:
