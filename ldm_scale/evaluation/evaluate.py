@@ -226,6 +226,18 @@ def _slug(name: str) -> str:
     return name.split(" ")[0].replace(":", "_").replace("/", "_").replace("@", "_")
 
 
+def check_settings_for_model(cfg: FIDEvalConfig, ms) -> None:
+    """Raise ValueError (one line: the setting, the model, the fix) for settings this model cannot
+    serve, before the extractor, the reference or a single sample is made."""
+    problems = []
+    if cfg.metrics.clip_score and ms.condition_kind != "text":
+        problems.append(f"metrics.clip_score=true needs a text-conditional model, and {storage.redact(cfg.ckpt)} is "
+                        f"{ms.condition_kind}-conditioned ({ms.checkpoint_info.get('flavour')}): set "
+                        "metrics.clip_score=false")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def run_fid_eval(cfg: FIDEvalConfig, model_sampler=None) -> Optional[Dict[str, Any]]:
     """The whole evaluation (collective); returns the JSON record on rank 0, None elsewhere.
 
@@ -240,8 +252,9 @@ def run_fid_eval(cfg: FIDEvalConfig, model_sampler=None) -> Optional[Dict[str, A
     notes: List[str] = []
     t_start = time.time()
 
-    # 1. model + sampler
+    # 1. model + sampler, and every setting that depends on the model checked before any work
     ms = model_sampler or load_model_sampler(cfg, device)
+    check_settings_for_model(cfg, ms)
     # 2. extractor
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -256,6 +269,7 @@ def run_fid_eval(cfg: FIDEvalConfig, model_sampler=None) -> Optional[Dict[str, A
     # 5. samples (the run directory is a function of the settings, so re-running resumes)
     settings = {"checkpoint": storage.redact(cfg.ckpt), "checkpoint_step": ms.checkpoint_info.get("step"),
                 "use_ema": cfg.use_ema, "sampler": cfg.sampler, "steps": cfg.ddim_steps, "eta": cfg.ddim_eta,
+                "spacing": cfg.spacing,
                 "guidance_scale": cfg.scale, "seed": cfg.seed, "n_samples": cfg.n_samples,
                 "chunk_size": cfg.batch_size, "prompts": cfg.prompts,
                 "conditions_hash": settings_hash({"c": [str(c) for c in (conditions or [])]})}
@@ -295,7 +309,7 @@ def run_fid_eval(cfg: FIDEvalConfig, model_sampler=None) -> Optional[Dict[str, A
         "extractor": extractor.describe(),
         "comparable_to_published": extractor.comparable_to_published,
         "reference": {"url": storage.redact(ref_url), "meta": ref.meta},
-        "sampler": {"sampler": cfg.sampler, "steps": cfg.ddim_steps, "eta": cfg.ddim_eta,
+        "sampler": {"sampler": cfg.sampler, "steps": cfg.ddim_steps, "eta": cfg.ddim_eta, "spacing": cfg.spacing,
                     "guidance_scale": cfg.scale, "seed": cfg.seed, "chunk_size": cfg.batch_size,
                     "use_ema": cfg.use_ema, "condition_kind": ms.condition_kind},
         "checkpoint": dict(ms.checkpoint_info, url=storage.redact(cfg.ckpt)),
