@@ -89,9 +89,15 @@ class LatentDiffusion(nn.Module):
     def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The denoiser: UNet prediction for noisy latents ``x_t`` at timesteps ``t`` under ``cond``
         (the dict from :meth:`condition`). A ``concat`` entry is concatenated along channels."""
-        unknown = set(cond) - {"context", "y", "concat"}
-        if unknown:
-            raise ValueError(f"unknown condition keys {sorted(unknown)}; expected context / y / concat")
-        if "concat" in cond:
-            x_t = torch.cat([x_t, cond["concat"].to(x_t.dtype)], dim=1)
-        return self.unet(x_t, t, context=cond.get("context"), y=cond.get("y"))
+        return apply_denoiser(self.unet, x_t, t, cond)
+
+
+def apply_denoiser(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """``unet``'s prediction under the condition dict of a conditioner (``context`` / ``y`` as UNet
+    keywords, ``concat`` concatenated to ``x_t`` along channels)."""
+    unknown = set(cond) - {"context", "y", "concat"}
+    if unknown:
+        raise ValueError(f"unknown condition keys {sorted(unknown)}; expected context / y / concat")
+    if "concat" in cond:
+        x_t = torch.cat([x_t, cond["concat"].to(x_t.dtype)], dim=1)
+    return unet(x_t, t, context=cond.get("context"), y=cond.get("y"))

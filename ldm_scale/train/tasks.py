@@ -39,7 +39,7 @@ from ldm_scale.diffusion import (
 )
 from ldm_scale.diffusion.noise import PerSampleGenerators, initial_noise
 from ldm_scale.models.conditioners import build_conditioner
-from ldm_scale.models.ldm import LatentDiffusion
+from ldm_scale.models.ldm import LatentDiffusion, apply_denoiser
 from ldm_scale.models.registry import LDMSpec
 from ldm_scale.models.unet import UNetModel
 from ldm_scale.train import compile as compile_lib
@@ -58,25 +58,28 @@ JOINTLY_TRAINED_CONDITIONERS = ("text", "class")
 class DiffusionTrainModule(nn.Module):
     """The module DeepSpeed wraps for task=ldm: the UNet and, when trained jointly, the conditioner.
 
-    ``forward(z0, raw)`` returns the per-sample diffusion loss (Rombach et al. 2022, Eq. 2) and the
-    timesteps drawn. The frozen first stage and a frozen conditioner are *not* submodules: they
-    are neither sharded, nor in the optimizer, nor re-saved with every checkpoint. State-dict keys
-    (``unet.*``, ``cond_stage.*``) match :class:`LatentDiffusion`'s.
+    ``forward(z0, condition)`` returns the per-sample diffusion loss (Rombach et al. 2022, Eq. 2) and
+    the timesteps drawn. ``condition`` is the raw condition when the conditioner is a submodule
+    (trained jointly: it runs inside the engine, with gradients and ZeRO-3's gathers), else the frozen
+    conditioner's output dict, which the task computes outside. The frozen first stage and a frozen
+    conditioner are not held here at all: they are neither sharded, nor in the optimizer, nor
+    re-saved with every checkpoint. State-dict keys (``unet.*``, ``cond_stage.*``) match
+    :class:`LatentDiffusion`'s.
     """
 
-    def __init__(self, ldm: LatentDiffusion, diffusion: DiffusionConfig):
+    def __init__(self, unet: nn.Module, cond_stage: Optional[nn.Module], diffusion: DiffusionConfig):
         super().__init__()
-        self.unet = ldm.unet
-        if getattr(ldm.cond_stage, "trainable", False):
-            self.cond_stage = ldm.cond_stage
-        self._container: Tuple[LatentDiffusion] = (ldm,)  # a tuple: not registered as a submodule
+        self.unet = unet
+        if cond_stage is not None:
+            self.cond_stage = cond_stage
         self.diffusion = diffusion
         self._schedule = diffusion.make_schedule()
         self._schedule_device: Optional[torch.device] = None
 
     @property
-    def ldm(self) -> LatentDiffusion:
-        return self._container[0]
+    def conditions_inside(self) -> bool:
+        """Whether :meth:`forward` takes the raw condition (a jointly trained conditioner)."""
+        return "cond_stage" in self._modules
 
     def schedule(self, device: torch.device):
         if self._schedule_device != device:
@@ -84,10 +87,10 @@ class DiffusionTrainModule(nn.Module):
             self._schedule_device = device
         return self._schedule
 
-    def forward(self, z0: torch.Tensor, raw: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-        cond = self.ldm.condition(raw)
+    def forward(self, z0: torch.Tensor, condition: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        cond = self.cond_stage(condition) if self.conditions_inside else condition
         d = self.diffusion
-        return diffusion_loss(lambda x, t: self.ldm.apply_model(x, t, cond), z0, self.schedule(z0.device),
+        return diffusion_loss(lambda x, t: apply_denoiser(self.unet, x, t, cond), z0, self.schedule(z0.device),
                               parameterization=d.parameterization, weighting=d.weighting,
                               min_snr_gamma=d.min_snr_gamma, offset_noise=d.offset_noise)
 
@@ -129,7 +132,8 @@ class LDMTask:
         unet.set_activation_checkpointing(cfg.model.activation_checkpointing)
         self.ldm = LatentDiffusion(unet, first_stage, cond_stage, spec.scale_factor, spec.parameterization)
         self.ldm.to(device)
-        self.train_module = DiffusionTrainModule(self.ldm, cfg.diffusion)
+        self.train_module = DiffusionTrainModule(
+            unet, cond_stage if getattr(cond_stage, "trainable", False) else None, cfg.diffusion)
         # Compiled after activation checkpointing, before DeepSpeed wraps it (train/compile.py).
         compile_lib.log_compiled("trainable", compile_lib.apply_compile(
             self.train_module, cfg.train.compile, zero_stage=self.ds_config["zero_optimization"]["stage"]))
@@ -227,7 +231,9 @@ class LDMTask:
             if isinstance(raw, torch.Tensor):
                 raw = raw.to(self.device)
             with self._autocast():
-                per_sample, t = self.engine(z0, raw)
+                # A frozen conditioner runs here, outside the engine; a joint one inside it.
+                condition = raw if self.train_module.conditions_inside else self.ldm.condition(raw)
+                per_sample, t = self.engine(z0, condition)
             per_sample = per_sample.float() * float(batch.get(LOSS_SCALE_KEY, 1.0))
             loss = per_sample.mean()
             self.engine.backward(loss)
