@@ -44,7 +44,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -683,20 +682,14 @@ def _refuse_decoupled_engine(name: str, engine: Any) -> None:
 
 
 def _load_engine(engine: Any, load_dir: str, tag: str, universal: bool) -> None:
-    # DeepSpeed reads `load_universal_checkpoint` from its config at load time only, so it is
-    # switched on just for this call when the world size changed.
-    config = engine._config
-    previous = config.load_universal_checkpoint
-    config.load_universal_checkpoint = universal
+    from ldm_scale.train.engine import load_engine_checkpoint
+
     try:
-        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        path = load_engine_checkpoint(engine, load_dir, tag, universal=universal)
     except Exception as exc:  # name the checkpoint and the fix
         raise CheckpointError(f"DeepSpeed could not load engine {tag!r} from {load_dir}: {type(exc).__name__}: "
                               f"{exc}. The files are damaged or from another model/optimizer config; resume from an "
                               "earlier step_<N> or start a new run id") from exc
-    finally:
-        config.load_universal_checkpoint = previous
     if path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint for engine {tag!r} in {load_dir}")
 
@@ -705,10 +698,9 @@ def _convert_to_universal(src: str, dst: str) -> None:
     """``python -m deepspeed.checkpoint.ds_to_universal`` (a separate process: it forks workers)."""
     if os.path.isdir(dst):
         shutil.rmtree(dst)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src,
-           "--output_folder", dst, "--num_extract_workers", "1", "--num_merge_workers", "1",
-           "--inject_missing_state"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    from ldm_scale.train.engine import universal_conversion_command
+
+    proc = subprocess.run(universal_conversion_command(src, dst), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise CheckpointError(f"converting {src} to a universal checkpoint for the new world size failed:\n"
                               f"{proc.stderr[-3000:]}")
@@ -724,6 +716,6 @@ def consolidated_fp32_state_dict(step_dir: str, engine_name: str) -> Dict[str, t
     if not any("zero_pp_rank_" in f for f in os.listdir(tag_dir)):  # ZeRO disabled: full module on rank 0
         state = _torch_load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), "model states")["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from ldm_scale.train.engine import fp32_state_dict_from_zero_checkpoint
 
-    return dict(get_fp32_state_dict_from_zero_checkpoint(step_dir, tag=engine_name))
+    return fp32_state_dict_from_zero_checkpoint(step_dir, engine_name)

@@ -13,7 +13,7 @@ calls for the same step, so a loop may call it after every micro-batch.
 Where the EMA lives
 -------------------
 * ZeRO-3 (parameters carry ``ds_tensor``): each rank keeps the EMA of its own fp32 partition, read
-  with ``deepspeed.utils.safe_get_local_fp32_param`` (the optimizer's fp32 master partition: no
+  with ``engine.local_fp32_partition`` (DeepSpeed's: the optimizer's fp32 master partition, no
   gather, no bf16 rounding). Memory per rank: 4 bytes x params / world.
 * Anything else (ZeRO-0/1/2, or a plain module): every rank holds the full parameters, and the EMA is
   still sharded: rank r owns a contiguous run of whole parameters holding about 1/world of the
@@ -176,7 +176,7 @@ class CpuEma:
         self.slices: list[EmaSlice] = []
         self._sources: list[Callable[[], torch.Tensor]] = []
         if self.layout == "zero3":
-            from deepspeed.utils import safe_get_local_fp32_param
+            from ldm_scale.train.engine import local_fp32_partition
 
             for name, p in params:
                 sl = _zero3_slice(name, p, rank)
@@ -184,7 +184,7 @@ class CpuEma:
                     continue
                 self.slices.append(sl)
                 self._sources.append(
-                    lambda p=p, n=sl.numel: safe_get_local_fp32_param(p).detach().reshape(-1)[:n])
+                    lambda p=p, n=sl.numel: local_fp32_partition(p).detach().reshape(-1)[:n])
         else:
             owners = whole_param_owners([p.numel() for _, p in params], world)
             for (name, p), owner in zip(params, owners):
@@ -476,24 +476,24 @@ class CpuEma:
                       chunk_numel: int) -> None:
         """Write ``value(name, param)`` (called on every rank, in order: it may be a collective) into
         ZeRO-3 parameters, ``chunk_numel`` gathered elements at a time."""
-        import deepspeed
+        from ldm_scale.train.engine import gathered_parameters
 
         rank0 = self.dist_info.rank == 0
         for chunk in self._zero3_chunks(named, chunk_numel):
             params = [p for _, p in chunk]
             # Rank 0 writes the gathered full tensors; on exit DeepSpeed broadcasts them and every
             # rank keeps its partition (persistent small parameters stay whole, updated too).
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+            with gathered_parameters(params, modifier_rank=0), torch.no_grad():
                 for name, p in chunk:
                     tensor = value(name, p)
                     if rank0:
                         p.data.copy_(tensor.reshape(p.shape))
 
     def _zero3_restore(self, named: list, chunk_numel: int) -> None:
-        from deepspeed.utils import safe_get_full_fp32_param
+        from ldm_scale.train.engine import full_fp32_param
 
         # The optimizer's fp32 masters are the trained weights (the partitions are their casts).
-        self._zero3_assign(named, lambda name, p: safe_get_full_fp32_param(p), chunk_numel)
+        self._zero3_assign(named, lambda name, p: full_fp32_param(p), chunk_numel)
 
 
 def _place_chunk(flat: dict[str, torch.Tensor], slices: Sequence[EmaSlice], chunk_start: int,

@@ -456,9 +456,71 @@ def destroy() -> None:
         torch.distributed.destroy_process_group()
 
 
+# ---------------------------------------------------------------------------------------------
+# ZeRO accessors and checkpoint calls for the EMA, the checkpoint manager and the export: every
+# DeepSpeed call of the training side goes through this module.
+# ---------------------------------------------------------------------------------------------
+def local_fp32_partition(param: nn.Parameter) -> torch.Tensor:
+    """This rank's fp32 master partition of a ZeRO-3 parameter (the optimizer's; no gather)."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    return safe_get_local_fp32_param(param)
+
+
+def full_fp32_param(param: nn.Parameter) -> torch.Tensor:
+    """The whole fp32 master of a ZeRO-3 parameter, assembled from its partitions (a collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(param)
+
+
+def gathered_parameters(params: List[nn.Parameter], modifier_rank: Optional[int]) -> contextlib.AbstractContextManager:
+    """ZeRO-3 parameters whole for a ``with`` block (a collective). ``modifier_rank``: the rank whose
+    writes DeepSpeed broadcasts on exit, None for a read-only gather."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def load_engine_checkpoint(engine, load_dir: str, tag: str, *, universal: bool):
+    """``engine.load_checkpoint`` of ``<load_dir>/<tag>`` with module, optimizer and lr scheduler
+    states; ``universal``: the files are a universal checkpoint (another world size). Returns the
+    path DeepSpeed loaded (None: nothing found)."""
+    # DeepSpeed reads `load_universal_checkpoint` from its (private) config at load time only, so it
+    # is switched on just for this call.
+    config = engine._config
+    previous = config.load_universal_checkpoint
+    config.load_universal_checkpoint = universal
+    try:
+        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    finally:
+        config.load_universal_checkpoint = previous
+    return path
+
+
+def universal_conversion_command(src: str, dst: str) -> List[str]:
+    """The command that converts a DeepSpeed checkpoint folder to a universal one (run in a process
+    of its own: the converter forks workers)."""
+    import sys
+
+    return [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src,
+            "--output_folder", dst, "--num_extract_workers", "1", "--num_merge_workers", "1",
+            "--inject_missing_state"]
+
+
+def fp32_state_dict_from_zero_checkpoint(step_dir: str, tag: str) -> Dict[str, torch.Tensor]:
+    """Full fp32 state dict consolidated from a ZeRO (1-3) checkpoint's shards, one process."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(step_dir, tag=tag))
+
+
 __all__: List[str] = [
     "ZeroConfig", "DeepSpeedConfig", "OptimConfig", "BatchPlan", "build_ds_config",
     "model_init_context", "param_groups", "lr_multiplier", "initialize_engine", "autocast",
     "engine_stats", "step_status", "inner_optimizer", "adamw_kernel", "configure_device_math", "apply_memory_format",
-    "to_memory_format", "local_param_and_optimizer_bytes", "peak_lr", "destroy",
+    "to_memory_format", "local_param_and_optimizer_bytes", "peak_lr", "destroy", "local_fp32_partition",
+    "full_fp32_param", "gathered_parameters", "load_engine_checkpoint", "universal_conversion_command",
+    "fp32_state_dict_from_zero_checkpoint",
 ]

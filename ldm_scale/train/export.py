@@ -63,10 +63,10 @@ def full_state_dict(module: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
     if not partitioned:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} \
             if dist.get_dist_info().is_main else None
-    import deepspeed
+    from ldm_scale.train.engine import gathered_parameters
 
     # modifier_rank=None: read-only gather on every rank; nothing is written back.
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+    with gathered_parameters(partitioned, modifier_rank=None):
         if dist.get_dist_info().is_main:
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     return None
