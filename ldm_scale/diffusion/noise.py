@@ -55,7 +55,9 @@ class PerSampleGenerators:
             raise ValueError(f"a draw of shape {shape} for {len(self.generators)} per-sample generators: the "
                              "first dimension must be the batch")
         rows = [torch.randn(shape[1:], generator=g, dtype=dtype) for g in self.generators]
-        return torch.stack(rows).to(device)
+        # non_blocking: a sampler draws once per step; a blocking copy to a GPU would wait for the
+        # step's kernels each time (from pageable memory the bytes are staged at once: safe to free).
+        return torch.stack(rows).to(device, non_blocking=True)
 
     def torch_generator(self) -> torch.Generator:
         """One plain generator seeded from the first sample's (for a draw that is not per sample)."""
