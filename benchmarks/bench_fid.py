@@ -92,6 +92,7 @@ def bench_pr(n, dim, repeats):
 def bench_sampling(steps, batch, repeats):
     from ldm_scale.evaluation.config import FIDEvalConfig
     from ldm_scale.evaluation.generate import initial_noise
+    from ldm_scale.diffusion import SamplerConfig
     from ldm_scale.evaluation.model_sampler import load_model_sampler
     from ldm_scale.models.registry import build_ldm, get_spec
 
@@ -101,7 +102,7 @@ def bench_sampling(steps, batch, repeats):
         torch.save({"format": "ldm_scale/ldm-v1", "model_config": dataclasses.asdict(get_spec("tiny")),
                     "state_dict": model.state_dict(), "ema_state_dict": model.unet.state_dict(), "step": 0,
                     "scale_factor": 1.0, "config": {}}, path)
-        ms = load_model_sampler(FIDEvalConfig(ckpt=str(path), ddim_steps=steps, scale=3.0), torch.device("cpu"))
+        ms = load_model_sampler(FIDEvalConfig(ckpt=str(path), sampler=SamplerConfig(steps=steps, guidance_scale=3.0)), torch.device("cpu"))
     x_T = initial_noise(ms.latent_shape, range(batch), seed=0)
     prompts = ["a red circle on a blue background"] * batch
     ms.sample_batch(x_T[:2], prompts[:2], torch.Generator().manual_seed(0))  # warm-up

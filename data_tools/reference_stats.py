@@ -1,9 +1,10 @@
 """Reference statistics of a shard set, computed once and stored next to the data.
 
     python data_tools/reference_stats.py data='s3://bucket/laion/{00000..00099}.tar' n_samples=50000 resolution=256
-    torchrun --nproc_per_node 8 data_tools/reference_stats.py data=... extractor.name=inception
+    torchrun --nproc_per_node 8 data_tools/reference_stats.py data=... extractor=inception
 
-Arguments are ``key=value`` overrides of ``ldm_scale.evaluation.config.ReferenceStatsConfig``. Every
+Arguments are Hydra overrides of ``conf/commands/reference_stats.yaml`` (typed by
+``ldm_scale.evaluation.config.ReferenceStatsConfig``; ``--help`` lists keys and groups). Every
 image of ``min(n_samples, set size)`` goes in exactly once (the partial last batch too); N in the file
 name and ``meta`` is the number that went in (less any sample that fails to decode, counted in
 ``meta["dropped"]``). Every rank reads its own shards; each checkpoints its progress, so re-running
@@ -22,14 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm_scale import dist, storage  # noqa: E402
-from ldm_scale.evaluation.cli import config_from_argv, report_input_errors  # noqa: E402
+from ldm_scale.cli import config_from_argv, report_input_errors  # noqa: E402
 from ldm_scale.evaluation.config import ReferenceStatsConfig  # noqa: E402
 from ldm_scale.evaluation.features import check_extractor_weights, extractor_from_config  # noqa: E402
 from ldm_scale.evaluation.reference import load_reference, reference_from_shards  # noqa: E402
 
 
 def parse_config(argv: list[str]) -> ReferenceStatsConfig:
-    return config_from_argv(argv, ReferenceStatsConfig, program="data_tools/reference_stats.py", doc=__doc__)
+    return config_from_argv(argv, "reference_stats", ReferenceStatsConfig, program="data_tools/reference_stats.py", doc=__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,16 @@
 """FID / IS / precision-recall (+ KID, sFID, CLIP score) of an exported LDM checkpoint.
 
     python eval/fid.py ckpt=s3://bucket/runs/x/export.pt ref=s3://bucket/laion/{00000..00099}.tar \
-        n_samples=50000 ddim_steps=200 ddim_eta=0 scale=1.5
+        n_samples=50000 sampler.steps=200 sampler.eta=0 sampler.guidance_scale=1.5
     torchrun --nproc_per_node 8 eval/fid.py ckpt=... ref=data/reference_stats/inception-v3-fid-....npz
-    python eval/fid.py ckpt=... ref=VIRTUAL_imagenet256_labeled.npz extractor.name=inception extractor.resize=tf_bilinear
+    python eval/fid.py ckpt=... ref=VIRTUAL_imagenet256_labeled.npz extractor=inception extractor.resize=tf_bilinear
+    python eval/fid.py ckpt=... ref=... sampler=plms metrics=full precision=bf16
     python eval/fid.py preset=quickstart          # launch/quickstart.py's model and data, offline
 
-Arguments are ``key=value`` overrides of ``ldm_scale.evaluation.config.FIDEvalConfig`` (nested keys
-with dots: ``extractor.name=random-inception metrics.kid=true``). Re-running the same command
+Arguments are Hydra overrides of ``conf/commands/fid.yaml`` (typed by ``ldm_scale.evaluation.config.FIDEvalConfig``):
+``key=value`` with dots for nested keys (``extractor.name=random-inception metrics.kid=true``) and
+``group=option`` for the config groups ``--help`` lists (``sampler=``, ``extractor=``, ``metrics=``,
+``preset=``). Re-running the same command
 resumes: finished sample and feature chunks are kept. The JSON record is printed and written to
 ``<out>/results.json``. See docs/evaluation.md for the conventions and the Inception weights file.
 """
@@ -20,14 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm_scale.evaluation.cli import config_from_argv, report_input_errors  # noqa: E402
-from ldm_scale.evaluation.config import FIDEvalConfig, compose_fid_config  # noqa: E402
+from ldm_scale.cli import config_from_argv, report_input_errors  # noqa: E402
+from ldm_scale.evaluation.config import FIDEvalConfig  # noqa: E402
 from ldm_scale.evaluation.evaluate import run_fid_eval  # noqa: E402
 from ldm_scale.evaluation.features import check_extractor_weights  # noqa: E402
 
 
 def parse_config(argv: list[str]) -> FIDEvalConfig:
-    return config_from_argv(argv, FIDEvalConfig, program="eval/fid.py", doc=__doc__, compose=compose_fid_config)
+    return config_from_argv(argv, "fid", FIDEvalConfig, program="eval/fid.py", doc=__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,10 +18,12 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import enum
 import json
 import math
 import os
 import secrets
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -30,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from ldm_scale import dist, storage
+from ldm_scale.choices import Choice, plain_choices
 from ldm_scale.data.config import DataConfig
 from ldm_scale.diffusion import DiffusionConfig, SamplerConfig
 from ldm_scale.losses.autoencoder import AutoencoderLossConfig
@@ -42,7 +45,6 @@ from ldm_scale.train.ema import EmaConfig
 from ldm_scale.train.engine import BatchPlan, DeepSpeedConfig, OptimConfig, peak_lr
 from ldm_scale.train.health import DebugSpikeConfig, SpikeRuleConfig
 
-TASKS = ("ldm", "autoencoder")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 RUN_ID_ENV = "LDM_SCALE_RUN_ID"
 
@@ -60,6 +62,37 @@ class ConfigError(ValueError):
 
 # ------------------------------------------------------------------------------------------
 # Slices owned here (the others live next to their components and are imported above).
+
+class Task(Choice):
+    """``task``: what the run trains."""
+
+    ldm = "ldm"
+    autoencoder = "autoencoder"
+
+
+TASKS = tuple(Task.values())
+
+
+class ScaleFactorMode(Choice):
+    """``model.scale_factor_mode``: the flavour's latent scale, or 1/std of the first batch's latents."""
+
+    spec = "spec"
+    estimate = "estimate"
+
+
+class LoggerBackend(Choice):
+    wandb = "wandb"
+    none = "none"
+
+
+class LoggerMode(Choice):
+    """W&B mode: auto (online with an API key, else offline) | online | offline | disabled."""
+
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
 
 @dataclass
 class ModelConfig:
@@ -81,7 +114,7 @@ class ModelConfig:
     activation_checkpointing: bool = False
     # Latent scale: "spec" uses the flavour's factor (or `scale_factor` when set); "estimate"
     # computes 1/std of the first batch's latents over all ranks (paper Sec. 4.3.2).
-    scale_factor_mode: str = "spec"
+    scale_factor_mode: ScaleFactorMode = "spec"
     scale_factor: Optional[float] = None
 
 
@@ -118,15 +151,15 @@ class TrainConfig:
     progress_bar: bool = True
     # torch.compile of the trainable networks (train/compile.py): off | unet (each network as one
     # graph) | blocks (each residual / transformer block as its own graph; use it under ZeRO-3).
-    compile: CompileMode = CompileMode.off
+    compile: CompileMode = "off"
 
 
 @dataclass
 class LoggerConfig:
     """Experiment tracking (W&B on rank 0) and console output."""
 
-    backend: str = "wandb"  # wandb | none
-    mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
+    backend: LoggerBackend = "wandb"
+    mode: LoggerMode = "auto"
     project: str = "ldm_scale"
     entity: Optional[str] = None
     group: Optional[str] = None
@@ -161,7 +194,7 @@ class EvalConfig:
 class Config:
     """Top-level schema (``conf/config.yaml``). Components receive only their own slice."""
 
-    task: str = "ldm"  # ldm | autoencoder
+    task: Task = "ldm"
     name: str = "default"  # experiment name (W&B run name prefix, run id prefix)
     run_id: Optional[str] = None  # None: $LDM_SCALE_RUN_ID, else generated on rank 0 and broadcast
     output_dir: str = "runs"  # local run directories: <output_dir>/<run_id>
@@ -193,8 +226,10 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
-def compose(overrides: Sequence[str] = (), config_dir: Optional[Path] = None) -> DictConfig:
-    """Compose ``conf/config.yaml`` with command-line style overrides (tests and tools).
+def compose(overrides: Sequence[str] = (), config_dir: Optional[Path] = None, *,
+            config_name: str = "config") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with command-line style overrides (tests, tools, and the
+    commands of ``ldm_scale/cli.py``).
 
     ``launch/train.py`` goes through ``@hydra.main`` instead; both paths give the same tree.
     """
@@ -205,21 +240,29 @@ def compose(overrides: Sequence[str] = (), config_dir: Optional[Path] = None) ->
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(str((config_dir or CONF_DIR).resolve()), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+        return hydra_compose(config_name, overrides=list(overrides))
 
 
-def to_object(cfg: DictConfig) -> Config:
-    """The composed tree as typed dataclasses (``Config``); unset required values (``???``) raise."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(
-            "required values are not set: " + ", ".join(missing) + ". Set them on the command line, e.g. "
-            "data.urls=\"['s3://bucket/laion/{00000..41407}.tar']\" model.first_stage_ckpt=s3://bucket/ae/kl_f8.pt "
-            "checkpoint.root=s3://bucket/checkpoints")
-    obj = OmegaConf.to_object(cfg)
-    if not isinstance(obj, Config):
-        raise ConfigError("the composed config is not typed by the schema: conf/config.yaml must list "
-                          "'schema' first in its defaults")
+def to_object(cfg: DictConfig, schema: type = None) -> Any:  # type: ignore[assignment]
+    """The composed tree as typed dataclasses (``schema``, default :class:`Config`); unset required
+    values (``???``) and keys the schema lacks (added with ``+key=``) raise :class:`ConfigError`."""
+    schema = schema or Config
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            example = (" data.urls=\"['s3://bucket/laion/{00000..41407}.tar']\" model.first_stage_ckpt=s3://bucket/ae/"
+                       "kl_f8.pt checkpoint.root=s3://bucket/checkpoints") if schema is Config else ""
+            raise ConfigError("required values are not set: " + ", ".join(missing) + ". Set them on the command "
+                              "line" + (", e.g." + example if example else ""))
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:  # e.g. an interpolation ${...} that names no key
+        message = str(exc).strip().splitlines()[0]
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(message + (f" (key {key})" if key and key not in message else "")) from None
+    if not isinstance(obj, schema):
+        raise ConfigError(f"the composed config is not typed by {schema.__name__}: its conf/*.yaml must list "
+                          "the schema first in its defaults")
+    plain_choices(obj)  # choices as plain strings from here on (ldm_scale/choices.py says why)
     unknown = unknown_keys(obj)
     if unknown:
         raise ConfigError("; ".join(unknown))
@@ -269,6 +312,26 @@ def unknown_keys(cfg: Any) -> List[str]:
             declared = {f.name for f in dataclasses.fields(node)}
             for extra in (k for k in vars(node) if k not in declared):
                 problems.append(_unknown_key_message(f"{path}.{extra}" if path else extra, type(node)))
+    return problems
+
+
+def choice_problems(cfg: Any) -> List[str]:
+    """One message per choice field (typed by an :class:`~enum.Enum`) of the dataclass tree ``cfg``
+    whose value is not one of its members.
+
+    Composition already refuses such a value (OmegaConf checks enum fields); this catches a config
+    built or changed in code (tests, tools), which no compose step checked, in one place for every
+    choice rather than a hand-written list per field."""
+    problems = []
+    for path, node in _nodes(cfg):
+        if not (dataclasses.is_dataclass(node) and not isinstance(node, type)):
+            continue
+        hints = typing.get_type_hints(type(node))
+        for f in dataclasses.fields(node):
+            kind, value = hints.get(f.name), getattr(node, f.name)
+            if isinstance(kind, type) and issubclass(kind, enum.Enum) and value not in set(kind):
+                valid = [m.value for m in kind]
+                problems.append(f"{path + '.' if path else ''}{f.name}={value!r}: expected one of {valid}")
     return problems
 
 
@@ -408,8 +471,6 @@ def _check_ldm(cfg: Config, problems: List[str]) -> Optional[LDMSpec]:
             problems.append(
                 f"model: unet.context_dim={spec.unet.context_dim} but the {spec.cond_stage.kind} encoder emits "
                 f"{width}-wide tokens: set model.overrides.unet.context_dim={width} or change the encoder width")
-    if m.scale_factor_mode not in ("spec", "estimate"):
-        problems.append(f"model.scale_factor_mode={m.scale_factor_mode!r}: expected 'spec' or 'estimate'")
     if m.scale_factor_mode == "estimate" and m.scale_factor is not None:
         problems.append("model.scale_factor is set but model.scale_factor_mode=estimate would replace it: "
                         "set model.scale_factor=null or model.scale_factor_mode=spec")
@@ -553,8 +614,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, *, check_files: bool
     # NaN compares false with everything, so every range check below would let it through.
     problems += [f"{path}={value}: must be a finite number" for path, value in _nodes(cfg)
                  if isinstance(value, float) and not math.isfinite(value)]
-    if cfg.task not in TASKS:
-        problems.append(f"task={cfg.task!r}: expected one of {TASKS}")
+    problems += choice_problems(cfg)
     batch = _batch_plan(cfg.train, world_size, problems)
     try:
         cfg.data.validate()
@@ -580,14 +640,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, *, check_files: bool
         problems.append("deepspeed.zero.offload_optimizer needs ZeRO stage >= 1")
     if ds.channels_last and z.stage == 3:
         problems.append("deepspeed.channels_last needs ZeRO stage <= 2 (ZeRO-3 keeps parameters as flat shards)")
-    if cfg.optim.implementation not in ("auto", "fused", "foreach", "for_loop"):
-        problems.append(f"optim.implementation={cfg.optim.implementation!r}: expected auto, fused, foreach or "
-                        "for_loop")
-    if ds.precision not in ("fp32", "bf16", "fp16"):
-        problems.append(f"deepspeed.precision={ds.precision!r}: expected fp32, bf16 or fp16")
-    if ds.frozen_precision not in ("auto", "fp32", "bf16", "fp16"):
-        problems.append(f"deepspeed.frozen_precision={ds.frozen_precision!r}: expected auto, fp32, bf16 or fp16")
-    elif ds.precision == "fp32" and ds.frozen_precision in ("bf16", "fp16"):
+    if ds.precision == "fp32" and ds.frozen_precision in ("bf16", "fp16"):
         problems.append(f"deepspeed.frozen_precision={ds.frozen_precision} needs a half-precision run: the frozen "
                         "text encoder runs under the run's autocast, and deepspeed.precision=fp32 has none")
     if ds.gradient_clipping < 0:
@@ -596,8 +649,6 @@ def validate(cfg: Config, world_size: Optional[int] = None, *, check_files: bool
     o = cfg.optim
     if o.lr <= 0:
         problems.append(f"optim.lr={o.lr}: must be > 0")
-    if o.schedule not in ("constant", "cosine", "linear"):
-        problems.append(f"optim.schedule={o.schedule!r}: expected constant, cosine or linear")
     if len(o.betas) != 2:
         problems.append(f"optim.betas={o.betas}: give two numbers, e.g. [0.9, 0.999]")
     if o.scale_lr and o.lr_reference_batch < 1:
@@ -612,9 +663,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, *, check_files: bool
         problems.append("train.collective_timeout_s and train.step_collective_timeout_s must be > 0")
     if t.gc_every < 0:
         problems.append("train.gc_every must be >= 0 (0: automatic garbage collection)")
-    if t.compile not in set(CompileMode):  # compose time checks the name; this catches code that sets it
-        problems.append(f"train.compile={t.compile!r}: expected one of {[m.value for m in CompileMode]}")
-    elif t.compile == CompileMode.unet and cfg.deepspeed.zero.stage == 3:
+    if t.compile == CompileMode.unet and cfg.deepspeed.zero.stage == 3:
         problems.append("train.compile=unet under deepspeed.zero.stage=3 breaks the graph at every layer's "
                         "parameter gather: use train.compile=blocks (one gather per compiled block)")
     if t.max_consecutive_unhealthy < 1:
@@ -631,10 +680,6 @@ def validate(cfg: Config, world_size: Optional[int] = None, *, check_files: bool
     except ValueError as exc:
         problems.append(str(exc))
     problems += storage.config_problems(cfg.storage, "storage") + storage.config_problems(cfg.data.storage, "data.storage")
-    if cfg.logger.backend not in ("wandb", "none"):
-        problems.append(f"logger.backend={cfg.logger.backend!r}: expected wandb or none")
-    if cfg.logger.mode not in ("auto", "online", "offline", "disabled"):
-        problems.append(f"logger.mode={cfg.logger.mode!r}: expected auto, online, offline or disabled")
 
     # Reads storage, so only once the configuration itself is consistent (and the spec resolved).
     if not problems and check_files and spec is not None and _is_url_set(cfg.model.first_stage_ckpt):

@@ -4,7 +4,42 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from ldm_scale.choices import Choice
 from ldm_scale.storage import StorageOverrides
+
+
+class ShardMode(Choice):
+    """``data.mode``: every shard once per epoch, or shards drawn with replacement (a weighted mixture)."""
+
+    epoch = "epoch"
+    resampled = "resampled"
+
+
+class DataInput(Choice):
+    """``data.input``: images (jpg/png/webp members) or pre-encoded latents (``.latent.npy`` members)."""
+
+    image = "image"
+    latent = "latent"
+
+
+# `class` is a Python keyword, so the members are declared through the functional API (name = value).
+Conditioning = Choice("Conditioning", [(v, v) for v in ("text", "class", "none")], module=__name__,
+                      qualname="Conditioning")
+Conditioning.__doc__ = "Which label a sample carries: ``.txt`` captions, ``.cls`` class labels, or none."
+
+
+class Crop(Choice):
+    """``data.crop``: center or random square crop after the shorter-side resize."""
+
+    center = "center"
+    random = "random"
+
+
+class Decoder(Choice):
+    """``data.decoder``: auto (PIL with DCT-domain downscaling for JPEG) | pil (full decode)."""
+
+    auto = "auto"
+    pil = "pil"
 
 
 @dataclass
@@ -37,15 +72,15 @@ class DataConfig:
     """
 
     urls: List[str] = field(default_factory=list)
-    mode: str = "epoch"  # "epoch" | "resampled"
+    mode: ShardMode = "epoch"
     weights: List[float] = field(default_factory=list)  # resampled mode: one per urls entry (default equal)
     samples_per_epoch: Optional[int] = None  # default: total of sizes.json / _stats.json counts
-    input: str = "image"  # "image" (jpg/png/webp members) | "latent" (pre-encoded .latent.npy members)
-    conditioning: str = "text"  # "text" (.txt captions) | "class" (.cls labels) | "none"
+    input: DataInput = "image"
+    conditioning: Conditioning = "text"  # type: ignore[valid-type]
     resolution: int = 256
-    crop: str = "center"  # "center" | "random"
+    crop: Crop = "center"
     flip: bool = False  # random horizontal flip (p=0.5)
-    decoder: str = "auto"  # "auto" (PIL with DCT-domain downscaling for JPEG) | "pil" (full decode)
+    decoder: Decoder = "auto"
     filters: FilterConfig = field(default_factory=FilterConfig)
     num_workers: int = 2
     shuffle_buffer: int = 1000  # samples; 0 disables sample shuffling

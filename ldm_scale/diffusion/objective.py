@@ -13,23 +13,31 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 
 from ldm_scale.diffusion.noise import randn_like, with_offset_noise
-from ldm_scale.diffusion.prediction import check_parameterization, prediction_target
-from ldm_scale.diffusion.schedule import NoiseSchedule, make_schedule
+from ldm_scale.choices import Choice
+from ldm_scale.diffusion.prediction import Parameterization, check_parameterization, prediction_target
+from ldm_scale.diffusion.schedule import NoiseSchedule, ScheduleKind, make_schedule
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-WEIGHTINGS = ("simple", "min_snr")
+class Weighting(Choice):
+    """``diffusion.weighting``: simple (unweighted MSE) | min_snr (Hang et al. 2023)."""
+
+    simple = "simple"
+    min_snr = "min_snr"
+
+
+WEIGHTINGS = tuple(Weighting.values())
 
 
 @dataclass
 class DiffusionConfig:
     """Forward process and training objective of an LDM (the ``diffusion`` slice of the config)."""
 
-    schedule: str = "scaled_linear"  # scaled_linear (LDM) | linear (DDPM) | cosine
+    schedule: ScheduleKind = "scaled_linear"  # scaled_linear (LDM) | linear (DDPM) | cosine
     num_timesteps: int = 1000
     linear_start: float = 0.00085
     linear_end: float = 0.012
-    parameterization: str = "eps"  # eps | v | x0: what the UNet predicts
-    weighting: str = "simple"  # simple (unweighted MSE) | min_snr (Hang et al. 2023)
+    parameterization: Parameterization = "eps"  # what the UNet predicts
+    weighting: Weighting = "simple"
     min_snr_gamma: float = 5.0
     offset_noise: float = 0.0  # 0 disables; ~0.1 is typical (Guttenberg 2023)
     cond_drop_prob: float = 0.1  # per-sample probability of the empty prompt / null class

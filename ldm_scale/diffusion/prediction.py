@@ -17,7 +17,18 @@ from typing import Tuple
 
 import torch
 
-PARAMETERIZATIONS = ("eps", "v", "x0")
+from ldm_scale.choices import Choice
+
+
+class Parameterization(Choice):
+    """What the denoiser predicts (``diffusion.parameterization``)."""
+
+    eps = "eps"
+    v = "v"
+    x0 = "x0"
+
+
+PARAMETERIZATIONS = tuple(Parameterization.values())
 
 
 def check_parameterization(parameterization: str) -> None:

@@ -41,36 +41,57 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from ldm_scale.choices import Choice
+
 from ldm_scale.diffusion.noise import randn_like
 from ldm_scale.diffusion.prediction import check_parameterization, x0_and_eps
 from ldm_scale.diffusion.schedule import NoiseSchedule
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
-SAMPLERS = ("ddim", "plms", "ddpm")
-SPACINGS = ("uniform", "quadratic", "trailing")
+
+
+class SamplerName(Choice):
+    """``sampler.name``: DDIM (Song et al. 2021), PLMS (Liu et al. 2022), ancestral DDPM."""
+
+    ddim = "ddim"
+    plms = "plms"
+    ddpm = "ddpm"
+
+
+class Spacing(Choice):
+    """``sampler.spacing`` of the sampling timesteps: uniform (CompVis/SD, +1 offset) | quadratic |
+    trailing (Lin et al. 2024; ends on the last training timestep)."""
+
+    uniform = "uniform"
+    quadratic = "quadratic"
+    trailing = "trailing"
+
+
+SAMPLERS = tuple(SamplerName.values())
+SPACINGS = tuple(Spacing.values())
 
 
 @dataclass
 class SamplerConfig:
     """How to sample an LDM (the ``sampler`` slice used by launch/sample.py and eval)."""
 
-    sampler: str = "ddim"  # ddim | plms | ddpm
+    name: SamplerName = "ddim"
     steps: int = 50  # ddpm: 0 or >= num_timesteps runs every training timestep
     eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 ~ DDPM posterior variance
-    spacing: str = "uniform"  # uniform (CompVis/SD) | quadratic | trailing (ddim/plms)
+    spacing: Spacing = "uniform"  # ddim/plms
     guidance_scale: float = 5.0  # 1.0 disables classifier-free guidance
 
     def validate(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
+        if self.name not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.name!r}; choose one of {SAMPLERS}")
         if self.spacing not in SPACINGS:
             raise ValueError(f"unknown spacing {self.spacing!r}; choose one of {SPACINGS}")
-        if self.sampler != "ddpm" and self.steps < 1:
-            raise ValueError(f"steps must be >= 1 for {self.sampler}, got {self.steps}")
+        if self.name != "ddpm" and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 for {self.name}, got {self.steps}")
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
-        if self.sampler == "plms" and self.eta != 0:
+        if self.name == "plms" and self.eta != 0:
             raise ValueError(f"PLMS is deterministic: eta must be 0, got {self.eta}")
 
 
@@ -367,13 +388,13 @@ def sample(
     inpaint_mask: Optional[torch.Tensor] = None,
     on_step: Optional[StepCallback] = None,
 ) -> torch.Tensor:
-    """Dispatch to the sampler ``cfg.sampler`` names (guidance is already bound into ``model_fn``)."""
+    """Dispatch to the sampler ``cfg.name`` names (guidance is already bound into ``model_fn``)."""
     cfg.validate()
     common = dict(parameterization=parameterization, generator=generator, init_latent=init_latent,
                   strength=strength, inpaint_mask=inpaint_mask, on_step=on_step)
-    if cfg.sampler == "ddim":
+    if cfg.name == "ddim":
         return ddim_sample(model_fn, x_T, schedule, steps=cfg.steps, eta=cfg.eta, spacing=cfg.spacing, **common)
-    if cfg.sampler == "plms":
+    if cfg.name == "plms":
         return plms_sample(model_fn, x_T, schedule, steps=cfg.steps, spacing=cfg.spacing, **common)
     return ddpm_sample(model_fn, x_T, schedule, steps=cfg.steps or None, **common)
 
@@ -381,7 +402,7 @@ def sample(
 def num_sampling_steps(cfg: SamplerConfig, schedule: NoiseSchedule, strength: float = 1.0) -> int:
     """Steps (``on_step`` calls) ``sample`` will run: the progress-bar unit. Denoiser calls are the
     same, plus one for PLMS (and each call is one 2B forward under guidance)."""
-    if cfg.sampler == "ddpm":
+    if cfg.name == "ddpm":
         plan = ddpm_plan(schedule, cfg.steps or None)
     else:
         plan = ddim_plan(schedule, cfg.steps, cfg.spacing)

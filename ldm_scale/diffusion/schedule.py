@@ -21,7 +21,17 @@ from dataclasses import dataclass, fields
 
 import torch
 
-SCHEDULE_KINDS = ("scaled_linear", "linear", "cosine")
+from ldm_scale.choices import Choice
+
+class ScheduleKind(Choice):
+    """The beta schedule (``diffusion.schedule``)."""
+
+    scaled_linear = "scaled_linear"
+    linear = "linear"
+    cosine = "cosine"
+
+
+SCHEDULE_KINDS = tuple(ScheduleKind.values())
 
 
 @dataclass(frozen=True)

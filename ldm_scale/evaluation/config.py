@@ -1,17 +1,21 @@
-"""Typed configs of the evaluation CLIs (``eval/fid.py``, ``data_tools/reference_stats.py``).
+"""Typed configs of the evaluation commands (``eval/fid.py``, ``data_tools/reference_stats.py``).
 
-OmegaConf structured configs: ``key=value`` arguments are merged onto these by
-``ldm_scale.evaluation.cli.compose_config``, so a misspelt key or a wrong type fails before any work
-starts.
+The schemas of ``conf/commands/fid.yaml`` and ``conf/commands/reference_stats.yaml``, composed by
+``ldm_scale.cli.compose_command`` with the shared groups ``sampler/``, ``extractor/``, ``metrics/``
+and ``preset/``, so a misspelt key, a wrong type or a bad choice fails before any work starts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import List, Optional
 
+from ldm_scale.cli import compose_command
 from ldm_scale.config import LoggerConfig
-from ldm_scale.evaluation.cli import Preset, compose_config
+from ldm_scale.data.config import Conditioning
+from ldm_scale.diffusion import SamplerConfig
 from ldm_scale.evaluation.inception import FID_WEIGHTS_SHA256
+from ldm_scale.evaluation.preprocess import Resize
+from ldm_scale.sampling.checkpoints import CheckpointSource
 from ldm_scale.storage import StorageConfig
 
 
@@ -28,7 +32,7 @@ class ExtractorConfig:
     weights: Optional[str] = None  # path or URL of pt_inception-2015-12-05-6726825d.pth
     sha256: str = FID_WEIGHTS_SHA256
     allow_download: bool = True  # "inception" only; "auto" never downloads
-    resize: str = "pil_bicubic"  # pil_bicubic | tf_bilinear | torch_bilinear (see preprocess.py)
+    resize: Resize = "pil_bicubic"  # see preprocess.py
     seed: int = 0  # random-weight extractors
     input_size: Optional[int] = None  # random-inception only: a smaller input for CPU smoke runs
     batch_size: int = 50
@@ -51,12 +55,13 @@ class MetricsConfig:
 
 
 @dataclass
-class FIDEvalConfig:
-    """``python eval/fid.py ckpt=... ref=... n_samples=50000 ddim_steps=200 ddim_eta=0 scale=1.5``."""
+class FIDEvalConfig(CheckpointSource):
+    """``python eval/fid.py ckpt=... ref=... n_samples=50000 sampler.steps=200 sampler.guidance_scale=1.5``.
 
-    preset: Optional[str] = None  # "quickstart": defaults for launch/quickstart.py's outputs (see PRESETS)
-    quickstart_dir: str = "quickstart"  # launch/quickstart.py --workdir
-    ckpt: Optional[str] = None  # exported checkpoint (path or URL) or a training checkpoint directory
+    The checkpoint block (``ckpt``, ``use_ema``, ``precision``, ...) is the one ``launch/sample.py``
+    has; ``sampler`` is the training run's ``eval.sampler`` (``conf/commands/sampler/``)."""
+
+    quickstart_dir: str = "quickstart"  # launch/quickstart.py --workdir (preset=quickstart)
     ref: Optional[str] = None  # reference .npz (ours or ADM's) or shard URLs to compute it from
     ref_n_samples: int = 50000  # when `ref` is shards: images in mu/sigma (at most: all if the set is smaller)
     ref_keep_images: int = 10000  # when `ref` is shards: images kept in arr_0 (precision/recall)
@@ -66,17 +71,8 @@ class FIDEvalConfig:
     out: Optional[str] = None  # run directory for samples, features, result JSON (default ./eval_runs/<tag>)
     n_samples: int = 50000
     batch_size: int = 16  # samples per chunk (one sampler call)
-    sampler: str = "ddim"  # ddim | plms | ddpm
-    ddim_steps: int = 200
-    ddim_eta: float = 0.0
-    spacing: str = "uniform"  # uniform (CompVis/SD) | quadratic | trailing: as training's eval.sampler.spacing
-    scale: float = 1.0  # classifier-free guidance scale (1 = off)
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=200, guidance_scale=1.0))
     seed: int = 0
-    use_ema: bool = True
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the networks; the sampler state stays fp32)
-    flavour: Optional[str] = None  # CompVis-layout checkpoints only: the registered flavour
-    trust_checkpoint: bool = False  # allow arbitrary pickles (CompVis Lightning .ckpt)
-    device: Optional[str] = None  # default: this rank's CUDA device, else CPU
     write_adm_npz: bool = False  # also write samples as one ADM-style arr_0 .npz
     keep_samples: bool = True
     extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
@@ -84,6 +80,12 @@ class FIDEvalConfig:
     # W&B on rank 0 (ldm_scale.logging); "auto" is offline unless an API key is configured.
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(project="ldm_scale", tags=["eval"]))
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def check(self) -> None:
+        """What the settings alone decide, before the Inception weights or the checkpoint are read."""
+        self.sampler.validate()
+        if self.n_samples < 1 or self.batch_size < 1:
+            raise ValueError(f"n_samples and batch_size must be >= 1, got {self.n_samples} and {self.batch_size}")
 
 
 @dataclass
@@ -95,7 +97,7 @@ class ReferenceStatsConfig:
     n_samples: int = 50000  # at most; N (file name, meta) is what went in: min(n_samples, set size) less dropped
     keep_images: int = 10000
     resolution: int = 256
-    conditioning: str = "text"  # text | class | none: which labels to keep for conditioning generation
+    conditioning: Conditioning = "text"  # type: ignore[valid-type]  # labels kept for generation
     batch_size: int = 50
     num_workers: int = 2
     seed: int = 0
@@ -108,21 +110,12 @@ class ReferenceStatsConfig:
             raise ValueError("data= is required: shard URLs, e.g. data='s3://bucket/set/{00000..00099}.tar'")
 
 
-def _quickstart_preset(cfg: "FIDEvalConfig") -> List[str]:
-    """The outputs of ``launch/quickstart.py`` (tiny text LDM on the synthetic shapes) in
-    ``cfg.quickstart_dir``, evaluated offline in minutes on 2 CPU cores: few samples, and without the
-    real Inception weights the random-weight Inception at 96 px (``auto`` uses the real one when its
-    weights are present)."""
-    workdir = cfg.quickstart_dir
-    return [f"ckpt={workdir}/runs/checkpoints/quickstart-ldm/export.pt", f"ref={workdir}/data/synthetic/*.tar",
-            "ref_n_samples=4096", "ref_keep_images=4096", "n_samples=512", "batch_size=32", "ddim_steps=25",
-            "scale=3.0", "extractor.input_size=96", "extractor.batch_size=32", "metrics.pr_batch_size=4096"]
-
-
-PRESETS: Dict[str, Preset] = {"quickstart": _quickstart_preset}
-
-
 def compose_fid_config(overrides: List[str]) -> FIDEvalConfig:
-    """``key=value`` overrides on the schema; ``preset=<name>`` first applies that preset's values
-    (explicit overrides still win). Unknown keys and wrong types raise ``ValueError``."""
-    return compose_config(FIDEvalConfig, overrides, presets=PRESETS)
+    """``conf/commands/fid.yaml`` with Hydra ``overrides`` (``preset=quickstart`` selects ``conf/commands/preset/``;
+    explicit overrides still win). A bad key, type or choice raises ``ValueError``."""
+    return compose_command("fid", FIDEvalConfig, overrides)
+
+
+def compose_reference_stats_config(overrides: List[str]) -> ReferenceStatsConfig:
+    """``conf/commands/reference_stats.yaml`` with Hydra ``overrides``."""
+    return compose_command("reference_stats", ReferenceStatsConfig, overrides)

@@ -268,9 +268,7 @@ def run_fid_eval(cfg: FIDEvalConfig, model_sampler=None) -> Optional[Dict[str, A
     conditions = resolve_conditions(cfg, ref, ms.condition_kind)
     # 5. samples (the run directory is a function of the settings, so re-running resumes)
     settings = {"checkpoint": storage.redact(cfg.ckpt), "checkpoint_step": ms.checkpoint_info.get("step"),
-                "use_ema": cfg.use_ema, "sampler": cfg.sampler, "steps": cfg.ddim_steps, "eta": cfg.ddim_eta,
-                "spacing": cfg.spacing,
-                "guidance_scale": cfg.scale, "seed": cfg.seed, "n_samples": cfg.n_samples,
+                "use_ema": cfg.use_ema, "sampler": asdict(cfg.sampler), "seed": cfg.seed, "n_samples": cfg.n_samples,
                 "chunk_size": cfg.batch_size, "prompts": cfg.prompts,
                 "conditions_hash": settings_hash({"c": [str(c) for c in (conditions or [])]})}
     tag = settings_hash(settings)
@@ -309,8 +307,7 @@ def run_fid_eval(cfg: FIDEvalConfig, model_sampler=None) -> Optional[Dict[str, A
         "extractor": extractor.describe(),
         "comparable_to_published": extractor.comparable_to_published,
         "reference": {"url": storage.redact(ref_url), "meta": ref.meta},
-        "sampler": {"sampler": cfg.sampler, "steps": cfg.ddim_steps, "eta": cfg.ddim_eta, "spacing": cfg.spacing,
-                    "guidance_scale": cfg.scale, "seed": cfg.seed, "chunk_size": cfg.batch_size,
+        "sampler": {**asdict(cfg.sampler), "seed": cfg.seed, "chunk_size": cfg.batch_size,
                     "use_ema": cfg.use_ema, "condition_kind": ms.condition_kind},
         "checkpoint": dict(ms.checkpoint_info, url=storage.redact(cfg.ckpt)),
         "generation": {"per_rank": throughput, "world_size": info.world_size},

@@ -33,25 +33,20 @@ def config_hash(config: Any) -> str:
 
 def load_model_sampler(cfg, device: torch.device) -> ModelSampler:
     """Build the sampler of ``cfg.ckpt`` (an ``FIDEvalConfig``) on ``device``."""
-    from ldm_scale.diffusion import SamplerConfig
-    from ldm_scale.sampling import PRECISIONS, condition_kind, generate, load_checkpoint
+    from ldm_scale.sampling import condition_kind, generate
 
     if not cfg.ckpt:
         raise ValueError("ckpt= is required: an exported checkpoint (path or URL) written by the training run")
     if storage.exists(storage.join(cfg.ckpt, "client_state.json")):
         raise ValueError(f"{storage.redact(cfg.ckpt)} is a training checkpoint directory; export it first "
                          "(ldm_scale/train/export.py) and evaluate the export")
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision={cfg.precision!r}: choose one of {sorted(PRECISIONS)}")
     # One read of the file (a remote one is downloaded once): weights, training config, EMA coverage.
-    loaded = load_checkpoint(cfg.ckpt, use_ema=cfg.use_ema, flavour=cfg.flavour, device=device,
-                             trust=cfg.trust_checkpoint)
+    loaded = cfg.load(device)
     spec = loaded.spec
     kind = condition_kind(spec)
     if kind not in ("text", "class", "none"):
         raise ValueError(f"{spec.name} is a {kind!r}-conditioned model (inpainting): there is no FID protocol for it here")
-    sampler_cfg = SamplerConfig(sampler=cfg.sampler, steps=cfg.ddim_steps, eta=cfg.ddim_eta, spacing=cfg.spacing,
-                                guidance_scale=cfg.scale)
+    sampler_cfg = cfg.sampler
     sampler_cfg.validate()
 
     def sample_batch(x_T: torch.Tensor, raw: Any, generator) -> torch.Tensor:  # PerSampleGenerators

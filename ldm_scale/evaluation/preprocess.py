@@ -22,9 +22,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldm_scale.choices import Choice
 from ldm_scale.images import quantize_to_uint8  # noqa: F401 - the one quantiser, re-exported
 
-RESIZE_MODES: Tuple[str, ...] = ("pil_bicubic", "tf_bilinear", "torch_bilinear")
+class Resize(Choice):
+    """``extractor.resize``: the three rules of the module docstring."""
+
+    pil_bicubic = "pil_bicubic"
+    tf_bilinear = "tf_bilinear"
+    torch_bilinear = "torch_bilinear"
+
+
+RESIZE_MODES: Tuple[str, ...] = tuple(Resize.values())
 
 
 def nhwc_uint8(images: torch.Tensor) -> np.ndarray:

@@ -28,7 +28,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -336,3 +336,10 @@ def run_recon_eval(cfg: ReconEvalConfig) -> Optional[Dict[str, Any]]:
     if cfg.out:
         storage.write_text(cfg.out, json.dumps(record, indent=1) + "\n")
     return record
+
+
+def compose_recon_config(overrides: List[str]) -> ReconEvalConfig:
+    """``conf/commands/recon.yaml`` with Hydra ``overrides``; a bad key, type or choice raises ``ValueError``."""
+    from ldm_scale.cli import compose_command
+
+    return compose_command("recon", ReconEvalConfig, overrides)

@@ -28,8 +28,24 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from ldm_scale.choices import Choice
+
 from .discriminator import D_LOSSES, DiscriminatorConfig, generator_adversarial_loss
 from .perceptual import PerceptualConfig
+
+
+class NllReduction(Choice):
+    """``nll_reduction``: summed over pixels and averaged over the batch (KL) | averaged over all (VQ)."""
+
+    sum = "sum"
+    mean = "mean"
+
+
+class DiscLoss(Choice):
+    """``disc_loss``: the discriminator's loss (``losses/discriminator.py``'s D_LOSSES)."""
+
+    hinge = "hinge"
+    vanilla = "vanilla"
 
 
 @dataclass
@@ -40,7 +56,7 @@ class AutoencoderLossConfig:
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     pixel_weight: float = 1.0
     perceptual_weight: float = 1.0
-    nll_reduction: str = "sum"  # sum: over pixels, mean over batch (KL) | mean: over all (VQ)
+    nll_reduction: NllReduction = "sum"
     learn_logvar: bool = True
     logvar_init: float = 0.0
     kl_weight: float = 1.0e-6
@@ -48,7 +64,7 @@ class AutoencoderLossConfig:
     disc_start: int = 50001  # first optimizer step (0-based) whose losses include the GAN terms
     disc_weight: float = 0.5
     disc_factor: float = 1.0
-    disc_loss: str = "hinge"  # hinge | vanilla
+    disc_loss: DiscLoss = "hinge"
     adaptive_weight_max: float = 1.0e4
     # The discriminator's learning rate relative to the generator's (1.0 in the paper).
     disc_lr_ratio: float = 1.0

@@ -13,6 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_scale.choices import Choice
+
+
+class DiscriminatorNorm(Choice):
+    batch = "batch"
+    none = "none"
+
 
 @dataclass
 class DiscriminatorConfig:
@@ -21,7 +28,7 @@ class DiscriminatorConfig:
     in_channels: int = 3
     num_layers: int = 3
     base_channels: int = 64
-    norm: str = "batch"  # batch | none
+    norm: DiscriminatorNorm = "batch"
 
 
 class BatchNormFP32(nn.BatchNorm2d):

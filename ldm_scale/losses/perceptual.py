@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ldm_scale.choices import Choice
+
 log = logging.getLogger(__name__)
 
 # torchvision's ImageNet weight files, as named in the torch hub cache.
@@ -33,11 +35,18 @@ TORCHVISION_WEIGHT_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7b
 RANDOM_TRUNK_SEED = 0
 
 
+class PerceptualNet(Choice):
+    """The LPIPS trunk (the paper's autoencoders use VGG16)."""
+
+    vgg = "vgg"
+    alex = "alex"
+
+
 @dataclass
 class PerceptualConfig:
     """Which LPIPS network to build and where its trunk weights come from."""
 
-    net: str = "vgg"  # vgg | alex (the paper's autoencoders use VGG16)
+    net: PerceptualNet = "vgg"
     backbone_weights: str = "torchvision"  # torchvision | random | <path or URL>
     # LPIPS's linear heads; with False they are random too (a baseline, not the LPIPS metric).
     calibrated_heads: bool = True

@@ -12,9 +12,9 @@ from typing import Any, Dict, Iterator, Optional
 import torch
 from torch import nn
 
-from .unet import UNetModel
+from ldm_scale.diffusion.prediction import PARAMETERIZATIONS
 
-PARAMETERIZATIONS = ("eps", "v", "x0")
+from .unet import UNetModel
 
 
 class LatentDiffusion(nn.Module):

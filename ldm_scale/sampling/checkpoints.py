@@ -11,9 +11,27 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ldm_scale import storage
+from ldm_scale import dist, storage
 from ldm_scale.diffusion import NoiseSchedule, SamplerConfig, make_schedule
 from ldm_scale.formats import AUTOENCODER_FORMAT, LDM_FORMAT
+from ldm_scale.train.precision import Precision
+
+
+@dataclass
+class CheckpointSource:
+    """Which exported LDM a command samples, and how: the block ``launch/sample.py`` and
+    ``eval/fid.py`` share (``ckpt=... use_ema=false precision=bf16``)."""
+
+    ckpt: Optional[str] = None  # required: an exported checkpoint, path or URL (s3://, gs://, https://)
+    use_ema: bool = True  # the EMA UNet weights (false: the raw trained weights)
+    precision: Precision = "fp32"  # autocast of the networks; the sampler state stays fp32
+    flavour: Optional[str] = None  # CompVis-layout .ckpt files only (no stored model config): the flavour
+    trust_checkpoint: bool = False  # allow arbitrary pickles (CompVis Lightning .ckpt)
+    device: Optional[str] = None  # cpu | cuda | cuda:N; default: this rank's CUDA device, else CPU
+
+    def load(self, device: torch.device) -> "LoadedModel":
+        return load_checkpoint(self.ckpt, use_ema=self.use_ema, flavour=self.flavour, device=device,
+                               trust=self.trust_checkpoint)
 
 
 @dataclass
@@ -52,6 +70,9 @@ class LoadedModel:
         stored = ((self.config or {}).get("eval") or {}).get("sampler")
         if not isinstance(stored, dict):
             return None
+        stored = dict(stored)
+        if "sampler" in stored:  # exports written before the field was renamed to `name`
+            stored.setdefault("name", stored.pop("sampler"))
         known = {f.name for f in fields(SamplerConfig)}
         return SamplerConfig(**{k: v for k, v in stored.items() if k in known})
 
@@ -61,9 +82,10 @@ class LoadedModel:
         return self.spec.first_stage.downsample_factor * 2 ** (len(self.spec.unet.channel_mult) - 1)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``device=`` (None or ``auto``: this rank's CUDA device when CUDA is there, else the CPU)."""
+    if name is None or name == "auto":
+        return dist.default_device()
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name} requested but CUDA is not available: use device=cpu or device=auto")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -12,42 +12,41 @@ from ldm_scale import storage
 from ldm_scale.diffusion import SamplerConfig, num_sampling_steps
 from ldm_scale.diffusion.noise import PerSampleGenerators, initial_noise
 from ldm_scale.images import image_grid, load_image, save_png, to_uint8_hwc
-from ldm_scale.sampling.checkpoints import load_checkpoint, resolve_device
-from ldm_scale.sampling.generate import (PRECISIONS, check_size, condition_kind, generate, prepare_inpainting,
+from ldm_scale.sampling.checkpoints import CheckpointSource, resolve_device
+from ldm_scale.sampling.generate import (check_size, condition_kind, generate, prepare_inpainting,
                                          raw_conditions)
 
 
 @dataclass
-class SampleConfig:
-    """Options of ``launch/sample.py`` (``key=value`` on the command line, names as CompVis' scripts)."""
+class SampleConfig(CheckpointSource):
+    """``launch/sample.py`` (``conf/commands/sample.yaml``): the checkpoint block, the prompts, the sampler."""
 
-    ckpt: Optional[str] = None  # required: exported checkpoint: local path or URL (s3://, gs://, https://)
     prompt: Optional[str] = None  # text models: the prompt; class models: a class index
     from_file: Optional[str] = None  # one prompt (or class index) per line, batched by n_samples
     n_samples: int = 4  # batch size = columns of the grid
     n_iter: int = 1  # batches per prompt = rows of the grid
-    scale: float = 5.0  # classifier-free guidance scale (1 = no guidance)
-    sampler: str = "ddim"  # ddim | plms | ddpm
-    ddim_steps: int = 50  # sampling steps (ddpm: 0 = all training timesteps)
-    ddim_eta: float = 0.0
-    spacing: str = "uniform"  # uniform (CompVis, +1 offset) | quadratic | trailing
+    # The sampler (conf/commands/sampler/: sampler=plms); guidance_scale 1 = no guidance.
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     H: Optional[int] = None  # image height; default: the flavour's training size
     W: Optional[int] = None
     seed: int = 42
     init_image: Optional[str] = None  # img2img / inpainting source image
     strength: float = 0.8  # img2img: fraction of the steps run from the noised init image (not with mask=)
     mask: Optional[str] = None  # inpainting mask image: white = repaint, black = keep
-    use_ema: bool = True  # sample with the EMA UNet weights (use_ema=false: the raw weights)
-    flavour: Optional[str] = None  # required for CompVis-layout .ckpt files (no stored model config)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for the networks; sampler state stays fp32)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
     outdir: str = "outputs"
-    trust_checkpoint: bool = False  # allow arbitrary pickles in the checkpoint (CompVis Lightning .ckpt)
     progress: bool = True  # tqdm progress bar
 
-    def sampler_config(self) -> SamplerConfig:
-        return SamplerConfig(sampler=self.sampler, steps=self.ddim_steps, eta=self.ddim_eta,
-                             spacing=self.spacing, guidance_scale=self.scale)
+    def check(self) -> None:
+        """Everything the settings alone decide, before the checkpoint is read."""
+        if not self.ckpt:
+            raise ValueError("ckpt= is required: the path or URL of an exported checkpoint")
+        if self.n_samples < 1 or self.n_iter < 1:
+            raise ValueError(f"n_samples and n_iter must be >= 1, got {self.n_samples} and {self.n_iter}")
+        if self.mask is not None and self.init_image is None:
+            raise ValueError("mask= needs init_image= (the image to inpaint)")
+        if self.init_image is not None and self.mask is None and not 0.0 < self.strength < 1.0:
+            raise ValueError(f"img2img strength must be in (0, 1), got {self.strength}")
+        self.sampler.validate()
 
 
 def read_prompts(cfg: SampleConfig, spec: Any) -> List[List[str]]:
@@ -65,17 +64,8 @@ def read_prompts(cfg: SampleConfig, spec: Any) -> List[List[str]]:
 
 
 def validate(cfg: SampleConfig) -> None:
-    if not cfg.ckpt:
-        raise ValueError("ckpt= is required: the path or URL of an exported checkpoint")
-    if cfg.n_samples < 1 or cfg.n_iter < 1:
-        raise ValueError(f"n_samples and n_iter must be >= 1, got {cfg.n_samples} and {cfg.n_iter}")
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision={cfg.precision!r}: choose one of {sorted(PRECISIONS)}")
-    if cfg.mask is not None and cfg.init_image is None:
-        raise ValueError("mask= needs init_image= (the image to inpaint)")
-    if cfg.init_image is not None and cfg.mask is None and not 0.0 < cfg.strength < 1.0:
-        raise ValueError(f"img2img strength must be in (0, 1), got {cfg.strength}")
-    cfg.sampler_config().validate()
+    """:meth:`SampleConfig.check` (composition runs it; a config built in code is checked here)."""
+    cfg.check()
 
 
 def run(cfg: SampleConfig) -> Dict[str, Any]:
@@ -84,13 +74,11 @@ def run(cfg: SampleConfig) -> Dict[str, Any]:
     Returns a summary (also written as ``<outdir>/samples.json``).
     """
     validate(cfg)
-    device = resolve_device(cfg.device)
-    loaded = load_checkpoint(cfg.ckpt, use_ema=cfg.use_ema, flavour=cfg.flavour, device=device,
-                             trust=cfg.trust_checkpoint)
+    loaded = cfg.load(resolve_device(cfg.device))
     height = cfg.H or loaded.spec.image_size
     width = cfg.W or loaded.spec.image_size
     check_size(loaded, height, width)
-    sampler_cfg = cfg.sampler_config()
+    sampler_cfg = cfg.sampler
     batches = read_prompts(cfg, loaded.spec)
     f = loaded.spec.first_stage.downsample_factor
     latent_shape = (loaded.spec.first_stage.latent_channels, height // f, width // f)

@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import logging
 import types
-from enum import Enum
 from typing import Any, Dict, List, Tuple, Type
 
 import torch
 from torch import nn
 
+from ldm_scale.choices import Choice
 from ldm_scale.models.conditioners import TransformerBlock, TransformerEmbedder
 from ldm_scale.models.encoder_decoder import AttnBlock, Decoder, Encoder, ResnetBlock
 from ldm_scale.models.unet import TimestepEmbedSequential, UNetModel
@@ -53,7 +53,7 @@ from ldm_scale.models.unet import TimestepEmbedSequential, UNetModel
 log = logging.getLogger(__name__)
 
 
-class CompileMode(str, Enum):
+class CompileMode(Choice):
     """``train.compile``. Member names are the config strings (OmegaConf matches enum names)."""
 
     off = "off"

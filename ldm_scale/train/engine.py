@@ -29,14 +29,35 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ldm_scale.choices import Choice
 from ldm_scale.train import compile as compile_lib
 from ldm_scale.train import ds_ops
 from ldm_scale.train import precision as precision_policy
+from ldm_scale.train.precision import FrozenPrecision, Precision
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = tuple(precision_policy.DTYPES)
-LR_SCHEDULES = ("constant", "cosine", "linear")
+PRECISIONS = tuple(Precision.values())
+
+
+class LRSchedule(Choice):
+    """``optim.schedule``: the decay after the linear warmup."""
+
+    constant = "constant"
+    cosine = "cosine"
+    linear = "linear"
+
+
+class AdamWImplementation(Choice):
+    """``optim.implementation``: which torch AdamW kernel (``auto``: fused, see :func:`adamw_kernel`)."""
+
+    auto = "auto"
+    fused = "fused"
+    foreach = "foreach"
+    for_loop = "for_loop"
+
+
+LR_SCHEDULES = tuple(LRSchedule.values())
 
 
 @dataclass
@@ -63,7 +84,7 @@ class ZeroConfig:
 @dataclass
 class DeepSpeedConfig:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
-    precision: str = "bf16"  # fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)
+    precision: Precision = "bf16"  # fp16 uses dynamic loss scaling
     # Always explicit: DeepSpeed's own default changed from off to 1.0 in 0.19.3.
     gradient_clipping: float = 1.0
     fp16_initial_scale_power: int = 16
@@ -74,7 +95,7 @@ class DeepSpeedConfig:
     communication_data_type: Optional[str] = None
     # Dtype of a frozen text encoder: auto = the run's half precision on CUDA, fp32 on CPU
     # (train/precision.py, which also says why the first stage stays fp32); or fp32 | bf16 | fp16.
-    frozen_precision: str = "auto"
+    frozen_precision: FrozenPrecision = "auto"
     # CUDA only: TF32 tensor cores for the fp32 matmuls and convolutions that remain (frozen parts,
     # fp32 runs). ~8x the fp32 matmul rate on A100/H100 at 10-bit mantissa inputs; ignored on CPU.
     tf32: bool = True
@@ -93,12 +114,12 @@ class OptimConfig:
     lr_reference_batch: int = 1
     # torch AdamW kernel: auto = fused (one kernel over all parameters; torch has CUDA and CPU
     # kernels), or fused | foreach | for_loop. Offloaded optimizers use DeepSpeedCPUAdam.
-    implementation: str = "auto"
+    implementation: AdamWImplementation = "auto"
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1.0e-8
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    schedule: str = "constant"
+    schedule: LRSchedule = "constant"
     min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of the peak lr
     decay_steps: Optional[int] = None  # steps over which the decay runs; None = train.max_steps
 

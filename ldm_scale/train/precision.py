@@ -40,8 +40,28 @@ from typing import Optional
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FROZEN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from ldm_scale.choices import Choice
+
+
+class Precision(Choice):
+    """``deepspeed.precision`` (and the sampling/eval ``precision``): the table above."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class FrozenPrecision(Choice):
+    """``deepspeed.frozen_precision``: ``auto`` (the table above) or a fixed dtype."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
+FROZEN_PRECISIONS = tuple(FrozenPrecision.values())
 
 
 def autocast_dtype(precision: str) -> Optional[torch.dtype]:

@@ -28,7 +28,7 @@ from ldm_scale.train.tasks import build_task
 
 PROMPTS = ["a red circle", "a blue square on green", "two white triangles", "a yellow star"]
 SEED = 5
-SAMPLER = SamplerConfig(sampler="ddim", steps=3, eta=1.0, guidance_scale=3.0)
+SAMPLER = SamplerConfig(name="ddim", steps=3, eta=1.0, guidance_scale=3.0)
 
 
 def main() -> int:
@@ -58,13 +58,12 @@ def main() -> int:
     prompts_file = out / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
     summary = run(SampleConfig(ckpt=export, from_file=str(prompts_file), n_samples=4, seed=SEED, use_ema=False,
-                               sampler="ddim", ddim_steps=3, ddim_eta=1.0, scale=3.0, outdir=str(out / "sample_cli"),
+                               sampler=SAMPLER, outdir=str(out / "sample_cli"),
                                progress=False))
     routes["sample_cli_png"] = torch.stack([
         torch.from_numpy(np.asarray(Image.open(s["path"]))).permute(2, 0, 1) for s in summary["samples"]])
     for chunk in (2, 3):
-        fid = FIDEvalConfig(ckpt=export, n_samples=4, batch_size=chunk, sampler="ddim", ddim_steps=3, ddim_eta=1.0,
-                            scale=3.0, seed=SEED, use_ema=False)
+        fid = FIDEvalConfig(ckpt=export, n_samples=4, batch_size=chunk, sampler=SAMPLER, seed=SEED, use_ema=False)
         sampler = load_model_sampler(fid, torch.device("cpu"))
         url = str(out / f"fid_chunk{chunk}")
         generate_samples(sampler.sample_batch, samples_url=url, n_samples=4, chunk_size=chunk, seed=SEED,

@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
 def fid_args(root, out, ref):
     """The quickstart preset (model and data paths) scaled down, plus every optional metric."""
     return ["preset=quickstart", f"quickstart_dir={root}", f"ref={ref}", f"out={root / out}", "n_samples=12",
-            "batch_size=4", "ddim_steps=2", "scale=2.0", "metrics.kid=true", "metrics.kid_subset_size=8",
+            "batch_size=4", "sampler.steps=2", "sampler.guidance_scale=2.0", "metrics.kid=true", "metrics.kid_subset_size=8",
             "metrics.sfid=true", "metrics.pr_batch_size=5", *EXTRACTOR]
 
 
@@ -64,7 +64,7 @@ def test_single_process_record(single_run, setup):
     assert record["checkpoint"]["url"].endswith("runs/checkpoints/quickstart-ldm/export.pt")
     assert record["checkpoint"]["step"] == 5 and record["checkpoint"]["weights"] == "ema"
     assert len(record["checkpoint"]["config_hash"]) == 12
-    assert record["sampler"] == {"sampler": "ddim", "steps": 2, "eta": 0.0, "spacing": "uniform", "guidance_scale": 2.0, "seed": 0,
+    assert record["sampler"] == {"name": "ddim", "steps": 2, "eta": 0.0, "spacing": "uniform", "guidance_scale": 2.0, "seed": 0,
                                  "chunk_size": 4, "use_ema": True, "condition_kind": "text"}
     assert record["generation"]["per_rank"][0]["images_made"] == 12
     assert record["generation"]["per_rank"][0]["images_per_second"] > 0

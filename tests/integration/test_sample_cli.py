@@ -71,7 +71,7 @@ def test_text_to_image_subprocess(ckpts, tmp_path):
     prompts.write_text("a red circle\na blue square\na green triangle\n")
     # W=48 is beyond the training size 32: convolutional sampling at a new aspect ratio.
     res = run_python([SCRIPT, f"ckpt={ckpts['text']}", f"from_file={prompts}", "n_samples=2", "n_iter=2",
-                      "scale=3.0", "ddim_steps=2", "H=32", "W=48", "seed=5", f"outdir={out}"], timeout=300).check()
+                      "sampler.guidance_scale=3.0", "sampler.steps=2", "H=32", "W=48", "seed=5", f"outdir={out}"], timeout=300).check()
     assert "sampling" in res.stderr  # the tqdm bar
     files = pngs(out)
     assert len(files) == 6  # 2 iterations x (2 + 1 prompts)
@@ -87,14 +87,14 @@ def test_checkpoint_from_s3(ckpts, cli, s3_server, tmp_path):
     url = s3_server.url("exports/tiny_cin.pt")
     storage.put_file(ckpts["cin"], url)
     out = tmp_path / "out"
-    assert cli([f"ckpt={url}", "prompt=3", "n_samples=3", "n_iter=1", "sampler=plms", "ddim_steps=2",
+    assert cli([f"ckpt={url}", "prompt=3", "n_samples=3", "n_iter=1", "sampler=plms", "sampler.steps=2",
                 "precision=bf16", f"outdir={out}", "progress=false"]) == 0
     assert len(pngs(out)) == 3
     assert Image.open(out / "grid-0000.png").size[::-1] == grid_size(1, 3, 32, 32)
 
 
 def test_seeded_runs_repeat_and_ema_matters(ckpts, cli, tmp_path):
-    common = [f"ckpt={ckpts['cin']}", "prompt=1", "n_samples=2", "ddim_steps=2", "progress=false"]
+    common = [f"ckpt={ckpts['cin']}", "prompt=1", "n_samples=2", "sampler.steps=2", "progress=false"]
     for outdir, extra in (("a", []), ("a", []), ("raw", ["use_ema=false"])):
         assert cli(common + [f"outdir={tmp_path / outdir}"] + extra) == 0
     # the second run into the same directory continues the numbering (and the grid count)
@@ -119,7 +119,7 @@ def test_inpainting_keeps_unmasked_pixels(ckpts, cli, tmp_path, which):
     init = _write_images(tmp_path)
     out = tmp_path / "out"
     args = [f"ckpt={ckpts[which]}", f"init_image={tmp_path / 'init.png'}", f"mask={tmp_path / 'mask.png'}",
-            "n_samples=2", "ddim_steps=3", f"outdir={out}", "progress=false"]
+            "n_samples=2", "sampler.steps=3", f"outdir={out}", "progress=false"]
     assert cli(args + (["prompt=2"] if which == "cin" else [])) == 0
     for f in pngs(out):
         result = torch.from_numpy(__import__("numpy").array(Image.open(f)))
@@ -133,7 +133,7 @@ def test_img2img_strength(ckpts, cli, tmp_path):
     for strength in (0.2, 0.9):
         out = tmp_path / f"s{strength}"
         assert cli([f"ckpt={ckpts['cin']}", "prompt=0", f"init_image={tmp_path / 'init.png'}",
-                    f"strength={strength}", "n_samples=1", "ddim_steps=10", f"outdir={out}", "progress=false"]) == 0
+                    f"strength={strength}", "n_samples=1", "sampler.steps=10", f"outdir={out}", "progress=false"]) == 0
         result = torch.from_numpy(__import__("numpy").array(Image.open(pngs(out)[0]))).float()
         diffs[strength] = (result - init.float()).abs().mean().item()
     assert diffs[0.2] < diffs[0.9]
@@ -150,17 +150,17 @@ def test_clear_errors(ckpts, cli, tmp_path, capsys):
         ([f"ckpt={ckpts['inpaint']}"], "pass init_image= and mask="),
         ([f"ckpt={ae}", "prompt=1"], "autoencoder export"),
         ([f"ckpt={ckpts['cin']}", "steps=3"], "valid keys"),
-        ([f"ckpt={ckpts['cin']}", "sampler=plms", "ddim_eta=0.5"], "eta must be 0"),
+        ([f"ckpt={ckpts['cin']}", "sampler=plms", "sampler.eta=0.5"], "eta must be 0"),
         (["prompt=1"], "ckpt= is required"),
     ]
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     cases.append(([f"ckpt={tmp_path / 'junk.pt'}"], "not a readable torch checkpoint"))
     for argv, message in cases:
-        assert cli(argv + ["ddim_steps=1", "progress=false", f"outdir={tmp_path / 'o'}"]) == 2, argv
+        assert cli(argv + ["sampler.steps=1", "progress=false", f"outdir={tmp_path / 'o'}"]) == 2, argv
         err = capsys.readouterr().err
         assert message in err, (argv, err)
         assert "Traceback" not in err
-    assert cli(["--help"]) == 0 and "ddim_steps=50" in capsys.readouterr().out
+    assert cli(["--help"]) == 0 and "sampler.steps=50" in capsys.readouterr().out
     res = run_python([SCRIPT, f"ckpt={tmp_path / 'missing.pt'}"], timeout=120)
     assert res.returncode == 2 and "checkpoint not found" in res.stderr
 
@@ -173,7 +173,7 @@ def test_compvis_layout_checkpoint_needs_flavour(ckpts, cli, tmp_path, capsys):
                "global_step": 11}
     path = tmp_path / "compvis.ckpt"
     torch.save(compvis, path)
-    common = ["prompt=4", "n_samples=1", "ddim_steps=2", "progress=false"]
+    common = ["prompt=4", "n_samples=1", "sampler.steps=2", "progress=false"]
     assert cli([f"ckpt={path}", f"outdir={tmp_path / 'x'}"] + common) == 2
     assert "pass flavour=" in capsys.readouterr().err
     # Same weights (EMA) through either layout give the same image.
@@ -201,7 +201,7 @@ def test_generate_with_given_noise_ignores_batching(ckpts):
 
 def test_unconditional_model_needs_no_prompt(ckpts, cli, tmp_path):
     out = tmp_path / "out"
-    assert cli([f"ckpt={ckpts['uncond']}", "n_samples=2", "n_iter=2", "ddim_steps=2", "H=16", "W=32",
+    assert cli([f"ckpt={ckpts['uncond']}", "n_samples=2", "n_iter=2", "sampler.steps=2", "H=16", "W=32",
                 f"outdir={out}", "progress=false"]) == 0
     assert [Image.open(f).size for f in pngs(out)] == [(32, 16)] * 4
     assert Image.open(out / "grid-0000.png").size[::-1] == grid_size(2, 2, 16, 32)

@@ -75,7 +75,7 @@ def test_unset_required_values_are_listed_with_the_fix():
 def test_validate_reports_every_problem_with_key_and_fix():
     cfg = composed("experiment=quickstart", *URLS, "train.global_batch_size=30", "train.gradient_accumulation_steps=2",
                    "data.resolution=64", "+model.overrides.unet.context_dim=96", "deepspeed.zero.offload_param=true",
-                   "deepspeed.precision=fp8")
+                   "deepspeed.frozen_precision=bf16", "deepspeed.precision=fp32")
     with pytest.raises(C.ConfigError) as err:
         C.validate(cfg, world_size=2)
     message = str(err.value)
@@ -84,9 +84,34 @@ def test_validate_reports_every_problem_with_key_and_fix():
         "data.resolution=64 but model tiny is built for 32px images",
         "unet.context_dim=96 but the text encoder emits 64-wide tokens: set model.overrides.unet.context_dim=64",
         "deepspeed.zero.offload_param needs deepspeed.zero.stage=3",
-        "deepspeed.precision='fp8'",
+        "deepspeed.frozen_precision=bf16 needs a half-precision run",
     ]:
         assert expected in message, message
+
+
+@pytest.mark.parametrize("override, valid", [
+    ("deepspeed.precision=fp8", "[fp32, bf16, fp16]"),
+    ("optim.schedule=exponential", "[constant, cosine, linear]"),
+    ("data.mode=shuffled", "[epoch, resampled]"),
+    ("eval.sampler.name=euler", "[ddim, plms, ddpm]"),
+    ("diffusion.parameterization=flow", "[eps, v, x0]"),
+    ("logger.backend=tensorboard", "[wandb, none]"),
+    ("task=vae", "[ldm, autoencoder]"),
+])
+def test_a_bad_choice_fails_at_compose_time_with_the_valid_ones(override, valid):
+    with pytest.raises(ConfigCompositionException) as err:
+        C.compose(["experiment=quickstart", override])
+    assert valid in C.describe_composition_error(err.value)
+
+
+def test_a_bad_choice_set_in_code_is_reported_by_validate():
+    cfg = composed("experiment=quickstart", *URLS)
+    cfg.deepspeed.precision = "fp8"
+    cfg.data.crop = "left"
+    with pytest.raises(C.ConfigError) as err:
+        C.validate(cfg, world_size=2, check_files=False)
+    assert "deepspeed.precision='fp8': expected one of ['fp32', 'bf16', 'fp16']" in str(err.value)
+    assert "data.crop='left': expected one of ['center', 'random']" in str(err.value)
 
 
 def test_batch_plan_derives_accumulation_from_the_global_batch():

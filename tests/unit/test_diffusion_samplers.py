@@ -203,10 +203,10 @@ def test_sample_dispatch_and_call_counts():
 
     for name, steps, expected in (("ddim", 10, 10), ("plms", 10, 11), ("ddpm", 25, 25)):
         calls.clear()
-        cfg = SamplerConfig(sampler=name, steps=steps)
+        cfg = SamplerConfig(name=name, steps=steps)
         sample(counting, noise((8, 2)), SCHEDULE, cfg, generator=torch.Generator().manual_seed(0))
         assert len(calls) == expected == num_sampling_steps(cfg, SCHEDULE) + (name == "plms")
     with pytest.raises(ValueError, match="eta must be 0"):
-        SamplerConfig(sampler="plms", eta=0.5).validate()
+        SamplerConfig(name="plms", eta=0.5).validate()
     with pytest.raises(ValueError, match="unknown sampler"):
-        SamplerConfig(sampler="euler").validate()
+        SamplerConfig(name="euler").validate()

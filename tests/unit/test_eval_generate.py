@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from ldm_scale.diffusion import SamplerConfig
+
 from ldm_scale.evaluation.config import FIDEvalConfig
 from ldm_scale.evaluation.generate import (
     chunk_ranges,
@@ -39,7 +41,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sampler(ckpt):
-    return load_model_sampler(FIDEvalConfig(ckpt=ckpt, ddim_steps=2, ddim_eta=0.5, scale=2.0), torch.device("cpu"))
+    return load_model_sampler(FIDEvalConfig(ckpt=ckpt, sampler=SamplerConfig(steps=2, eta=0.5, guidance_scale=2.0)), torch.device("cpu"))
 
 
 def test_initial_noise_depends_only_on_seed_and_index():
@@ -58,7 +60,7 @@ def test_exported_checkpoint_sampler_uses_ema_and_guidance(sampler, ckpt):
     labels = torch.tensor([1, 2])
     out = sampler.sample_batch(x_T, labels, torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
-    raw = load_model_sampler(FIDEvalConfig(ckpt=ckpt, ddim_steps=2, ddim_eta=0.5, scale=2.0, use_ema=False),
+    raw = load_model_sampler(FIDEvalConfig(ckpt=ckpt, sampler=SamplerConfig(steps=2, eta=0.5, guidance_scale=2.0), use_ema=False),
                              torch.device("cpu"))
     assert raw.checkpoint_info["weights"] == "raw"
     assert not torch.allclose(out, raw.sample_batch(x_T, labels, torch.Generator().manual_seed(0)))
@@ -99,7 +101,7 @@ def test_checkpoint_on_object_storage_loads_once_into_the_same_sampler(ckpt, sam
 
     url = s3_server.url("exports/tiny_cin.pt")
     storage.put_file(ckpt, url)
-    remote = load_model_sampler(FIDEvalConfig(ckpt=url, ddim_steps=2, ddim_eta=0.5, scale=2.0), torch.device("cpu"))
+    remote = load_model_sampler(FIDEvalConfig(ckpt=url, sampler=SamplerConfig(steps=2, eta=0.5, guidance_scale=2.0)), torch.device("cpu"))
     assert remote.checkpoint_info == sampler.checkpoint_info
     x_T = initial_noise(sampler.latent_shape, [0], seed=0)
     torch.testing.assert_close(remote.sample_batch(x_T, torch.tensor([4]), torch.Generator().manual_seed(1)),

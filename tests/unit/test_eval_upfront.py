@@ -18,7 +18,7 @@ def test_clip_score_on_a_class_model_fails_before_sampling(tmp_path):
                 "config": {"diffusion": {"schedule": "scaled_linear"}}}, export)
     out = tmp_path / "run"
     result = run_python([str(REPO_ROOT / "eval" / "fid.py"), f"ckpt={export}", f"ref={tmp_path / 'missing_ref.npz'}",
-                         f"out={out}", "n_samples=4", "batch_size=2", "ddim_steps=1", "use_ema=false",
+                         f"out={out}", "n_samples=4", "batch_size=2", "sampler.steps=1", "use_ema=false",
                          "metrics.clip_score=true", "extractor.name=random-inception", "logger.backend=none"],
                         timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]

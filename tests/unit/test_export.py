@@ -63,7 +63,7 @@ def test_loaded_model_carries_config_coverage_and_ema_unet(text_export):
     path, ldm = text_export
     loaded = load_checkpoint(path, use_ema=True)
     assert loaded.config == CONFIG and loaded.experiment == "txt2img_tiny" and loaded.run_id == "run-42"
-    assert loaded.training_sampler() == SamplerConfig(sampler="plms", steps=7, eta=0.0, guidance_scale=3.0)
+    assert loaded.training_sampler() == SamplerConfig(name="plms", steps=7, eta=0.0, guidance_scale=3.0)
     assert loaded.ema_coverage["raw"] == ["cond_stage"] and loaded.step == 3
     assert loaded.scale_factor == pytest.approx(float(ldm.scale_factor))
     # UNet from the EMA (half-way between the initial and the trained weights), encoder raw.

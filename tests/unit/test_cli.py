@@ -1,0 +1,122 @@
+"""The command line every entry point but training shares (ldm_scale/cli.py: Hydra composition of
+conf/commands/), through the real entry points eval/fid.py, eval/recon.py,
+data_tools/reference_stats.py and launch/sample.py."""
+import importlib.util
+
+import pytest
+
+from ldm_scale.cli import compose_command, quote_free_text
+from ldm_scale.diffusion import SamplerConfig
+from ldm_scale.evaluation.config import FIDEvalConfig, ReferenceStatsConfig, compose_fid_config
+from ldm_scale.evaluation.recon import ReconEvalConfig, compose_recon_config
+from ldm_scale.sampling import SampleConfig
+from tests.fixtures.torchrun import REPO_ROOT, run_python
+
+
+def load_script(rel: str):
+    spec = importlib.util.spec_from_file_location(rel.replace("/", "_").removesuffix(".py"), REPO_ROOT / rel)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_types_nesting_groups_and_one_line_errors():
+    cfg = compose_fid_config(["ckpt=m.pt", "n_samples=12", "extractor=random_inception", "metrics.kid=true",
+                              "sampler.guidance_scale=1.5", "precision=bf16"])
+    assert (cfg.ckpt, cfg.n_samples, cfg.extractor.name, cfg.metrics.kid, cfg.sampler.guidance_scale) == \
+        ("m.pt", 12, "random-inception", True, 1.5)
+    assert isinstance(cfg, FIDEvalConfig) and cfg.precision == "bf16" and cfg.logger.tags == ["eval"]
+    assert cfg.sampler == SamplerConfig(name="ddim", steps=200, eta=0.0, guidance_scale=1.5)
+    cases = [
+        (["nsamples=3"], "unknown config key nsamples: did you mean n_samples?"),
+        (["extractor.nme=x"], "unknown config key extractor.nme: did you mean extractor.name?"),
+        (["+bogus=1"], "unknown config key bogus: valid keys: ckpt, use_ema, precision,"),
+        (["n_samples=abc"], "could not be converted to Integer (key n_samples)"),
+        (["extractor.batch_size=1.5"], "(key extractor.batch_size)"),
+        (["precision=fp8"], "Invalid value 'fp8', expected one of [fp32, bf16, fp16] (key precision)"),
+        (["sampler.name=euler"], "expected one of [ddim, plms, ddpm] (key sampler.name)"),
+        (["sampler=euler"], "Could not find 'sampler/euler': valid keys: ddim, ddpm, plms"),
+        (["extractor.resize=bicubic"], "expected one of [pil_bicubic, tf_bilinear, torch_bilinear]"),
+        (["preset=nope"], "Could not find 'preset/nope': valid keys: quickstart"),
+        (["sampler=plms", "sampler.eta=0.5"], "PLMS is deterministic: eta must be 0"),
+        (["n_samples", "ckpt=m.pt"], "arguments must be key=value overrides, got ['n_samples']"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(ValueError) as info:
+            compose_fid_config(argv)
+        assert message in str(info.value), (argv, str(info.value))
+        assert "\n" not in str(info.value)
+
+
+def test_group_options_override_the_command_defaults_and_the_command_line_wins():
+    assert compose_fid_config(["sampler=ddpm"]).sampler.steps == 0  # ddpm: every training timestep
+    assert compose_fid_config(["sampler=ddpm", "sampler.steps=100"]).sampler.steps == 100
+    full = compose_fid_config(["metrics=full"]).metrics
+    assert full.kid and full.sfid and not full.clip_score
+    sample = compose_command("sample", SampleConfig, ["ckpt=m.pt", "sampler=plms"])
+    assert sample.sampler == SamplerConfig(name="plms", steps=50, eta=0.0, guidance_scale=5.0)
+
+
+def test_free_text_and_urls_reach_the_config_verbatim():
+    prompt = "it's a cat, a dog {x} \\ done"
+    cfg = compose_command("sample", SampleConfig, ["ckpt=s3://b/m.pt", f"prompt={prompt}"])
+    assert (cfg.ckpt, cfg.prompt) == ("s3://b/m.pt", prompt)
+    stats = compose_command("reference_stats", ReferenceStatsConfig,
+                            ["data=s3://b/laion/{00000..00099}.tar", "conditioning=class"])
+    assert stats.data == "s3://b/laion/{00000..00099}.tar" and stats.conditioning == "class"
+    assert quote_free_text("n_samples=4", SampleConfig) == "n_samples=4"  # not a string field
+    assert quote_free_text("prompt='quoted'", SampleConfig) == "prompt='quoted'"  # already Hydra-quoted
+    assert quote_free_text("prompt=null", SampleConfig) == "prompt=null"
+    assert compose_command("sample", SampleConfig, ["ckpt=m.pt", "prompt=3"]).prompt == "3"  # a class index
+
+
+def test_check_runs_after_composition():
+    with pytest.raises(ValueError, match="ckpt is not set"):
+        compose_recon_config(["data=x.tar"])
+    with pytest.raises(ValueError, match="data= is required"):
+        compose_command("reference_stats", ReferenceStatsConfig, ["n_samples=10"])
+    with pytest.raises(ValueError, match="mask= needs init_image="):
+        compose_command("sample", SampleConfig, ["ckpt=m.pt", "mask=m.png"])
+    assert compose_recon_config(["ckpt=a.pt", "data=x.tar", "batch_size=3"]).batch_size == 3
+
+
+def test_fid_preset_is_a_config_group_and_explicit_overrides_win():
+    cfg = compose_fid_config(["preset=quickstart", "quickstart_dir=/w", "n_samples=7"])
+    assert cfg.ckpt == "/w/runs/checkpoints/quickstart-ldm/export.pt" and cfg.ref == "/w/data/synthetic/*.tar"
+    assert cfg.n_samples == 7 and cfg.sampler.steps == 25 and cfg.sampler.guidance_scale == 3.0
+    assert cfg.extractor.input_size == 96
+
+
+def test_entry_points_parse_help_and_errors(capsys):
+    fid, recon = load_script("eval/fid.py"), load_script("eval/recon.py")
+    stats, sample = load_script("data_tools/reference_stats.py"), load_script("launch/sample.py")
+    assert fid.parse_config(["ckpt=m.pt", "ref=r.npz", "sampler.steps=3"]).sampler.steps == 3
+    assert recon.parse_config(["ckpt=a.pt", "data=v.tar"]).data == "v.tar"
+    assert stats.parse_config(["data=v.tar", "resolution=64"]).resolution == 64
+    assert sample.parse(["ckpt=m.pt", "H=64"]) == SampleConfig(ckpt="m.pt", H=64)
+
+    groups = {"eval/fid.py": ["sampler: ddim, ddpm, plms (default: ddim)", "metrics: default, full, text",
+                              "preset: quickstart"],
+              "eval/recon.py": ["extractor: auto, inception, random_inception (default: auto)"],
+              "data_tools/reference_stats.py": ["extractor: auto, inception, random_inception"]}
+    for parse, program in ((fid.parse_config, "eval/fid.py"), (recon.parse_config, "eval/recon.py"),
+                           (stats.parse_config, "data_tools/reference_stats.py")):
+        with pytest.raises(SystemExit) as info:
+            parse(["--help"])
+        shown = capsys.readouterr().out
+        assert info.value.code == 0 and "Config groups" in shown and "Keys and defaults" in shown
+        assert all(g in shown for g in groups[program]), shown
+        with pytest.raises(SystemExit) as info:
+            parse(["bogus_key=1"])
+        assert info.value.code == 2
+        assert capsys.readouterr().err.startswith(f"{program}: error: unknown config key bogus_key")
+    with pytest.raises(ValueError, match="unknown config key steps: valid keys: ckpt, use_ema"):
+        sample.parse(["steps=3"])
+
+
+def test_bad_argument_exits_without_traceback():
+    res = run_python([str(REPO_ROOT / "eval" / "recon.py"), "data=v.tar", "batch_size=many"], timeout=120)
+    assert res.returncode == 2
+    assert "eval/recon.py: error: Value 'many' of type 'str' could not be converted to Integer (key batch_size)" \
+        in res.stderr
+    assert "Traceback" not in res.stderr
