@@ -64,7 +64,7 @@ def main() -> None:
         import torch
         from torch import nn
 
-        from ldm_scale.train.checkpoint import CheckpointConfig, CheckpointManager
+        from ldm_scale.train.checkpoint import CheckpointConfig, CheckpointManager, standard_states
         from ldm_scale.train.ema import CpuEma, EmaConfig
 
         width = int((args.params / 4) ** 0.5)
@@ -92,7 +92,7 @@ def main() -> None:
         baseline = statistics.median(step() for _ in range(args.baseline_steps))
 
         t0 = time.perf_counter()
-        manager.save(engine.global_steps, engines={"model": engine}, ema=ema,
+        manager.save(engine.global_steps, standard_states(engines={"model": engine}, ema=ema),
                      client_state={"step": engine.global_steps})
         save_call = time.perf_counter() - t0
         during = []

@@ -3,7 +3,7 @@ checkpoint } -> final checkpoint.
 
 ``train(cfg)`` is the whole program behind ``launch/train.py``. It reads top to bottom; everything
 a step computes lives in the task (``train/tasks.py``), everything DeepSpeed in
-``train/engine.py``, everything about checkpoints in ``train/checkpoint.py``.
+``train/engine.py``, everything about checkpoints in ``train/checkpoint/``.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from ldm_scale.data.device import DeviceHandoff
 from ldm_scale.evaluation.run_hooks import end_of_run_hooks
 from ldm_scale.logging import (METRICS_FILE, MetricMeter, RunLogger, Throughput, console_line, history_step,
                                peak_flops_per_device, sum_over_ranks, truncate_metrics)
-from ldm_scale.train.checkpoint import CheckpointError, CheckpointManager
+from ldm_scale.train.checkpoint import CheckpointError, CheckpointManager, standard_states
 from ldm_scale.train import engine as ds_engine
 from ldm_scale.train.ema import CpuEma
 from ldm_scale.train.health import LOSS_SCALE_KEY, LossSpikeDetector, Spike, StepHealth, UnhealthyRunError
@@ -151,9 +151,9 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
     health = StepHealth(cfg.train.max_consecutive_unhealthy)
     spikes = LossSpikeDetector(cfg.train.spike)
 
-    # --- 3. Resume (all ranks): engines, EMA, data position, RNG, task state ------------------
-    resumed = checkpoints.resume(engines=task.engines, ema=ema, loader=loader) or {}
-    task.load_client_state(resumed)
+    # --- 3. Resume (all ranks): engines, EMA, data position, task state, RNG ------------------
+    states = standard_states(engines=task.engines, ema=ema, loader=loader, task=task)  # what a checkpoint holds
+    resumed = checkpoints.resume(states) or {}
     step = int(resumed.get("step", 0))  # healthy optimizer steps: the run's clock
     resumed_from = step if resumed else None
     samples_seen = int(resumed.get("samples_seen", 0))
@@ -175,7 +175,7 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
     def client_state() -> Dict[str, Any]:
         return {"step": step, "samples_seen": samples_seen, "data_position": data_position,
                 "wandb_run_id": wandb_run_id, "config": resolved, "health": health.state_dict(),
-                "spike": spikes.state_dict(), **task.client_state()}
+                "spike": spikes.state_dict()}
 
     slow_phase = functools.partial(dist.collective_timeout, cfg.train.collective_timeout_s)
 
@@ -183,7 +183,7 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
         if lease is not None:
             lease.check()  # a run that lost its lease writes nothing more
         with slow_phase():
-            checkpoints.save(step, engines=task.engines, ema=ema, loader=loader, client_state=client_state())
+            checkpoints.save(step, states, client_state=client_state())
             gc.collect()  # the full collection that gc_every leaves out, in a phase that is slow anyway
 
     sample_with_ema = ema is not None and cfg.eval.use_ema
@@ -238,8 +238,7 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
         target = good[-1]
         rollbacks = spikes.rollbacks + 1
         batches.close()  # stops this epoch's data workers before the loader position is replaced
-        state = checkpoints.resume(engines=task.engines, ema=ema, loader=loader, url=checkpoints.step_url(target))
-        task.load_client_state(state)
+        state = checkpoints.resume(states, url=checkpoints.step_url(target))
         step, samples_seen = int(state["step"]), int(state["samples_seen"])
         events = spikes.events
         spikes.load_state_dict(state.get("spike", {}))

@@ -21,6 +21,7 @@ from ldm_scale.train.checkpoint import (
     CheckpointConfig,
     CheckpointError,
     CheckpointManager,
+    standard_states,
 )
 from ldm_scale.train.ema import CpuEma, EmaConfig
 
@@ -103,24 +104,25 @@ def main() -> None:
     engine = build_engine(args.stage, 32, args.accum)
     ema = CpuEma(engine.module, EmaConfig(decay=0.9))
     loader = ToyLoader(info.rank)
+    states = standard_states(engines={"model": engine}, ema=ema, loader=loader)
     if args.error_checks:
         # A different model (hidden width) must be refused before anything is loaded.
         wrong = build_engine(args.stage, 24, args.accum)
         try:
-            CheckpointManager(ckpt_cfg, run_id=args.run_id).resume(engines={"model": wrong})
+            CheckpointManager(ckpt_cfg, run_id=args.run_id).resume(standard_states(engines={"model": wrong}))
             print("ERROR_CHECK other_model: no error", flush=True)
         except CheckpointError as exc:
             print(f"ERROR_CHECK other_model: {exc}", flush=True)
         for url in os.environ.get("BAD_RESUME_URLS", "").split(","):
             bad = CheckpointConfig(**{**ckpt_cfg.__dict__, "resume": url})
             try:
-                CheckpointManager(bad, run_id=args.run_id).resume(engines={"model": engine}, ema=ema, loader=loader)
+                CheckpointManager(bad, run_id=args.run_id).resume(states)
                 print(f"ERROR_CHECK {url}: no error", flush=True)
             except CheckpointError as exc:
                 print(f"ERROR_CHECK {url.rsplit('/', 1)[-1]}: {exc}", flush=True)
 
     manager = CheckpointManager(ckpt_cfg, run_id=args.run_id)
-    resumed = manager.resume(engines={"model": engine}, ema=ema, loader=loader) or {}
+    resumed = manager.resume(states) or {}
     step = int(engine.global_steps)
     samples_seen = int(resumed.get("samples_seen", 0))
     if resumed:
@@ -152,7 +154,7 @@ def main() -> None:
         with open(log_path, "a") as f:
             f.write(json.dumps({"attempt": attempt, "step": step, "loss": float(mean) / info.world_size}) + "\n")
         if manager.due(step):
-            manager.save(step, engines={"model": engine}, ema=ema, loader=loader,
+            manager.save(step, states,
                          client_state={"step": step, "samples_seen": samples_seen, "wandb_run_id": "wandb-toy",
                                        "config": {"stage": args.stage, "storage": {"endpoint_url": None}}})
             value = checksum(full_params(engine))  # a gather under ZeRO-3: every rank takes part
