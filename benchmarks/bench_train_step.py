@@ -56,7 +56,7 @@ def main() -> int:
     overrides = ["experiment=quickstart", "model.allow_random_first_stage=true", "data.urls=['unused.tar']",
                  f"train.micro_batch_size={args.micro_batch}", f"deepspeed.zero.stage={args.stage}", "deepspeed.precision=fp32",
                  "diffusion.cond_drop_prob=0.0", "model.scale_factor_mode=spec", "optim.warmup_steps=0", "optim.schedule=constant",
-                 f"+model.overrides.unet.model_channels={args.channels}", "checkpoint.root=/tmp/unused"]
+                 f"model.ldm.unet.model_channels={args.channels}", "checkpoint.root=/tmp/unused"]
     cfg = C.to_object(C.compose(overrides))
     plan = C.validate(cfg, world_size=1)
     batch = make_batch(args.micro_batch, plan.image_size)

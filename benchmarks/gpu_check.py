@@ -442,7 +442,7 @@ def kl8_overrides(ctx: Context, run_id: str, micro_batch: int, extra: Sequence[s
     data = ctx.result("data")
     return train_overrides(ctx, "txt2img_kl8", run_id, [
         f"data.urls={json.dumps(data.get('laion_urls', ['<data phase>']))}",
-        f"+model.overrides.cond_stage.text.tokenizer.vocab_path={data.get('vocab', '<data phase>')}",
+        f"model.ldm.cond_stage.text.tokenizer.vocab_path={data.get('vocab', '<data phase>')}",
         f"train.micro_batch_size={micro_batch}", f"train.global_batch_size={micro_batch}", *extra])
 
 

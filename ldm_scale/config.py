@@ -96,17 +96,18 @@ class LoggerMode(Choice):
 
 @dataclass
 class ModelConfig:
-    """Which network to train.
+    """Which network to train, typed to its last field, so a misspelt key or a wrong type in it
+    fails when the config is composed.
 
-    task=ldm: ``flavour`` names an :class:`LDMSpec` in ``models.registry.FLAVOURS``;
-    task=autoencoder: ``autoencoder`` names a :class:`FirstStageConfig` in ``AUTOENCODERS``.
-    ``overrides`` is a nested dict merged (typed) into that spec, e.g.
-    ``+model.overrides.unet.model_channels=64``.
+    task=ldm: ``ldm`` is the :class:`LDMSpec` the ``model=<flavour>`` group option fills from
+    ``models.registry.FLAVOURS`` (``model.ldm.unet.model_channels=64``); task=autoencoder:
+    ``autoencoder`` is the :class:`FirstStageConfig` the ``autoencoder=<name>`` option fills from
+    ``AUTOENCODERS`` (``model.autoencoder.kl.embed_dim=8``). :func:`register_configs` stores both
+    registries as the options of those groups.
     """
 
-    flavour: str = "tiny"
-    autoencoder: Optional[str] = None
-    overrides: Dict[str, Any] = field(default_factory=dict)
+    ldm: LDMSpec = field(default_factory=lambda: copy.deepcopy(FLAVOURS["tiny"]))
+    autoencoder: Optional[FirstStageConfig] = None
     # Exported autoencoder checkpoint (ldm_scale/autoencoder-v1) for the frozen first stage.
     first_stage_ckpt: Optional[str] = None
     # A randomly initialised first stage is only useful for tests and benchmarks: opt in explicitly.
@@ -220,10 +221,18 @@ class Config:
 # Registration and composition
 
 def register_configs() -> None:
-    """Register the schema so ``conf/config.yaml``'s first default (``schema``) types the tree."""
+    """Register the schema so ``conf/config.yaml``'s first default (``schema``) types the tree, and
+    the model registries as typed group options: ``model=<flavour>`` (an :class:`LDMSpec` at
+    ``model.ldm``) and ``autoencoder=<name>`` (a :class:`FirstStageConfig` at ``model.autoencoder``).
+    The registries stay the one place a flavour is written."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="schema", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    for name, spec in FLAVOURS.items():
+        store.store(group="model", name=name, node={"ldm": copy.deepcopy(spec)}, package="model")
+    for name, first_stage in AUTOENCODERS.items():
+        store.store(group="autoencoder", name=name, node=copy.deepcopy(first_stage), package="model.autoencoder")
 
 
 def compose(overrides: Sequence[str] = (), config_dir: Optional[Path] = None, *,
@@ -303,8 +312,7 @@ def unknown_keys(cfg: Any) -> List[str]:
     Struct mode rejects a misspelt ``key=value`` at compose time, but Hydra applies ``+key=`` and
     ``++key=`` inside ``open_dict`` (struct lifted), and ``OmegaConf.to_object`` then sets a key the
     dataclass lacks as a plain attribute that nothing reads: ``+train.max_step=10`` (Hydra's own hint
-    after the typo) would be accepted and ignored. Free-form dicts (``model.overrides``) are not
-    dataclasses and are checked against the model spec by :func:`validate`.
+    after the typo) would be accepted and ignored.
     """
     problems = []
     for path, node in _nodes(cfg):
@@ -377,28 +385,6 @@ class Plan:
                 f"latents {self.latent_channels}x{self.latent_size}x{self.latent_size}; peak lr {self.peak_lr:g}")
 
 
-def _merge_overrides(base: Any, overrides: Dict[str, Any], key: str, problems: List[str]) -> Any:
-    """``base`` (a model spec dataclass) with the free-form ``overrides`` merged in, typed: a key the
-    spec lacks or a wrong type is a problem naming ``<key>.<full key>`` and the closest valid key."""
-    if not overrides:
-        return base
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.create(overrides))
-        return OmegaConf.to_object(merged)
-    except (OmegaConfBaseException, TypeError, ValueError) as exc:
-        inner = getattr(exc, "full_key", None)
-        full_key, schema = f"{key}.{inner}" if inner else key, getattr(exc, "object_type", None)
-        parent, _, leaf = full_key.rpartition(".")
-        if isinstance(exc, (ConfigKeyError, ConfigAttributeError)) and inner and dataclasses.is_dataclass(schema):
-            valid = [f.name for f in dataclasses.fields(schema)]
-            reason = f"{schema.__name__} has no field {leaf}; {_closest_key(leaf, valid, parent + '.')}"
-        else:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        problems.append(f"{key}: cannot apply {full_key}: {reason} (keys and types of "
-                        f"{type(base).__name__}, see ldm_scale/models)")
-        return base
-
-
 def _context_width(spec: LDMSpec) -> Optional[int]:
     """Width of the conditioner's context tokens, computed from the config alone (no model)."""
     cond = spec.cond_stage
@@ -451,10 +437,7 @@ def _is_url_set(value: Optional[str]) -> bool:
 
 def _check_ldm(cfg: Config, problems: List[str]) -> Optional[LDMSpec]:
     m = cfg.model
-    if m.flavour not in FLAVOURS:
-        problems.append(f"model.flavour={m.flavour!r} is not a registered flavour: choose one of {sorted(FLAVOURS)}")
-        return None
-    spec = _merge_overrides(copy.deepcopy(FLAVOURS[m.flavour]), m.overrides, "model.overrides", problems)
+    spec = copy.deepcopy(m.ldm)
     # The diffusion slice is authoritative for the forward process; the exported spec records it.
     d = cfg.diffusion
     spec.linear_start, spec.linear_end, spec.num_timesteps = d.linear_start, d.linear_end, d.num_timesteps
@@ -470,10 +453,17 @@ def _check_ldm(cfg: Config, problems: List[str]) -> Optional[LDMSpec]:
         if width is not None and spec.unet.context_dim != width:
             problems.append(
                 f"model: unet.context_dim={spec.unet.context_dim} but the {spec.cond_stage.kind} encoder emits "
-                f"{width}-wide tokens: set model.overrides.unet.context_dim={width} or change the encoder width")
+                f"{width}-wide tokens: set model.ldm.unet.context_dim={width} or change the encoder width")
     if m.scale_factor_mode == "estimate" and m.scale_factor is not None:
         problems.append("model.scale_factor is set but model.scale_factor_mode=estimate would replace it: "
                         "set model.scale_factor=null or model.scale_factor_mode=spec")
+    text = spec.cond_stage.text
+    if spec.cond_stage.kind == "text" and text.tokenizer.kind == "wordpiece" and not _is_url_set(text.tokenizer.vocab_path):
+        # A typed field cannot be marked `???` by an experiment (OmegaConf keeps the value under a
+        # MISSING), so the file the word tokenizer reads is asked for here.
+        problems.append("model.ldm.cond_stage.text.tokenizer.vocab_path is not set: tokenizer.kind=wordpiece reads a "
+                        "vocab.txt; give the one data_tools/build_vocab.py wrote (or the overrides it prints for "
+                        "CLIP's BPE)")
     # Needed with latent shards too: sample grids are decoded by the first stage.
     if not _is_url_set(m.first_stage_ckpt) and not m.allow_random_first_stage:
         problems.append("model.first_stage_ckpt is not set: give the exported autoencoder checkpoint "
@@ -482,11 +472,11 @@ def _check_ldm(cfg: Config, problems: List[str]) -> Optional[LDMSpec]:
     conditioning = {"text": "text", "openclip": "text", "class": "class", "label": "class"}.get(spec.cond_stage.kind, "none")
     if cfg.data.conditioning != conditioning:
         problems.append(f"data.conditioning={cfg.data.conditioning!r} but model {spec.name} is conditioned on "
-                        f"{conditioning!r}: set data.conditioning={conditioning} or choose another model.flavour")
+                        f"{conditioning!r}: set data.conditioning={conditioning} or choose another model=<flavour>")
     if cfg.data.input == "image" and cfg.data.resolution != spec.image_size:
         problems.append(f"data.resolution={cfg.data.resolution} but model {spec.name} is built for "
                         f"{spec.image_size}px images: set data.resolution={spec.image_size} or "
-                        f"model.overrides.image_size={cfg.data.resolution}")
+                        f"model.ldm.image_size={cfg.data.resolution}")
     try:
         d.validate()
     except ValueError as exc:
@@ -502,11 +492,11 @@ def _check_ldm(cfg: Config, problems: List[str]) -> Optional[LDMSpec]:
 
 
 def _check_autoencoder(cfg: Config, problems: List[str]) -> Optional[FirstStageConfig]:
-    name = cfg.model.autoencoder
-    if name is None or name not in AUTOENCODERS:
-        problems.append(f"model.autoencoder={name!r}: task=autoencoder needs one of {sorted(AUTOENCODERS)}")
+    ae = copy.deepcopy(cfg.model.autoencoder)
+    if ae is None:
+        problems.append(f"model.autoencoder is not set: task=autoencoder needs autoencoder=<name>, one of "
+                        f"{sorted(AUTOENCODERS)} (or an experiment=autoencoder_* that names one)")
         return None
-    ae = _merge_overrides(copy.deepcopy(AUTOENCODERS[name]), cfg.model.overrides, "model.overrides", problems)
     if cfg.data.input != "image":
         problems.append("task=autoencoder trains on images: set data.input=image")
     try:
@@ -596,9 +586,9 @@ def check_first_stage_ckpt(url: str, spec: LDMSpec, storage_cfg: Optional[Storag
     differences = _first_stage_differences(found, spec.first_stage)
     if differences:
         names = [n for n, ae in AUTOENCODERS.items() if ae == spec.first_stage]
-        wanted = f"model.autoencoder={names[0]}" if names else "the first stage model.overrides.first_stage describes"
+        wanted = f"autoencoder={names[0]}" if names else "the first stage model.ldm.first_stage describes"
         return (f"{key} holds another first stage than model {spec.name}'s: {', '.join(differences)}: give the "
-                f"export of an autoencoder trained with {wanted}, or set model.overrides.first_stage.* to match")
+                f"export of an autoencoder trained with {wanted}, or set model.ldm.first_stage.* to match")
     return None
 
 

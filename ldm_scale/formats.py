@@ -5,7 +5,7 @@ the exported checkpoint (``train/export.py`` gathers a live model's weights into
 Format strings (the ``format`` field of each file; a reader refuses any other):
 
 - ``LDM_FORMAT`` / ``AUTOENCODER_FORMAT``: exported models (below);
-- ``TRAIN_CKPT_FORMAT``: a training checkpoint's ``client_state.json`` (``train/checkpoint.py``);
+- ``TRAIN_CKPT_FORMAT``: a training checkpoint's ``client_state.json`` (``train/checkpoint/``);
 - ``EMA_SHARD_FORMAT``: one rank's EMA shard in a training checkpoint (``train/ema.py``);
 - ``REFERENCE_FORMAT``: an evaluation reference-statistics ``.npz`` (``evaluation/reference.py``).
 

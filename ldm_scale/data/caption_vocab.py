@@ -33,7 +33,7 @@ MAX_TOKENS = 1024  # = the embedding rows of conf/experiment/txt2img_own_data.ya
 MAX_UNSEEN = 0.01  # Good-Turing probability that a new caption's word is [UNK]
 CLIP_BPE_VOCAB = 49408  # open_clip's SimpleTokenizer: rows the text encoder needs for kind=bpe
 
-TEXT_KEY = "model.overrides.cond_stage.text"
+TEXT_KEY = "model.ldm.cond_stage.text"
 """Where a text-conditional flavour's tokenizer and embedding table are set (``vocab_size``,
 ``tokenizer.kind``, ``tokenizer.vocab_path``)."""
 

@@ -18,7 +18,7 @@ from ldm_scale.train.tasks import build_task
 
 def run(data_url: str, flavour: str, conditioning: str) -> dict:
     cfg = config_lib.to_object(config_lib.compose([
-        "experiment=quickstart", "model.allow_random_first_stage=true", f"model.flavour={flavour}",
+        "experiment=quickstart", "model.allow_random_first_stage=true", f"model={flavour}",
         f"data.conditioning={conditioning}", f"data.urls=['{data_url}']", "data.num_workers=0",
         "train.micro_batch_size=2", "checkpoint.root=/tmp/unused", "logger=none", "deepspeed.zero.stage=0"]))
     plan = config_lib.validate(cfg, 1, check_files=False)

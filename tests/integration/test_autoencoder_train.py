@@ -123,7 +123,7 @@ def test_resume_from_a_checkpoint_reproduces_both_engines(root, run_a):
 
 
 def test_vq_under_zero1_bf16_trains_both_engines(root):
-    run_torchrun(_train_args(root, "ae-vq", "model.autoencoder=vq_tiny", "deepspeed=zero1", "deepspeed.precision=bf16",
+    run_torchrun(_train_args(root, "ae-vq", "autoencoder=vq_tiny", "deepspeed=zero1", "deepspeed.precision=bf16",
                              "train.max_steps=6",
                              "train.log_every=3", "autoencoder_loss.disc_start=3", "autoencoder_loss.nll_reduction=mean",
                              "autoencoder_loss.learn_logvar=false", "checkpoint.every_steps=0", "ema.enabled=true",

@@ -8,7 +8,7 @@ import pytest
 from ldm_scale.cli import compose_command, quote_free_text
 from ldm_scale.diffusion import SamplerConfig
 from ldm_scale.evaluation.config import FIDEvalConfig, ReferenceStatsConfig, compose_fid_config
-from ldm_scale.evaluation.recon import ReconEvalConfig, compose_recon_config
+from ldm_scale.evaluation.recon import compose_recon_config
 from ldm_scale.sampling import SampleConfig
 from tests.fixtures.torchrun import REPO_ROOT, run_python
 

@@ -62,22 +62,21 @@ def test_an_attribute_set_in_python_is_a_problem_of_validate():
         C.validate(cfg, world_size=2)
 
 
-def test_model_overrides_stay_free_form_but_are_checked_against_the_spec():
-    cfg = composed("++model.overrides.cond_stage.text.tokenizer.max_length=12",
-                   "+model.overrides.unet.model_channels=32")
+def test_a_key_added_to_the_model_spec_with_plus_is_refused_with_the_closest():
+    cfg = composed("model.ldm.cond_stage.text.tokenizer.max_length=12", "model.ldm.unet.model_channels=32")
     spec = C.validate(cfg, world_size=2).spec
     assert (spec.cond_stage.text.tokenizer.max_length, spec.unet.model_channels) == (12, 32)
-    with pytest.raises(C.ConfigError) as info:
-        C.validate(composed("+model.overrides.unet.model_chanels=32"), world_size=2)
-    assert "model.overrides.unet.model_chanels: UNetConfig has no field model_chanels; did you mean " \
-           "model.overrides.unet.model_channels?" in one_line(str(info.value))
+    with pytest.raises(C.ConfigError) as info:  # `+` lifts struct mode at compose time; to_object catches it
+        composed("+model.ldm.unet.model_chanels=32")
+    assert "unknown config key model.ldm.unet.model_chanels: did you mean model.ldm.unet.model_channels?" \
+           in one_line(str(info.value))
 
 
 @pytest.mark.parametrize("override, key", [
     ("model.scale_factor=nan", "model.scale_factor=nan"),
     ("optim.lr=inf", "optim.lr=inf"),
     ("diffusion.linear_end=-inf", "diffusion.linear_end=-inf"),
-    ("+model.overrides.unet.dropout=nan", "model.overrides.unet.dropout=nan"),
+    ("model.ldm.unet.dropout=nan", "model.ldm.unet.dropout=nan"),
 ])
 def test_non_finite_numbers_are_rejected_naming_the_key(override, key):
     with pytest.raises(C.ConfigError) as info:
@@ -105,7 +104,7 @@ def with_first_stage(url) -> C.Config:
     ("ldm_export", "is an LDM export (format 'ldm_scale/ldm-v1', expected 'ldm_scale/autoencoder-v1')"),
     ("other_latent_width", ("holds another first stage than model tiny's: ddconfig.z_channels=8 (needs 4), "
                             "embed_dim=8 (needs 4): give the export of an autoencoder trained with "
-                            "model.autoencoder=kl_tiny")),
+                            "autoencoder=kl_tiny")),
     ("vq_autoencoder", "holds another first stage than model tiny's: kind='vq' (needs 'kl')"),
 ])
 def test_first_stage_ckpt_is_checked_in_validate(first_stages, case, problem):
