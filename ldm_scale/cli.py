@@ -69,6 +69,13 @@ def quote_free_text(override: str, schema: type) -> str:
     return f"{key}='{escaped}'"
 
 
+def _register(name: str, schema: type) -> None:
+    """``schema`` as ``<name>_schema``, the first default of ``conf/commands/<name>.yaml``."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=f"{name}_schema", node=schema)
+
+
 def compose_command(name: str, schema: Type[T], overrides: Sequence[str] = ()) -> T:
     """``conf/<name>.yaml`` with ``overrides`` (Hydra syntax), typed by ``schema``; then its
     ``check()`` (cross-field validation), if it has one.
@@ -76,7 +83,6 @@ def compose_command(name: str, schema: Type[T], overrides: Sequence[str] = ()) -
     Raises ``ValueError`` with one line naming the problem and the key (closest valid key for a
     typo, the valid names for a bad choice, the options for a bad group).
     """
-    from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
 
     from ldm_scale import config as config_lib
@@ -85,7 +91,7 @@ def compose_command(name: str, schema: Type[T], overrides: Sequence[str] = ()) -
     bad = [a for a in overrides if "=" not in a and not a.startswith("~")]
     if bad:
         raise ValueError(f"arguments must be key=value overrides, got {bad}; see --help")
-    ConfigStore.instance().store(name=f"{name}_schema", node=schema)
+    _register(name, schema)
     try:
         composed = config_lib.compose([quote_free_text(o, schema) for o in overrides], COMMANDS_DIR, config_name=name)
     except HydraException as exc:
@@ -115,12 +121,11 @@ def config_groups(name: str) -> List[str]:
 
 def help_text(name: str, schema: type, doc: str) -> str:
     """``--help``: the command's docstring, its config groups and the composed defaults."""
-    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     from ldm_scale import config as config_lib
 
-    ConfigStore.instance().store(name=f"{name}_schema", node=schema)
+    _register(name, schema)
     defaults = OmegaConf.to_yaml(config_lib.compose([], COMMANDS_DIR, config_name=name))
     groups = "\n".join(config_groups(name)) or "  (none)"
     return (f"{doc.rstrip()}\n\nConfig groups (select with group=option):\n{groups}\n\n"
