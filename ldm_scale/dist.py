@@ -7,6 +7,7 @@ Only torch is imported, so library code can call these helpers freely.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
@@ -115,7 +116,20 @@ def init_distributed(timeout_s: float = 1800.0, init_timeout_s: float | None = N
         store = _worker_group_store(info, _init_timeout_s(init_timeout_s), timeout)
     torch_dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=info.rank,
                                   world_size=info.world_size)
+    # Why at exit, and for every entry point: a process that leaves with the group up runs gloo's
+    # (or NCCL's) destructors during static teardown, where a still-joinable worker std::thread
+    # calls std::terminate ("terminate called without an active exception", SIGABRT) after the run
+    # finished; a CI run lost a passing test to exactly that. atexit handlers run after Python's
+    # threads are joined and before that teardown; destroying the group is local (no collective),
+    # so it is safe when a peer is already gone.
+    atexit.register(shutdown)
     return info
+
+
+def shutdown() -> None:
+    """Destroy the default process group if it is up (idempotent; registered at exit by init)."""
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def _init_timeout_s(explicit: float | None) -> float:

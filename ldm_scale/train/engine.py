@@ -471,12 +471,6 @@ def local_param_and_optimizer_bytes(engine) -> int:
     return sum(iter_local_param_bytes(engine)) + optimizer_state_bytes(engine)
 
 
-def destroy() -> None:
-    """Tear down DeepSpeed's communication state at the end of a run."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 # ---------------------------------------------------------------------------------------------
 # ZeRO accessors and checkpoint calls for the EMA, the checkpoint manager and the export: every
 # DeepSpeed call of the training side goes through this module.

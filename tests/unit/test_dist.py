@@ -34,7 +34,6 @@ from ldm_scale import dist
 info = dist.init_distributed(init_timeout_s=float(sys.argv[1]))
 total = dist.all_reduce_sum(torch.tensor([info.rank + 1.0]))
 print(json.dumps({"rank": info.rank, "sum": total.item()}), flush=True)
-torch.distributed.destroy_process_group()  # as the trainer does; exiting with gloo's threads up can abort
 """
 
 
@@ -148,9 +147,10 @@ def test_rank_0_names_the_ranks_that_never_joined():
 
 def test_plain_python_is_rank_0_of_a_world_of_one_that_deepspeed_accepts():
     """Without launcher variables: a real one-process group, and the variables DeepSpeed checks
-    before it falls back to MPI discovery ("No module named 'mpi4py'")."""
+    before it falls back to MPI discovery ("No module named 'mpi4py'"). The group is destroyed by
+    the exit handlers init registers (a process leaving with gloo's threads up can SIGABRT)."""
     code = """
-import json, os
+import atexit, json, os
 import torch.distributed as torch_dist
 from ldm_scale import dist
 assert dist.get_dist_info() == dist.DistInfo()
@@ -159,9 +159,13 @@ import deepspeed.comm
 deepspeed.comm.init_distributed(dist_backend="gloo")
 print(json.dumps({"same_info": info == dist.get_dist_info() == dist.DistInfo(), "world": torch_dist.get_world_size(),
                   "env": {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}}))
+up = torch_dist.is_initialized()
+atexit._run_exitfuncs()  # what interpreter exit runs
+print(json.dumps({"up_before_exit": up, "up_after_exit": torch_dist.is_initialized()}))
 """
     result = run_python(["-c", code], timeout=300).check()
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report, teardown = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
+    assert teardown == {"up_before_exit": True, "up_after_exit": False}
     assert report["same_info"] and report["world"] == 1
     env = report["env"]
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("0", "1", "0", "127.0.0.1")
