@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     info = dist.init_distributed()
     storage.configure(cfg.storage)
     extractor = extractor_from_config(cfg.extractor, dist.default_device(info))
-    url = reference_from_shards([u for u in cfg.data.split("::") if u], extractor, n_samples=cfg.n_samples, keep_images=cfg.keep_images,
+    url = reference_from_shards(cfg.shard_patterns(), extractor, n_samples=cfg.n_samples, keep_images=cfg.keep_images,
                                 resolution=cfg.resolution, conditioning=cfg.conditioning, out_url=cfg.out,
                                 batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
                                 checkpoint_every=cfg.checkpoint_every, storage_cfg=cfg.storage)

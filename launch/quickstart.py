@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     latents = work / "data" / "latents"
     if not (latents / "dataset.json").exists():
         print(f"[3/4] encoding the images into latent shards under {latents}", flush=True)
-        python_tool(["data_tools/precompute_latents.py", "--src", f"{data}/{shards}", "--out", str(latents),
-                     "--ckpt", str(ae_export), "--resolution", "32", "--batch-size", "64"])
+        python_tool(["data_tools/precompute_latents.py", f"data={data}/{shards}", f"out={latents}",
+                     f"ckpt={ae_export}", "resolution=32", "batch_size=64"])
 
     # 4. The tiny text-to-image LDM, its samples and the prompt-adherence score.
     result_path = runs / "quickstart-ldm" / "result.json"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ldm_scale import storage
+from ldm_scale.choices import Choice
 from ldm_scale.data.shard_stats import summarise_download_stats
 from ldm_scale.data.shard_writer import write_sizes
 
@@ -29,10 +30,22 @@ IMG2DATASET_FIELDS = frozenset({"key", "caption", "url", "width", "height", "ori
                                 "status", "error_message", "exif", "md5", "sha256", "sha512"})
 
 
+class ResizeMode(Choice):
+    """img2dataset's ``resize_mode``."""
+
+    no = "no"
+    border = "border"
+    keep_ratio = "keep_ratio"
+    keep_ratio_largest = "keep_ratio_largest"
+    center_crop = "center_crop"
+
+
 @dataclass
 class DownloadConfig:
+    """img2dataset's settings (the fields of ``data_tools/download.py``'s command line)."""
+
     image_size: int = 256
-    resize_mode: str = "keep_ratio"  # img2dataset: no, border, keep_ratio, keep_ratio_largest, center_crop
+    resize_mode: ResizeMode = "keep_ratio"  # type: ignore[assignment]
     resize_only_if_bigger: bool = True
     min_image_size: int = 0
     encode_quality: int = 95
@@ -44,10 +57,15 @@ class DownloadConfig:
     url_col: str = "url"
     caption_col: str = "caption"
     # Input columns copied into each sample's JSON (and the shard parquet): "all" (every column but
-    # the url / caption columns and img2dataset's own fields), "none", or a list of names.
-    extra_columns: Union[str, List[str]] = "all"
+    # the url / caption columns and img2dataset's own fields), "none", or comma-separated names
+    # ("label,aesthetic"). One string, not a list: a command-line value, typed for Hydra.
+    extra_columns: str = "all"
     # Honour sites' "noai"/"noimageai" opt-outs (X-Robots-Tag) by default.
     disallowed_header_directives: List[str] = field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+
+    def extra_column_choice(self) -> Union[str, List[str]]:
+        """``extra_columns`` parsed: ``"all"``, ``"none"`` or the list of names."""
+        return parse_extra_columns(self.extra_columns)
 
 
 def _parquet_columns(parquet_url: str, cfg: Optional[storage.StorageConfig]) -> List[str]:
@@ -58,13 +76,13 @@ def _parquet_columns(parquet_url: str, cfg: Optional[storage.StorageConfig]) -> 
 
 
 def parse_extra_columns(spec: str) -> Union[str, List[str]]:
-    """``--extra-columns`` value: ``all``, ``none`` or comma-separated names."""
+    """An ``extra_columns`` value: ``all``, ``none`` or comma-separated names."""
     spec = spec.strip()
     if spec in ("all", "none"):
         return spec
     names = [c.strip() for c in spec.split(",") if c.strip()]
     if not names:
-        raise ValueError(f"--extra-columns {spec!r}: give all, none, or comma-separated column names")
+        raise ValueError(f"extra_columns={spec!r}: give all, none, or comma-separated column names")
     return names
 
 
@@ -101,9 +119,10 @@ def download_shards(parquet_url: str, out_url: str, dl: DownloadConfig = Downloa
     ``failed``, ``failed_by_error``, ...) plus ``shards`` and the ``extra_columns`` kept."""
     # Columns first: a wrong name fails before img2dataset's slow imports.
     available = _parquet_columns(parquet_url, cfg)
-    extra = extra_columns(available, dl.extra_columns, dl.url_col, dl.caption_col)
+    choice = dl.extra_column_choice()
+    extra = extra_columns(available, choice, dl.url_col, dl.caption_col)
     shadowed = sorted(IMG2DATASET_FIELDS.intersection(available) - {dl.url_col, dl.caption_col})
-    if dl.extra_columns == "all" and shadowed:
+    if choice == "all" and shadowed:
         log.warning("input columns %s are not kept: img2dataset writes fields of these names itself", shadowed)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import otherwise
     try:

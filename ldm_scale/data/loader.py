@@ -340,7 +340,7 @@ class ShardLoader:
         if cfg.samples_per_epoch is None and self.shard_set.sizes is None:
             raise ValueError(
                 f"no sizes.json or _stats.json next to the shards of {storage.redact(cfg.urls)}: run "
-                "`python data_tools/inspect_shards.py <urls>` (writes sizes.json) or set data.samples_per_epoch")
+                "`python data_tools/inspect_shards.py data=<urls>` (writes sizes.json) or set data.samples_per_epoch")
         needed = dist_info.world_size * self.num_workers
         if cfg.mode == "epoch" and len(self.shard_set.urls) < needed:
             raise ValueError(

@@ -190,7 +190,7 @@ class OnePassLoader:
         if self.shard_set.sizes is None:
             raise ValueError(
                 f"no sizes.json or _stats.json next to the shards of {storage.redact(cfg.urls)}: run "
-                "`python data_tools/inspect_shards.py <urls>` (writes sizes.json) so the pass can be planned")
+                "`python data_tools/inspect_shards.py data=<urls>` (writes sizes.json) so the pass can be planned")
         self.takes = plan_pass(self.shard_set.sizes, n_samples, seed)
         self._workers: Dict[int, Dict[str, Any]] = {}
         self._done = False

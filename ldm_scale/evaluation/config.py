@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from ldm_scale.cli import compose_command
 from ldm_scale.config import LoggerConfig
+from ldm_scale.data.commands import ShardInput
 from ldm_scale.data.config import Conditioning
 from ldm_scale.diffusion import SamplerConfig
 from ldm_scale.evaluation.inception import FID_WEIGHTS_SHA256
@@ -89,10 +90,9 @@ class FIDEvalConfig(CheckpointSource):
 
 
 @dataclass
-class ReferenceStatsConfig:
+class ReferenceStatsConfig(ShardInput):
     """``python data_tools/reference_stats.py data=<shard urls> n_samples=50000 [out=...]``."""
 
-    data: Optional[str] = None  # shard pattern(s), "::"-separated: s3://b/set/{00000..00099}.tar
     out: Optional[str] = None  # default: <shard dir>/reference_stats/<extractor>-<resize>_<res>px_n<N>.npz
     n_samples: int = 50000  # at most; N (file name, meta) is what went in: min(n_samples, set size) less dropped
     keep_images: int = 10000
@@ -106,8 +106,7 @@ class ReferenceStatsConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def check(self) -> None:
-        if not self.data:
-            raise ValueError("data= is required: shard URLs, e.g. data='s3://bucket/set/{00000..00099}.tar'")
+        self.require_data()
 
 
 def compose_fid_config(overrides: List[str]) -> FIDEvalConfig:

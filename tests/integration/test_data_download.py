@@ -1,6 +1,6 @@
 """data_tools/download.py runs img2dataset for real against images served on 127.0.0.1 (no outside
 traffic), including URLs that fail, and the shards it writes go through our loader; the input's
-extra columns reach each sample's JSON (``--extra-columns`` chooses), and
+extra columns reach each sample's JSON (``extra_columns=`` chooses), and
 data_tools/inspect_shards.py reports the failed downloads from img2dataset's stats files."""
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ def test_download_builds_loadable_shards(image_server, tmp_path, target, request
         env.update(s3.env)
     else:
         out = str(tmp_path / "shards")
-    result = run_python(["data_tools/download.py", "--parquet", parquet, "--out", out, "--image-size", "48",
-                         "--samples-per-shard", "8", "--threads", "4", "--timeout", "5"], env=env, timeout=300).check()
+    result = run_python(["data_tools/download.py", f"parquet={parquet}", f"out={out}", "image_size=48",
+                         "samples_per_shard=8", "threads=4", "timeout_s=5"], env=env, timeout=300).check()
     totals = json.loads(result.stdout.strip().splitlines()[-1])
     assert totals["successes"] == 12 and totals["failed"] == 3
     sizes = json.loads(storage.read_text(storage.join(out, "sizes.json")))
@@ -107,7 +107,7 @@ N_IMAGES, N_MISSING = 10, 2
 def labelled_download(tmp_path_factory):
     """One real download to a local directory of a parquet with extra columns (``label``, ``source``,
     ``aesthetic`` and a ``width`` column, a name img2dataset reserves) and 2 URLs that answer 404;
-    then ``--extra-columns aesthetic`` of the same input. Yields (rows, totals, out, totals_aesthetic,
+    then ``extra_columns=aesthetic`` of the same input. Yields (rows, totals, out, totals_aesthetic,
     out_aesthetic)."""
     tmp = tmp_path_factory.mktemp("labelled")
     www = tmp / "www"
@@ -125,12 +125,11 @@ def labelled_download(tmp_path_factory):
     with _serving(www) as base:
         parquet = str(tmp / "part0.parquet")
         _write_parquet(parquet, base, [dict(r) for r in rows])
-        common = ["--parquet", parquet, "--image-size", "48", "--samples-per-shard", "5", "--threads", "4",
-                  "--timeout", "5"]
+        common = [f"parquet={parquet}", "image_size=48", "samples_per_shard=5", "threads=4", "timeout_s=5"]
         out = str(tmp / "shards")
-        run = run_python(["data_tools/download.py", *common, "--out", out], env=env, timeout=300).check()
+        run = run_python(["data_tools/download.py", *common, f"out={out}"], env=env, timeout=300).check()
         out_a = str(tmp / "shards_aesthetic")
-        run_a = run_python(["data_tools/download.py", *common, "--out", out_a, "--extra-columns", "aesthetic"],
+        run_a = run_python(["data_tools/download.py", *common, f"out={out_a}", "extra_columns=aesthetic"],
                            env=env, timeout=300).check()
     last = lambda r: json.loads(r.stdout.strip().splitlines()[-1])  # noqa: E731
     yield rows, last(run), out, last(run_a), out_a
@@ -175,7 +174,7 @@ def test_download_and_inspect_report_failed_downloads(labelled_download, tmp_pat
     (error, count), = totals["failed_by_error"].items()
     assert "404" in error and count == N_MISSING
     report_url = str(tmp_path / "report.json")
-    result = run_python(["data_tools/inspect_shards.py", out + "/*.tar", "--no-sizes", "--report", report_url],
+    result = run_python(["data_tools/inspect_shards.py", f"data={out}/*.tar", "write_sizes=false", f"report={report_url}"],
                         timeout=120).check()
     summary = json.loads(result.stdout)
     downloads = summary["downloads"]

@@ -19,7 +19,7 @@ from ldm_scale.dist import DistInfo
 from ldm_scale.storage import StorageConfig, StorageError
 from tests.fixtures.s3 import free_port
 
-SYNTH = ["--num-samples", "32", "--samples-per-shard", "8", "--seed", "4", "--min-size", "32", "--max-size", "48"]
+SYNTH = ["num_samples=32", "samples_per_shard=8", "seed=4", "min_size=32", "max_size=48"]
 
 
 def _cfg(urls: str, storage_cfg: StorageConfig, **kw) -> DataConfig:
@@ -41,8 +41,8 @@ def test_gs_batches_equal_local_batches(gcs_server, tmp_path, capsys):
     make_synthetic = _make_synthetic()
     local = str(tmp_path / "shards")
     remote = gcs_server.url("shapes")
-    for root, extra in ((local, []), (remote, ["--anon"])):
-        assert make_synthetic.main(["--out", root, *SYNTH, *extra]) == 0
+    for root, extra in ((local, []), (remote, ["storage.anon=true"])):
+        assert make_synthetic.main([f"out={root}", *SYNTH, *extra]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["urls"] == remote + "/{00000..00003}.tar" and printed["shards"] == 4
     assert storage.listdir(remote, gcs_server.storage_config())[:2] == [remote + "/00000.parquet",

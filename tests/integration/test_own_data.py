@@ -6,7 +6,7 @@ vocabulary -> autoencoder -> latents -> text-to-image LDM (2 ranks) -> sample ->
 The commands are read from README.md between its ``own-data`` markers, so the README cannot drift
 from what is tested. What the test changes, and nothing else:
 
-* ``my_images.parquet`` is the digits' parquet; the commands run in a temporary directory (so their
+* ``parquet=my_images.parquet`` names the digits' parquet; the commands run in a temporary directory (so their
   relative outputs land there) with the scripts' paths made absolute;
 * ``torchrun --nproc_per_node N`` is the test suite's torchrun with the same N (c10d rendezvous on a
   free 127.0.0.1 port);
@@ -108,7 +108,7 @@ def digits_server(tmp_path):
 
 def run_readme_command(argv: list[str], parquet: Path, cwd: Path) -> str:
     """Run one README command with the substitutions of the module docstring; returns its stdout."""
-    argv = [str(parquet) if a == PARQUET_PLACEHOLDER else a for a in argv]
+    argv = [f"parquet={parquet}" if a == f"parquet={PARQUET_PLACEHOLDER}" else a for a in argv]
     nproc = None
     if argv[0] == "torchrun":
         assert argv[1] == "--nproc_per_node", argv

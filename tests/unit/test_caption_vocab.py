@@ -74,7 +74,7 @@ def test_cli_reads_s3_and_prints_the_overrides_the_experiment_takes(tmp_path, s3
     url = s3_server.url("captions")
     pattern = _caption_shards(url, [f"a handwritten digit {d}" for d in range(10)] * 2)
     out = tmp_path / "vocab.txt"
-    assert _cli().main([pattern, "--out", str(out)]) == 0
+    assert _cli().main([f"data={pattern}", f"out={out}"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["tokenizer"] == "wordpiece" and record["tokens"] == 4 + 13 and record["vocab"] == str(out)
     assert out.read_text().split()[:4] == list(V.SPECIAL_TOKENS)
@@ -89,7 +89,7 @@ def test_cli_reads_s3_and_prints_the_overrides_the_experiment_takes(tmp_path, s3
 
     # Open-ended captions: no file, the BPE overrides, which also complete the experiment.
     open_pattern = _caption_shards(s3_server.url("open"), [f"caption {i} says w{i}" for i in range(30)])
-    assert _cli().main([open_pattern, "--out", str(tmp_path / "none.txt")]) == 0
+    assert _cli().main([f"data={open_pattern}", f"out={tmp_path / 'none.txt'}"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["tokenizer"] == "bpe" and record["vocab"] is None and not (tmp_path / "none.txt").exists()
     cfg = C.to_object(C.compose(["experiment=txt2img_own_data", "data.urls=['s3://b/lat/*.tar']",
@@ -100,7 +100,7 @@ def test_cli_reads_s3_and_prints_the_overrides_the_experiment_takes(tmp_path, s3
 
 def test_cli_refuses_a_remote_vocabulary_path(tmp_path):
     with pytest.raises(SystemExit) as exc:
-        _cli().main([str(tmp_path / "*.tar"), "--out", "s3://bucket/vocab.txt"])
+        _cli().main([f"data={tmp_path / '*.tar'}", "out=s3://bucket/vocab.txt"])
     assert exc.value.code == 2
 
 

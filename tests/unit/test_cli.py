@@ -1,6 +1,7 @@
 """The command line every entry point but training shares (ldm_scale/cli.py: Hydra composition of
 conf/commands/), through the real entry points eval/fid.py, eval/recon.py,
-data_tools/reference_stats.py and launch/sample.py."""
+data_tools/*.py and launch/sample.py."""
+import importlib
 import importlib.util
 
 import pytest
@@ -120,3 +121,57 @@ def test_bad_argument_exits_without_traceback():
     assert "eval/recon.py: error: Value 'many' of type 'str' could not be converted to Integer (key batch_size)" \
         in res.stderr
     assert "Traceback" not in res.stderr
+
+
+DATA_TOOLS = {  # script: (valid arguments, one typed field they set, its value, a required key's message)
+    "data_tools/make_synthetic.py": (["out=s3://b/shapes", "labels=class", "num_samples=64"], "labels", "class",
+                                     "out= is required"),
+    "data_tools/download.py": (["parquet=p.parquet", "out=d", "extra_columns=label,aesthetic", "resize_mode=border"],
+                               "resize_mode", "border", "parquet= is required"),
+    "data_tools/inspect_shards.py": (["data=d/{00000..00003}.tar", "write_sizes=false"], "write_sizes", False,
+                                     "data= is required"),
+    "data_tools/build_vocab.py": (["data=d/*.tar", "out=v.txt", "max_samples=10"], "max_samples", 10,
+                                  "data= is required"),
+    "data_tools/precompute_latents.py": (["data=d/*.tar", "out=l", "ckpt=ae.pt", "resolution=32", "dtype=float32"],
+                                         "dtype", "float32", "data= is required"),
+}
+
+
+@pytest.mark.parametrize("script", sorted(DATA_TOOLS))
+def test_data_tools_are_hydra_commands_that_check_before_any_work(script, capsys, tmp_path, monkeypatch):
+    """Each data tool composes its conf/commands/<tool>.yaml: typed values, --help with the keys, and a
+    bad key, a bad choice or a missing input exit 2 with one line before anything is read or written."""
+    from ldm_scale import cli
+
+    name = script.rsplit("/", 1)[-1].removesuffix(".py")
+    module = load_script(script)
+    argv, key, value, required = DATA_TOOLS[script]
+    schema = {"make_synthetic": "MakeSyntheticConfig", "download": "DownloadCommandConfig",
+              "inspect_shards": "InspectShardsConfig", "build_vocab": "BuildVocabConfig",
+              "precompute_latents": "PrecomputeLatentsConfig"}[name]
+    cfg = compose_command(name, getattr(importlib.import_module("ldm_scale.data.commands"), schema), argv)
+    got = getattr(cfg, key)
+    assert got == value and type(got) is type(value)  # a plain str at run time, not the Enum member
+
+    with pytest.raises(SystemExit) as info:
+        module.main(["--help"])
+    shown = capsys.readouterr().out
+    assert info.value.code == 0 and "Keys and defaults" in shown and f"{key}:" in shown and "storage:" in shown
+
+    monkeypatch.chdir(tmp_path)  # nothing may be written: the directory stays empty
+    bad = [(argv + ["bogus_key=1"], "unknown config key bogus_key"), ([], required)]
+    if name == "make_synthetic":
+        bad.append((["out=x", "labels=caption"], "expected one of [text, class, both] (key labels)"))
+    if name == "precompute_latents":
+        bad.append((["data=d/*.tar", "out=l", "resolution=32"], "ckpt= is required"))
+        bad.append((argv + ["architecture=kl_f99"], "architecture='kl_f99' is not a registered autoencoder"))
+    if name == "download":
+        bad.append((["parquet=p", "out=d", "extra_columns=,"], "extra_columns=','"))
+    for args, message in bad:
+        with pytest.raises(SystemExit) as info:
+            module.main(args)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.startswith(f"{script}: error: ") and message in err, (args, err)
+        assert err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+    assert cli.COMMANDS_DIR.joinpath(f"{name}.yaml").is_file()

@@ -28,7 +28,7 @@ def test_inspect_counts_damage_and_writes_sizes(tmp_path, capsys):
     storage.rm(root + "/sizes.json")
     whole = tar_bytes([{"__key__": f"k{i}", "jpg": b"\xff\xd8junk" * 50, "txt": "cap"} for i in range(3)])
     storage.write_bytes(root + "/00003.tar", whole[: 2 * 2560 + 512 + 100])  # cut inside sample 3's jpg
-    assert _cli().main([root + "/{00000..00003}.tar", "--report", root + "/report.json", "--threads", "2"]) == 0
+    assert _cli().main([f"data={root}/{{00000..00003}}.tar", f"report={root}/report.json", "threads=2"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["num_shards"] == 4
     report = json.loads(storage.read_text(root + "/report.json"))
@@ -50,7 +50,7 @@ def test_inspect_reports_failed_downloads_from_the_stats_files(where, tmp_path, 
         "count": 11, "successes": 8, "failed_to_download": 3, "failed_to_resize": 0,
         "status_dict": {"success": 8, "HTTP Error 404: File not found": 2, "<urlopen error timed out>": 1}}))
     storage.rm(root + "/00002_stats.json")
-    assert _cli().main([root + "/{00000..00002}.tar", "--no-sizes", "--report", root + "/report.json"]) == 0
+    assert _cli().main([f"data={root}/{{00000..00002}}.tar", "write_sizes=false", f"report={root}/report.json"]) == 0
     out, err = capsys.readouterr()
     downloads = json.loads(out)["downloads"]
     attempted = int(first["count"]) + 11

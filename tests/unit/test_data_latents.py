@@ -38,8 +38,7 @@ def test_precompute_resume_and_load(tmp_path):
     ckpt = str(tmp_path / "ae.pt")
     model = _export_tiny_autoencoder(ckpt)
     pattern = src + "/{00000..00002}.tar"
-    args = ["--src", pattern, "--out", out, "--ckpt", ckpt, "--resolution", "32", "--batch-size", "5",
-            "--dtype", "float32"]
+    args = [f"data={pattern}", f"out={out}", f"ckpt={ckpt}", "resolution=32", "batch_size=5", "dtype=float32"]
     assert cli.main(args) == 0
     assert json.loads(storage.read_text(out + "/sizes.json")) == {"00000.tar": 8, "00001.tar": 8, "00002.tar": 8}
     meta = json.loads(storage.read_text(out + "/dataset.json"))
