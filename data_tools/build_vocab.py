@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm_scale import storage  # noqa: E402
-from ldm_scale.cli import config_from_argv, report_input_errors  # noqa: E402
+from ldm_scale.cli import report_input_errors, start_command  # noqa: E402
 from ldm_scale.data import caption_vocab  # noqa: E402
 from ldm_scale.data.commands import BuildVocabConfig  # noqa: E402
 
@@ -34,8 +34,7 @@ PROGRAM = "data_tools/build_vocab.py"
 
 
 def main(argv=None) -> int:
-    cfg = config_from_argv(sys.argv[1:] if argv is None else argv, "build_vocab", BuildVocabConfig,
-                           program=PROGRAM, doc=__doc__)
+    cfg = start_command(argv, "build_vocab", BuildVocabConfig, program=PROGRAM, doc=__doc__)
     words = report_input_errors(PROGRAM, lambda: caption_vocab.count_caption_words(
         cfg.shard_patterns(), cfg.storage, lowercase=not cfg.cased, max_samples=cfg.max_samples,
         stop_above_tokens=cfg.max_tokens))

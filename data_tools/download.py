@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from ldm_scale.cli import config_from_argv, report_input_errors  # noqa: E402
+from ldm_scale.cli import report_input_errors, start_command  # noqa: E402
 from ldm_scale.data.commands import DownloadCommandConfig  # noqa: E402
 from ldm_scale.data.download import download_shards  # noqa: E402
 
@@ -31,8 +31,7 @@ PROGRAM = "data_tools/download.py"
 
 
 def main(argv=None) -> int:
-    cfg = config_from_argv(sys.argv[1:] if argv is None else argv, "download", DownloadCommandConfig,
-                           program=PROGRAM, doc=__doc__)
+    cfg = start_command(argv, "download", DownloadCommandConfig, program=PROGRAM, doc=__doc__)
     # A column that is not in the input or that img2dataset reserves: one line, exit 2.
     totals = report_input_errors(PROGRAM, lambda: download_shards(cfg.parquet, cfg.out, cfg, cfg.storage))
     print(json.dumps(totals))

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm_scale import storage  # noqa: E402
-from ldm_scale.cli import config_from_argv, report_input_errors  # noqa: E402
+from ldm_scale.cli import report_input_errors, start_command  # noqa: E402
 from ldm_scale.data.commands import InspectShardsConfig  # noqa: E402
 from ldm_scale.data.shard_stats import format_downloads, inspect_shards  # noqa: E402
 
@@ -31,8 +31,7 @@ PROGRAM = "data_tools/inspect_shards.py"
 
 
 def main(argv=None) -> int:
-    cfg = config_from_argv(sys.argv[1:] if argv is None else argv, "inspect_shards", InspectShardsConfig,
-                           program=PROGRAM, doc=__doc__)
+    cfg = start_command(argv, "inspect_shards", InspectShardsConfig, program=PROGRAM, doc=__doc__)
     report = report_input_errors(PROGRAM, lambda: inspect_shards(cfg.shard_patterns(), cfg.storage, threads=cfg.threads,
                                                                  write_sizes_json=cfg.write_sizes))
     if cfg.report:

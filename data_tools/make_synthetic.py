@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm_scale import storage  # noqa: E402
-from ldm_scale.cli import config_from_argv, report_input_errors  # noqa: E402
+from ldm_scale.cli import report_input_errors, start_command  # noqa: E402
 from ldm_scale.data.commands import MakeSyntheticConfig  # noqa: E402
 from ldm_scale.data.synthetic import write_synthetic_dataset  # noqa: E402
 
@@ -26,8 +26,7 @@ PROGRAM = "data_tools/make_synthetic.py"
 
 
 def main(argv=None) -> int:
-    cfg = config_from_argv(sys.argv[1:] if argv is None else argv, "make_synthetic", MakeSyntheticConfig,
-                           program=PROGRAM, doc=__doc__)
+    cfg = start_command(argv, "make_synthetic", MakeSyntheticConfig, program=PROGRAM, doc=__doc__)
     shards = report_input_errors(PROGRAM, lambda: write_synthetic_dataset(
         cfg.out, num_samples=cfg.num_samples, samples_per_shard=cfg.samples_per_shard, seed=cfg.seed,
         min_size=cfg.min_size, max_size=cfg.max_size, labels=cfg.labels, cfg=cfg.storage))

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm_scale import dist, storage  # noqa: E402
-from ldm_scale.cli import config_from_argv, report_input_errors  # noqa: E402
+from ldm_scale.cli import report_input_errors, start_command  # noqa: E402
 from ldm_scale.data.commands import PrecomputeLatentsConfig  # noqa: E402
 from ldm_scale.data.latents import finalize_latent_dataset, load_autoencoder, precompute_latents  # noqa: E402
 
@@ -26,11 +26,7 @@ PROGRAM = "data_tools/precompute_latents.py"
 
 
 def main(argv=None) -> int:
-    from ldm_scale.logging import setup_console
-
-    setup_console()  # library warnings off (LDM_SCALE_SHOW_LIBRARY_WARNINGS=1 shows them)
-    cfg = config_from_argv(sys.argv[1:] if argv is None else argv, "precompute_latents", PrecomputeLatentsConfig,
-                           program=PROGRAM, doc=__doc__)
+    cfg = start_command(argv, "precompute_latents", PrecomputeLatentsConfig, program=PROGRAM, doc=__doc__)
     # A missing or wrong checkpoint: one line, exit 2, before any process group or shard.
     model = report_input_errors(PROGRAM, lambda: load_autoencoder(cfg.ckpt, cfg.architecture, cfg.storage))
     info = dist.init_distributed()

@@ -16,14 +16,13 @@ plus features, labels/captions and a JSON ``meta`` (docs/evaluation.md).
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm_scale import dist, storage  # noqa: E402
-from ldm_scale.cli import config_from_argv, report_input_errors  # noqa: E402
+from ldm_scale.cli import config_from_argv, report_input_errors, start_command  # noqa: E402
 from ldm_scale.evaluation.config import ReferenceStatsConfig  # noqa: E402
 from ldm_scale.evaluation.features import check_extractor_weights, extractor_from_config  # noqa: E402
 from ldm_scale.evaluation.reference import load_reference, reference_from_shards  # noqa: E402
@@ -34,11 +33,8 @@ def parse_config(argv: list[str]) -> ReferenceStatsConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from ldm_scale.logging import setup_console
-
-    setup_console()  # library warnings off (LDM_SCALE_SHOW_LIBRARY_WARNINGS=1 shows them)
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    cfg = start_command(argv, "reference_stats", ReferenceStatsConfig, program="data_tools/reference_stats.py",
+                        doc=__doc__)
     # The Inception weights' hash before any shard is read (one line, exit 2).
     report_input_errors("data_tools/reference_stats.py",
                         lambda: check_extractor_weights(cfg.extractor, storage_cfg=cfg.storage))

@@ -17,13 +17,12 @@ resumes: finished sample and feature chunks are kept. The JSON record is printed
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm_scale.cli import config_from_argv, report_input_errors  # noqa: E402
+from ldm_scale.cli import config_from_argv, report_input_errors, start_command  # noqa: E402
 from ldm_scale.evaluation.config import FIDEvalConfig  # noqa: E402
 from ldm_scale.evaluation.evaluate import run_fid_eval  # noqa: E402
 from ldm_scale.evaluation.features import check_extractor_weights  # noqa: E402
@@ -34,11 +33,7 @@ def parse_config(argv: list[str]) -> FIDEvalConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from ldm_scale.logging import setup_console
-
-    setup_console()  # library warnings off (LDM_SCALE_SHOW_LIBRARY_WARNINGS=1 shows them)
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    cfg = start_command(argv, "fid", FIDEvalConfig, program="eval/fid.py", doc=__doc__)
     # The Inception weights' hash first: before any checkpoint is read or sample generated.
     report_input_errors("eval/fid.py", lambda: check_extractor_weights(cfg.extractor, storage_cfg=cfg.storage))
     record = report_input_errors("eval/fid.py", lambda: run_fid_eval(cfg))

@@ -14,13 +14,12 @@ docs/autoencoders.md.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm_scale.cli import config_from_argv, report_input_errors  # noqa: E402
+from ldm_scale.cli import config_from_argv, report_input_errors, start_command  # noqa: E402
 from ldm_scale.evaluation.features import check_extractor_weights  # noqa: E402
 from ldm_scale.evaluation.recon import ReconEvalConfig, run_recon_eval  # noqa: E402
 
@@ -30,11 +29,7 @@ def parse_config(argv: list[str]) -> ReconEvalConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from ldm_scale.logging import setup_console
-
-    setup_console()  # library warnings off (LDM_SCALE_SHOW_LIBRARY_WARNINGS=1 shows them)
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    cfg = start_command(argv, "recon", ReconEvalConfig, program="eval/recon.py", doc=__doc__)
     if cfg.rfid:  # the Inception weights' hash first: before the checkpoint is read
         report_input_errors("eval/recon.py", lambda: check_extractor_weights(cfg.extractor))
     record = report_input_errors("eval/recon.py", lambda: run_recon_eval(cfg))

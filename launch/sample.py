@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm_scale.cli import compose_command, config_from_argv, report_input_errors  # noqa: E402
+from ldm_scale.cli import compose_command, report_input_errors, start_command  # noqa: E402
 from ldm_scale.sampling import SampleConfig, run  # noqa: E402
 
 
@@ -29,11 +29,8 @@ def parse(argv: list[str]) -> SampleConfig:
 
 
 def main(argv: list[str]) -> int:
-    from ldm_scale.logging import setup_console
-
-    setup_console()  # library warnings off (LDM_SCALE_SHOW_LIBRARY_WARNINGS=1 shows them)
     try:  # exit statuses as returned values: tests and launch/quickstart.py call main() in-process
-        cfg = config_from_argv(argv, "sample", SampleConfig, program="launch/sample.py", doc=__doc__)
+        cfg = start_command(argv, "sample", SampleConfig, program="launch/sample.py", doc=__doc__)
         summary = report_input_errors("launch/sample.py", lambda: run(cfg))
     except SystemExit as exc:
         return int(exc.code or 0)

@@ -149,6 +149,19 @@ def config_from_argv(argv: Sequence[str], name: str, schema: Type[T], *, program
         raise SystemExit(2) from None
 
 
+def start_command(argv: Sequence[str] | None, name: str, schema: Type[T], *, program: str, doc: str) -> T:
+    """What every command does first: timestamped INFO logging, library warnings off
+    (``LDM_SCALE_SHOW_LIBRARY_WARNINGS=1`` shows them), then :func:`config_from_argv` of ``argv``
+    (``sys.argv[1:]`` when None)."""
+    import logging
+
+    from ldm_scale.logging import setup_console
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_console()
+    return config_from_argv(sys.argv[1:] if argv is None else argv, name, schema, program=program, doc=doc)
+
+
 def input_errors() -> tuple:
     """What the loading and evaluation code raises for input it cannot use: ``ValueError`` (a file
     that is no export or of the wrong kind, a bad setting), the file errors of a missing or

@@ -535,7 +535,7 @@ __all__: List[str] = [
     "ZeroConfig", "DeepSpeedConfig", "OptimConfig", "BatchPlan", "build_ds_config",
     "model_init_context", "param_groups", "lr_multiplier", "initialize_engine", "autocast",
     "engine_stats", "step_status", "inner_optimizer", "adamw_kernel", "configure_device_math", "apply_memory_format",
-    "to_memory_format", "local_param_and_optimizer_bytes", "peak_lr", "destroy", "local_fp32_partition",
+    "to_memory_format", "local_param_and_optimizer_bytes", "peak_lr", "local_fp32_partition",
     "full_fp32_param", "gathered_parameters", "load_engine_checkpoint", "universal_conversion_command",
     "fp32_state_dict_from_zero_checkpoint",
 ]

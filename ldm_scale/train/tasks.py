@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ldm_scale import dist
-from ldm_scale.config import Config, Plan
+from ldm_scale.config import Config, EvalConfig, ModelConfig, Plan, TrainConfig
 from ldm_scale.data.device import unit_range
 from ldm_scale.diffusion import (
     DiffusionConfig,
@@ -42,6 +42,7 @@ from ldm_scale.models.conditioners import build_conditioner
 from ldm_scale.models.ldm import LatentDiffusion, apply_denoiser
 from ldm_scale.models.registry import LDMSpec
 from ldm_scale.models.unet import UNetModel
+from ldm_scale.storage import StorageConfig
 from ldm_scale.train import compile as compile_lib
 from ldm_scale.train import engine as ds_engine
 from ldm_scale.train import health, precision
@@ -106,47 +107,53 @@ def _raw_condition(batch: Dict[str, Any], conditioning: str) -> Any:
 class LDMTask:
     """Latent diffusion training (Rombach et al. 2022, Sec. 3.2-3.3) on images or pre-encoded latents."""
 
-    def __init__(self, cfg: Config, plan: Plan, *, device: torch.device, total_steps: int):
+    def __init__(self, plan: Plan, *, model: ModelConfig, diffusion: DiffusionConfig,
+                 deepspeed: ds_engine.DeepSpeedConfig, optim: ds_engine.OptimConfig, train: TrainConfig,
+                 eval_cfg: EvalConfig, conditioning: str, storage: StorageConfig, seed: int, device: torch.device,
+                 total_steps: int):
+        """The config slices the task reads (:func:`build_task` passes them from the run's config);
+        ``plan`` is what ``validate()`` derived (the resolved spec, batch plan, sizes)."""
         assert plan.spec is not None, "validate() resolves the LDM spec for task=ldm"
         spec: LDMSpec = plan.spec
-        self.cfg, self.plan, self.spec, self.device = cfg, plan, spec, device
-        self.conditioning = cfg.data.conditioning
-        self.ds_config = ds_engine.build_ds_config(cfg.deepspeed, plan.batch)
+        self.plan, self.spec, self.device = plan, spec, device
+        self.diffusion, self.deepspeed, self.train_cfg, self.eval_cfg = diffusion, deepspeed, train, eval_cfg
+        self.conditioning = conditioning
+        self.ds_config = ds_engine.build_ds_config(deepspeed, plan.batch)
 
         # 1. Frozen parts, outside DeepSpeed (never sharded, never in the optimizer or checkpoints).
         #    The first stage keeps fp32 storage (it is exported and decodes samples) and computes
         #    under the run's autocast; a frozen text encoder is stored in the policy's frozen dtype
         #    (train/precision.py).
-        first_stage = build_first_stage(cfg.model, spec, device, cfg.storage)
+        first_stage = build_first_stage(model, spec, device, storage)
         joint = spec.cond_stage.kind in JOINTLY_TRAINED_CONDITIONERS
-        frozen = precision.frozen_dtype(cfg.deepspeed.precision, cfg.deepspeed.frozen_precision, device)
+        frozen = precision.frozen_dtype(deepspeed.precision, deepspeed.frozen_precision, device)
         cond_stage = None if joint else build_conditioner(spec.cond_stage).to(device=device, dtype=frozen)
 
         # 2. Trainable parts; under ZeRO-3 partitioned as they are constructed. Same seed on every
         #    rank so ZeRO-1/2 replicas start equal (DeepSpeed also broadcasts rank 0's weights).
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         with ds_engine.model_init_context(self.ds_config):
             unet = UNetModel(spec.unet)
             if joint:
                 cond_stage = build_conditioner(spec.cond_stage)
-        unet.set_activation_checkpointing(cfg.model.activation_checkpointing)
+        unet.set_activation_checkpointing(model.activation_checkpointing)
         self.ldm = LatentDiffusion(unet, first_stage, cond_stage, spec.scale_factor, spec.parameterization)
         self.ldm.to(device)
         self.train_module = DiffusionTrainModule(
-            unet, cond_stage if getattr(cond_stage, "trainable", False) else None, cfg.diffusion)
+            unet, cond_stage if getattr(cond_stage, "trainable", False) else None, diffusion)
         # Compiled after activation checkpointing, before DeepSpeed wraps it (train/compile.py).
         compile_lib.log_compiled("trainable", compile_lib.apply_compile(
-            self.train_module, cfg.train.compile, zero_stage=self.ds_config["zero_optimization"]["stage"]))
-        compile_lib.log_compiled("frozen", compile_lib.apply_frozen_compile(first_stage, cfg.train.compile))
+            self.train_module, train.compile, zero_stage=self.ds_config["zero_optimization"]["stage"]))
+        compile_lib.log_compiled("frozen", compile_lib.apply_frozen_compile(first_stage, train.compile))
 
         # 3. The engine wraps only the trainable module (in channels_last first, when asked).
-        ds_engine.configure_device_math(cfg.deepspeed)
-        ds_engine.apply_memory_format(self.train_module, cfg.deepspeed)
-        self.engine = ds_engine.initialize_engine(self.train_module, self.ds_config, cfg.optim, plan.batch,
+        ds_engine.configure_device_math(deepspeed)
+        ds_engine.apply_memory_format(self.train_module, deepspeed)
+        self.engine = ds_engine.initialize_engine(self.train_module, self.ds_config, optim, plan.batch,
                                                   total_steps)
-        self.scale_factor_ready = cfg.model.scale_factor_mode == "spec"
+        self.scale_factor_ready = model.scale_factor_mode == "spec"
         # Per-rank noise / dropout stream (the global torch RNG, saved in rng_rank<R>.pt by checkpoints).
-        torch.manual_seed(cfg.seed + 7919 * (dist.get_dist_info().rank + 1))
+        torch.manual_seed(seed + 7919 * (dist.get_dist_info().rank + 1))
 
     # ----------------------------------------------------------------------------- loop interface
     @property
@@ -216,18 +223,18 @@ class LDMTask:
         self.engine.train()
         loss_sum = torch.zeros((), device=self.device)
         nonfinite = torch.zeros((), device=self.device)
-        buckets = self.cfg.train.timestep_buckets
+        buckets = self.train_cfg.timestep_buckets
         bucket_sum = torch.zeros(buckets, device=self.device)
         bucket_count = torch.zeros(buckets, device=self.device)
-        width = math.ceil(self.cfg.diffusion.num_timesteps / buckets)
+        width = math.ceil(self.diffusion.num_timesteps / buckets)
         for batch in micro_batches:
             if not self.scale_factor_ready:
                 self.estimate_scale_factor(batch)
-            z0 = ds_engine.to_memory_format(self._unscaled_latents(batch) * self.ldm.scale_factor, self.cfg.deepspeed)
+            z0 = ds_engine.to_memory_format(self._unscaled_latents(batch) * self.ldm.scale_factor, self.deepspeed)
             raw = _raw_condition(batch, self.conditioning)
             null = (functools.partial(self.ldm.cond_stage.null_raw, tokens=True)
                     if self.conditioning == "text" and isinstance(raw, torch.Tensor) else self.ldm.cond_stage.null_raw)
-            raw, _ = drop_conditions(raw, self.cfg.diffusion.cond_drop_prob, null)
+            raw, _ = drop_conditions(raw, self.diffusion.cond_drop_prob, null)
             if isinstance(raw, torch.Tensor):
                 raw = raw.to(self.device)
             with self._autocast():
@@ -247,7 +254,7 @@ class LDMTask:
         applied, grad_norm, searching = ds_engine.step_status(self.engine, self.ds_config)
         n = len(micro_batches)
         metrics = {"loss": (loss_sum, health.device_scalar(n, self.device))}
-        T = self.cfg.diffusion.num_timesteps
+        T = self.diffusion.num_timesteps
         for b in range(buckets):
             metrics[f"loss_by_t/{b * width}-{min((b + 1) * width, T) - 1}"] = (bucket_sum[b], bucket_count[b])
         return StepOutput(metrics, health.local_health(loss_sum, n, nonfinite, grad_norm, applied, searching))
@@ -289,7 +296,7 @@ class LDMTask:
 
     # ----------------------------------------------------------------------------- sampling
     def _eval_conditions(self) -> Tuple[List[Any], List[str]]:
-        ev = self.cfg.eval
+        ev = self.eval_cfg
         if self.conditioning == "text":
             return list(ev.prompts), list(ev.prompts)
         if self.conditioning == "class":
@@ -325,7 +332,7 @@ class LDMTask:
             idx = mine[start:start + batch_size]
             out.append(sample_images(
                 live, self._batch_raw([conditions[i] for i in idx]), len(idx), sampler, height=size, width=size,
-                generator=PerSampleGenerators(seed, idx), precision=self.cfg.deepspeed.precision,
+                generator=PerSampleGenerators(seed, idx), precision=self.deepspeed.precision,
                 x_T=initial_noise((self.plan.latent_channels, h, h), idx, seed, self.device)).cpu())
         self.train_module.train(was_training)
         local = torch.cat(out) if out else torch.zeros(0, 3, size, size)
@@ -343,14 +350,16 @@ class LDMTask:
         conditions, captions = self._eval_conditions()
         if not conditions:
             return []
-        images = self.generate(conditions, seed=self.cfg.eval.seed, sampler=self.cfg.eval.sampler)
+        images = self.generate(conditions, seed=self.eval_cfg.seed, sampler=self.eval_cfg.sampler)
         return [("samples", images, captions)]
 
 
 def build_task(cfg: Config, plan: Plan, *, device: torch.device, total_steps: int):
     """The task ``cfg.task`` names, built with its engines (see the module docstring)."""
     if cfg.task == "ldm":
-        return LDMTask(cfg, plan, device=device, total_steps=total_steps)
+        return LDMTask(plan, model=cfg.model, diffusion=cfg.diffusion, deepspeed=cfg.deepspeed, optim=cfg.optim,
+                       train=cfg.train, eval_cfg=cfg.eval, conditioning=cfg.data.conditioning, storage=cfg.storage,
+                       seed=cfg.seed, device=device, total_steps=total_steps)
     if cfg.task == "autoencoder":
         from ldm_scale.train.autoencoder_task import build_autoencoder_task
 
