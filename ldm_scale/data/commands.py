@@ -15,9 +15,7 @@ from typing import List, Optional
 from ldm_scale.choices import Choice
 from ldm_scale.data.caption_vocab import MAX_TOKENS, MAX_UNSEEN
 from ldm_scale.data.download import DownloadConfig
-from ldm_scale.storage import StorageConfig, is_local
-
-SHARD_SEPARATOR = "::"  # between shard patterns in one `data=` value (a brace pattern may hold commas)
+from ldm_scale.storage import URL_LIST_SEPARATOR, StorageConfig, is_local
 
 
 @dataclass
@@ -28,7 +26,7 @@ class ShardInput:
     data: Optional[str] = None
 
     def shard_patterns(self) -> List[str]:
-        return [u for u in (self.data or "").split(SHARD_SEPARATOR) if u]
+        return [u for u in (self.data or "").split(URL_LIST_SEPARATOR) if u]
 
     def require_data(self) -> None:
         if not self.shard_patterns():
