@@ -64,9 +64,11 @@ def main() -> None:
         import torch
         from torch import nn
 
+        from ldm_scale.train import ds_ops
         from ldm_scale.train.checkpoint import CheckpointConfig, CheckpointManager, standard_states
         from ldm_scale.train.ema import CpuEma, EmaConfig
 
+        ds_ops.prepare()  # as training does (no JIT build of the CPU shm comm op)
         width = int((args.params / 4) ** 0.5)
         model = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(4)])
         ds = {"train_micro_batch_size_per_gpu": 64, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,

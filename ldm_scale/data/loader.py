@@ -39,6 +39,15 @@ again from the start).
 Every rank yields exactly :attr:`ShardLoader.batches_per_epoch` batches: a worker that runs out of
 shards early (heavy filtering, uneven shards) continues with further passes over its own shards,
 so no rank waits for another at the end of an epoch.
+
+Why one module of ~600 lines: its state is one position shared by the worker-side stream
+(:func:`_worker_stream`, :class:`_EpochDataset`) and the main-process hand-out
+(:class:`ShardLoader`), and every invariant above (what a position means, when it is recorded, the
+worker rotation across epochs and resumes, the re-split on a new topology) holds between those two
+halves; split, neither would be readable without the other open. The parts with a job of their own
+already live apart: shard order and splitting (``shards.py``), tar reading (``tar_stream.py``),
+sample checks (``filters.py``), decode and crop (``transforms.py``), the device hand-off
+(``device.py``), the one-pass reader (``one_pass.py``).
 """
 from __future__ import annotations
 

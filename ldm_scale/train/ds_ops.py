@@ -27,6 +27,11 @@ but a live holder (a stuck build, an orphaned rank) is still waited on without a
 
 Holders are found on this host (``/proc/locks``, ``/proc/<pid>/fd``): with an old torch on a
 network home shared by several nodes, set ``TORCH_EXTENSIONS_DIR`` to a node-local directory.
+
+Why one module of ~460 lines: the three parts above share one mechanism, the guarded build (lock
+inspection on this host, the waiting loop, the build log), and are tested together against real
+builds (``tests/integration/test_ds_op_build.py``); about a fifth of its lines are docstrings
+and the why-comments at each lock and process check.
 """
 from __future__ import annotations
 

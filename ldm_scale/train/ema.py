@@ -45,6 +45,12 @@ so periodic sample grids and end-of-run scores show the weights that are exporte
 A full EMA state dict is assembled only on request (:meth:`CpuEma.full_state_dict`, a collective of
 flat fp32 tensors in bounded chunks, to the ranks that need it: all of them under ZeRO-1/2, rank 0
 under ZeRO-3) or offline from the per-rank shards of a checkpoint (:func:`assemble_full_state_dict`).
+
+Why one module of ~550 lines: :class:`CpuEma` is one object with one shard layout, and its update
+(staging copies, the worker thread, the pre-step wait), its checkpoint state (save, load, re-split
+to a new world size) and the swap for sampling all read and write that layout; the free functions
+below it (owner split, chunk placement, assembly of a full state dict) are its format, used by the
+export too. The DeepSpeed calls it needs are in ``train/engine.py``.
 """
 from __future__ import annotations
 

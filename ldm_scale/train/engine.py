@@ -17,6 +17,12 @@ Order of application (see STYLE.md, principle 2):
 
 DeepSpeed's JIT-built C++ ops (where they are built, build locks, compiler output, the CPU comm op
 that is skipped) are handled by :mod:`ldm_scale.train.ds_ops` before DeepSpeed first starts.
+
+Why one module of ~540 lines: it is the training side's whole DeepSpeed adapter by design (the
+rule above: one place that imports DeepSpeed, so a DeepSpeed upgrade is read against one file):
+the config translation and engine construction, the step-status and optimizer accessors the loop
+reads, and the ZeRO accessors and checkpoint calls the EMA, the checkpoint manager and the export
+use (the section at its end). The JIT op handling is split out (``train/ds_ops.py``).
 """
 from __future__ import annotations
 

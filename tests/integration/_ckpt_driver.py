@@ -48,6 +48,10 @@ class ToyLoader:
 def build_engine(stage: int, hidden: int, accum: int):
     import deepspeed
 
+    from ldm_scale.train import ds_ops
+
+    ds_ops.prepare()  # as training does: no JIT build of the CPU shm comm op training never uses
+
     torch.manual_seed(1234)
     model = nn.Sequential(nn.Linear(16, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                           nn.Linear(hidden, 4))

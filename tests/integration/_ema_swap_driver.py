@@ -23,6 +23,9 @@ from tests.integration._ckpt_driver import ToyLoader, full_params
 def build(stage: int):
     import deepspeed
 
+    from ldm_scale.train import ds_ops
+
+    ds_ops.prepare()  # as training does: no JIT build of the CPU shm comm op training never uses
     torch.manual_seed(4321)
     model = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 32), nn.SiLU(), nn.Linear(32, 4))
     # A persistence threshold above the biases' size keeps them whole on every rank under ZeRO-3:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +57,11 @@ def test_metrics_are_logged_with_explicit_steps(run):
         assert 0 < r["ema/decay"] < 1
         assert any(k.startswith("train/loss_by_t/") for k in r)
     assert rows[-1]["eval/prompt_adherence_chance"] == pytest.approx(0.2444, abs=1e-3)
+    # It learns, at this fixed seed: eps-prediction starts near E[eps^2] = 1 and each logged window
+    # is below the one before (measured 0.935, 0.860, 0.821). Prompt adherence above chance takes
+    # the quickstart's ~1300 steps on a trained first stage (0.568 vs 0.244, README), not 6.
+    losses = [r["train/loss"] for r in train_rows]
+    assert losses == sorted(losses, reverse=True) and losses[0] - losses[-1] > 0.05, losses
 
 
 def test_wandb_offline_run_holds_metrics_and_images(run):

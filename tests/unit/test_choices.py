@@ -9,6 +9,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from ldm_scale import config as C
+from ldm_scale.config.compose import _nodes
 from ldm_scale.choices import Choice
 from ldm_scale.train.precision import DTYPES, Precision
 
@@ -24,7 +25,7 @@ def test_a_member_behaves_as_its_string():
 
 def _choice_fields(cfg):
     """Paths of the fields annotated with a Choice, and their values."""
-    for path, node in C._nodes(cfg):
+    for path, node in _nodes(cfg):
         if dataclasses.is_dataclass(node) and not isinstance(node, type):
             hints = typing.get_type_hints(type(node))
             for f in dataclasses.fields(node):
