@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -71,6 +71,17 @@ def default_device(info: DistInfo | None = None) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", info.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def resolve_device(name: Optional[str], info: DistInfo | None = None) -> torch.device:
+    """A command's ``device=`` setting: None or ``auto`` is :func:`default_device`; ``cuda`` on a
+    machine without CUDA is refused with the fix instead of failing at the first tensor."""
+    if name is None or name == "auto":
+        return default_device(info)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} requested but CUDA is not available: use device=cpu or device=auto")
+    return device
 
 
 INIT_TIMEOUT_ENV = "LDM_SCALE_INIT_TIMEOUT_S"

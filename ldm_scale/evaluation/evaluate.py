@@ -159,7 +159,7 @@ def compute_metrics(cfg: FIDEvalConfig, gen: Dict[str, np.ndarray], refd: Dict[s
     n, dim = gen["pool"].shape
     if m.precision_recall:
         out.update(precision_recall(refd["features"], gen["pool"], k=m.pr_k, batch_size=m.pr_batch_size,
-                                    device=_metric_device(cfg), distributed=True))
+                                    device=dist.resolve_device(cfg.device), distributed=True))
     if not dist.get_dist_info().is_main:
         return out
     with warnings.catch_warnings(record=True) as caught:
@@ -184,15 +184,11 @@ def compute_metrics(cfg: FIDEvalConfig, gen: Dict[str, np.ndarray], refd: Dict[s
     return out
 
 
-def _metric_device(cfg: FIDEvalConfig) -> torch.device:
-    return torch.device(cfg.device) if cfg.device else dist.default_device()
-
-
 def clip_score_of_samples(cfg: FIDEvalConfig, samples_url: str, run_url: str) -> float:
     """CLIP score of the generated images against their captions (rank 0 computes; collective)."""
     from ldm_scale.evaluation.clip_score import clip_score
 
-    clip = get_extractor(cfg.metrics.clip_model, device=_metric_device(cfg), resize=cfg.extractor.resize,
+    clip = get_extractor(cfg.metrics.clip_model, device=dist.resolve_device(cfg.device), resize=cfg.extractor.resize,
                          seed=cfg.extractor.seed)
     features_url = storage.join(run_url, "features", _slug(clip.name))
     extract_chunk_features(clip, samples_url=samples_url, features_url=features_url, n_samples=cfg.n_samples,
@@ -248,7 +244,7 @@ def run_fid_eval(cfg: FIDEvalConfig, model_sampler=None) -> Optional[Dict[str, A
 
     info = dist.init_distributed()
     storage.configure(cfg.storage)
-    device = _metric_device(cfg)
+    device = dist.resolve_device(cfg.device)
     notes: List[str] = []
     t_start = time.time()
 

@@ -282,7 +282,7 @@ def run_recon_eval(cfg: ReconEvalConfig) -> Optional[Dict[str, Any]]:
 
     cfg.check()
     info = dist.init_distributed()
-    device = torch.device(cfg.device) if cfg.device else dist.default_device(info)
+    device = dist.resolve_device(cfg.device, info)
     t_start = time.time()
 
     model, model_info = load_autoencoder_export(cfg.ckpt, use_ema=cfg.use_ema)

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ldm_scale import dist, storage
+from ldm_scale import storage
 from ldm_scale.diffusion import NoiseSchedule, SamplerConfig, make_schedule
 from ldm_scale.formats import AUTOENCODER_FORMAT, LDM_FORMAT
 from ldm_scale.train.precision import Precision
@@ -80,16 +80,6 @@ class LoadedModel:
     def size_multiple(self) -> int:
         """H and W must be multiples of this: first-stage factor x UNet downsampling."""
         return self.spec.first_stage.downsample_factor * 2 ** (len(self.spec.unet.channel_mult) - 1)
-
-
-def resolve_device(name: Optional[str]) -> torch.device:
-    """``device=`` (None or ``auto``: this rank's CUDA device when CUDA is there, else the CPU)."""
-    if name is None or name == "auto":
-        return dist.default_device()
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} requested but CUDA is not available: use device=cpu or device=auto")
-    return device
 
 
 def read_checkpoint(url: str, trust: bool = False) -> Dict[str, Any]:

@@ -8,11 +8,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ldm_scale import storage
+from ldm_scale import dist, storage
 from ldm_scale.diffusion import SamplerConfig, num_sampling_steps
 from ldm_scale.diffusion.noise import PerSampleGenerators, initial_noise
 from ldm_scale.images import image_grid, load_image, save_png, to_uint8_hwc
-from ldm_scale.sampling.checkpoints import CheckpointSource, resolve_device
+from ldm_scale.sampling.checkpoints import CheckpointSource
 from ldm_scale.sampling.generate import (check_size, condition_kind, generate, prepare_inpainting,
                                          raw_conditions)
 
@@ -74,7 +74,7 @@ def run(cfg: SampleConfig) -> Dict[str, Any]:
     Returns a summary (also written as ``<outdir>/samples.json``).
     """
     validate(cfg)
-    loaded = cfg.load(resolve_device(cfg.device))
+    loaded = cfg.load(dist.resolve_device(cfg.device))
     height = cfg.H or loaded.spec.image_size
     width = cfg.W or loaded.spec.image_size
     check_size(loaded, height, width)

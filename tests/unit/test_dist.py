@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+import torch
 import torch.distributed as torch_dist
 
 from ldm_scale import dist
@@ -190,3 +191,12 @@ def test_children_of_an_initialised_process_do_not_inherit_its_rank(monkeypatch)
     monkeypatch.setenv("MASTER_PORT", "12345")
     env = child_env()
     assert "RANK" not in env and "MASTER_PORT" not in env and env["PYTHONPATH"].startswith(str(REPO_ROOT))
+
+
+def test_every_command_resolves_device_the_same_way():
+    """sample.py, fid.py and recon.py take ``device=`` through dist.resolve_device."""
+    assert dist.resolve_device(None) == dist.resolve_device("auto") == dist.default_device()
+    assert dist.resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device=cuda requested but CUDA is not available: use device=cpu"):
+            dist.resolve_device("cuda")
