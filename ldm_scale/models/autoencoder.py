@@ -42,18 +42,15 @@ class VQConfig:
     legacy_beta: bool = True
 
 
-class AutoencoderKL(nn.Module):
-    """E(x) -> q(z|x) = N(mu, sigma^2) with a small KL penalty towards N(0, I); D(z) -> x."""
+class _FirstStageModel(nn.Module):
+    """What the KL and the VQ model share: ``cfg``, the encoder / decoder pair (registered first:
+    the CompVis key order) and the sizes the LDM reads."""
 
-    def __init__(self, cfg: AutoencoderConfig):
+    def __init__(self, cfg):
         super().__init__()
-        if not cfg.ddconfig.double_z:
-            raise ValueError("AutoencoderKL needs ddconfig.double_z=True (the encoder outputs mean and logvar)")
         self.cfg = cfg
         self.encoder = Encoder(cfg.ddconfig)
         self.decoder = Decoder(cfg.ddconfig)
-        self.quant_conv = nn.Conv2d(2 * cfg.ddconfig.z_channels, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.ddconfig.z_channels, 1)
 
     @property
     def latent_channels(self) -> int:
@@ -62,6 +59,17 @@ class AutoencoderKL(nn.Module):
     @property
     def downsample_factor(self) -> int:
         return self.cfg.ddconfig.downsample_factor
+
+
+class AutoencoderKL(_FirstStageModel):
+    """E(x) -> q(z|x) = N(mu, sigma^2) with a small KL penalty towards N(0, I); D(z) -> x."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        if not cfg.ddconfig.double_z:
+            raise ValueError("AutoencoderKL needs ddconfig.double_z=True (the encoder outputs mean and logvar)")
+        super().__init__(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.ddconfig.z_channels, 2 * cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.ddconfig.z_channels, 1)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
@@ -87,7 +95,7 @@ class AutoencoderKL(nn.Module):
         return self.decode(z)
 
 
-class VQModel(nn.Module):
+class VQModel(_FirstStageModel):
     """E(x) -> h -> nearest codebook vectors z_q -> D(z_q).
 
     As in the paper, the LDM is trained on the *pre-quantisation* latents h and the quantiser is
@@ -95,23 +103,12 @@ class VQModel(nn.Module):
     """
 
     def __init__(self, cfg: VQConfig):
-        super().__init__()
         if cfg.ddconfig.double_z:
             raise ValueError("VQModel needs ddconfig.double_z=False")
-        self.cfg = cfg
-        self.encoder = Encoder(cfg.ddconfig)
-        self.decoder = Decoder(cfg.ddconfig)
+        super().__init__(cfg)
         self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta, cfg.legacy_beta)
         self.quant_conv = nn.Conv2d(cfg.ddconfig.z_channels, cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.ddconfig.z_channels, 1)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.cfg.embed_dim
-
-    @property
-    def downsample_factor(self) -> int:
-        return self.cfg.ddconfig.downsample_factor
 
     def encode_prequant(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_conv(self.encoder(x))

@@ -106,6 +106,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Nearest-neighbour x2 followed by an optional 3x3 convolution (the UNet's too)."""
+
     def __init__(self, channels: int, with_conv: bool):
         super().__init__()
         self.with_conv = with_conv

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionBlock, GroupNorm32, SpatialTransformer, zero_module
+from .encoder_decoder import Upsample  # nearest x2 + optional 3x3 conv: the autoencoder's, same keys
 
 
 @dataclass
@@ -84,20 +84,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 followed by an optional 3x3 convolution."""
-
-    def __init__(self, channels: int, use_conv: bool):
-        super().__init__()
-        self.use_conv = use_conv
-        if use_conv:
-            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
-        return self.conv(x) if self.use_conv else x
 
 
 class ResBlock(nn.Module):
