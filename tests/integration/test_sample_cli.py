@@ -72,8 +72,11 @@ def test_text_to_image_subprocess(ckpts, tmp_path):
     # W=48 is beyond the training size 32: convolutional sampling at a new aspect ratio.
     res = run_python([SCRIPT, f"ckpt={ckpts['text']}", f"from_file={prompts}", "n_samples=2", "n_iter=2",
                       "sampler.guidance_scale=3.0", "sampler.steps=2", "H=32", "W=48", "seed=5", f"outdir={out}"], timeout=300).check()
-    assert "sampling" in res.stderr  # the tqdm bar
+    summary = json.loads((out / "samples.json").read_text())  # what was run, as recorded
+    assert (summary["height"], summary["width"], summary["seed"]) == (32, 48, 5)
+    assert summary["sampler"]["steps"] == 2 and summary["sampler"]["guidance_scale"] == 3.0
     files = pngs(out)
+    assert sorted(s["path"].rsplit("/", 1)[-1] for s in summary["samples"]) == [f.name for f in files]
     assert len(files) == 6  # 2 iterations x (2 + 1 prompts)
     assert all(Image.open(f).size == (48, 32) for f in files)
     # all samples in rows of n_samples: 2 iterations x (a batch of 2 + a batch of 1) = 3 rows
