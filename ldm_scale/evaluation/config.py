@@ -49,6 +49,9 @@ class MetricsConfig:
     clip_score: bool = False  # text-conditional models only
     clip_model: str = "clip:ViT-B-32@openai"  # "clip:ViT-B-32" = random weights (offline smoke runs)
     is_splits: int = 10
+    # Split in sample order (the original TF code, ADM) or after torch-fidelity's seeded shuffle
+    # (its default); results.json records which, in metric_settings.
+    is_shuffle: bool = False
     pr_k: int = 3
     pr_batch_size: int = 10000
     kid_subsets: int = 100
@@ -87,6 +90,10 @@ class FIDEvalConfig(CheckpointSource):
         self.sampler.validate()
         if self.n_samples < 1 or self.batch_size < 1:
             raise ValueError(f"n_samples and batch_size must be >= 1, got {self.n_samples} and {self.batch_size}")
+        if self.metrics.kid and self.metrics.kid_subset_size > self.n_samples:
+            raise ValueError(f"metrics.kid_subset_size={self.metrics.kid_subset_size} > n_samples={self.n_samples}: "
+                             f"KID subsets are drawn from the generated samples; set metrics.kid_subset_size<="
+                             f"{self.n_samples} or n_samples>={self.metrics.kid_subset_size}")
 
 
 @dataclass

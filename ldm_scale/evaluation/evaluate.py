@@ -79,6 +79,17 @@ def _features_of_images(extractor: FeatureExtractor, images: np.ndarray, batch_s
     return {k: np.concatenate([p[k] for p in parts if p]) for k in keys}
 
 
+def check_reference_for_metrics(cfg: FIDEvalConfig, ref: ReferenceStats) -> None:
+    """KID subsets are drawn from the reference's stored features (or its arr_0 images): refuse a
+    subset size larger than that set before any sample is generated."""
+    stored = ref.features if ref.features is not None else ref.images
+    if cfg.metrics.kid and (stored is None or len(stored) < cfg.metrics.kid_subset_size):
+        have = 0 if stored is None else len(stored)
+        raise ValueError(f"metrics.kid_subset_size={cfg.metrics.kid_subset_size} but the reference stores "
+                         f"{have} images' features: set metrics.kid_subset_size<={have}, or rebuild the "
+                         "reference with more kept images (ref_keep_images= / keep_images=)")
+
+
 def reference_features(ref: ReferenceStats, extractor: FeatureExtractor, batch_size: int,
                        notes: List[str]) -> Dict[str, Any]:
     """Statistics and per-image features of the reference set as seen by ``extractor``.
@@ -176,7 +187,8 @@ def compute_metrics(cfg: FIDEvalConfig, gen: Dict[str, np.ndarray], refd: Dict[s
             if "logits" not in gen:
                 raise ValueError("metrics.inception_score needs an extractor with class logits (Inception); "
                                  "set metrics.inception_score=false for this extractor")
-            out["inception_score"], out["inception_score_std"] = inception_score(gen["logits"], splits=m.is_splits)
+            out["inception_score"], out["inception_score_std"] = inception_score(gen["logits"], splits=m.is_splits,
+                                                                                    shuffle=m.is_shuffle)
         if m.kid:
             out["kid"], out["kid_std"] = kernel_inception_distance(
                 refd["features"], gen["pool"], num_subsets=m.kid_subsets, subset_size=m.kid_subset_size, seed=cfg.seed)
@@ -258,8 +270,9 @@ def run_fid_eval(cfg: FIDEvalConfig, model_sampler=None) -> Optional[Dict[str, A
     notes.extend(str(w.message) for w in caught)
     for note in notes:
         log.warning(note)
-    # 3. reference
+    # 3. reference (and the metrics that need enough of its images, before any sample is made)
     ref, ref_url = resolve_reference(cfg, extractor, ms.image_size, ms.condition_kind)
+    check_reference_for_metrics(cfg, ref)
     # 4. conditions
     conditions = resolve_conditions(cfg, ref, ms.condition_kind)
     # 5. samples (the run directory is a function of the settings, so re-running resumes)
@@ -297,6 +310,7 @@ def run_fid_eval(cfg: FIDEvalConfig, model_sampler=None) -> Optional[Dict[str, A
         return None
     record = {
         "metrics": metrics,
+        "metric_settings": asdict(cfg.metrics),  # e.g. is_shuffle, kid_subsets: how the numbers were made
         "n_samples": cfg.n_samples,
         "n_reference": refd["n"],
         "n_reference_features": int(len(refd["features"])),

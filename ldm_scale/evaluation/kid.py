@@ -2,7 +2,9 @@
 
 Unbiased MMD^2 estimate with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over
 ``num_subsets`` random subsets of ``subset_size`` samples from each set (100 x 1000 in the paper and
-in torch-fidelity). Subsets are drawn from a seeded generator so the value is reproducible.
+in torch-fidelity). Subsets are drawn from a seeded generator so the value is reproducible. A set
+smaller than ``subset_size`` is an error naming both numbers (torch-fidelity refuses it too):
+shrinking the subsets silently would report a std of ~1e-16 once they cover both whole sets.
 """
 from __future__ import annotations
 
@@ -38,9 +40,13 @@ def kernel_inception_distance(real: ArrayLike, fake: ArrayLike, *, num_subsets: 
                               seed: int = 0) -> Tuple[float, float]:
     """(mean, std) of the unbiased polynomial-kernel MMD^2 over random subsets."""
     x, y = _as_float64(real), _as_float64(fake)
-    m = min(subset_size, len(x), len(y))
+    m = subset_size
     if m < 2:
-        raise ValueError(f"KID needs at least 2 samples per set, have {len(x)} and {len(y)}")
+        raise ValueError(f"KID needs subsets of at least 2 samples, got subset_size={subset_size}")
+    if m > min(len(x), len(y)):
+        raise ValueError(f"KID subsets of {subset_size} samples need at least that many in each set, have "
+                         f"{len(x)} reference and {len(y)} generated: set metrics.kid_subset_size<="
+                         f"{min(len(x), len(y))} or use more samples")
     rng = np.random.default_rng(seed)
     values = [
         polynomial_mmd2_unbiased(x[rng.choice(len(x), m, replace=False)],

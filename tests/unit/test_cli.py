@@ -23,6 +23,7 @@ def load_script(rel: str):
 
 def test_types_nesting_groups_and_one_line_errors():
     cfg = compose_fid_config(["ckpt=m.pt", "n_samples=12", "extractor=random_inception", "metrics.kid=true",
+                              "metrics.kid_subset_size=8",  # at most n_samples (checked at compose time)
                               "sampler.guidance_scale=1.5", "precision=bf16"])
     assert (cfg.ckpt, cfg.n_samples, cfg.extractor.name, cfg.metrics.kid, cfg.sampler.guidance_scale) == \
         ("m.pt", 12, "random-inception", True, 1.5)
@@ -41,6 +42,7 @@ def test_types_nesting_groups_and_one_line_errors():
         (["preset=nope"], "Could not find 'preset/nope': valid keys: quickstart"),
         (["sampler=plms", "sampler.eta=0.5"], "PLMS is deterministic: eta must be 0"),
         (["n_samples", "ckpt=m.pt"], "arguments must be key=value overrides, got ['n_samples']"),
+        (["metrics.kid=true", "n_samples=12"], "metrics.kid_subset_size=1000 > n_samples=12: KID subsets are drawn"),
     ]
     for argv, message in cases:
         with pytest.raises(ValueError) as info:

@@ -140,6 +140,22 @@ def test_inception_score_matches_torch_fidelity():
     assert std == pytest.approx(ref["inception_score_std"], rel=1e-6)
 
 
+def test_inception_score_shuffle_is_torch_fidelitys_default():
+    """Samples sorted by class make consecutive splits see one class each (IS ~1 per split); the
+    shuffle option reproduces torch-fidelity's default (shuffle=True, rng_seed=2020) exactly."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    n, classes = 2000, 10
+    logits = torch.full((n, classes), -8.0, dtype=torch.float64)
+    logits[torch.arange(n), torch.arange(n) * classes // n] = 8.0  # class blocks, in order
+    ordered, _ = inception_score(logits, splits=10)
+    shuffled, shuffled_std = inception_score(logits, splits=10, shuffle=True)
+    ref = isc_features_to_metric(logits, splits=10)  # torch-fidelity's defaults
+    assert shuffled == pytest.approx(ref["inception_score_mean"], rel=1e-12)
+    assert shuffled_std == pytest.approx(ref["inception_score_std"], rel=1e-9)
+    assert ordered == pytest.approx(1.0, abs=0.01) and shuffled > 9.0
+
+
 # ---------------------------------------------------------------- precision / recall
 def test_precision_recall_identical_disjoint_collapsed():
     real = _features(600, 16, 12)
@@ -189,6 +205,16 @@ def test_kid_matches_torch_fidelity_on_full_sets():
     same, spread = kernel_inception_distance(rng.normal(size=(1000, 32)), rng.normal(size=(1000, 32)),
                                              num_subsets=20, subset_size=300)
     assert abs(same) < spread and spread < 0.1 * mean
+
+
+def test_kid_refuses_subsets_larger_than_a_set():
+    """Shrinking the subsets to the whole sets made every subset the same set (std ~1e-16): say so."""
+    real, fake = _features(300, 32, 17), _features(120, 32, 18)
+    with pytest.raises(ValueError, match=r"KID subsets of 200 samples need at least that many in each set, have "
+                                         r"300 reference and 120 generated: set metrics.kid_subset_size<=120"):
+        kernel_inception_distance(real, fake, num_subsets=5, subset_size=200)
+    mean, std = kernel_inception_distance(real, fake, num_subsets=5, subset_size=100)
+    assert std > 1e-6  # distinct subsets, a real spread
 
 
 def test_clip_score_known_answers():

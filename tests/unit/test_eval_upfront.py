@@ -25,3 +25,19 @@ def test_clip_score_on_a_class_model_fails_before_sampling(tmp_path):
     assert "metrics.clip_score=true needs a text-conditional model" in result.stderr
     assert "class-conditioned" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()  # nothing generated, not even the run directory
+
+
+def test_kid_subsets_larger_than_the_references_stored_features_fail_before_sampling():
+    import numpy as np
+    import pytest
+
+    from ldm_scale.evaluation.config import compose_fid_config
+    from ldm_scale.evaluation.evaluate import check_reference_for_metrics
+    from ldm_scale.evaluation.reference import ReferenceStats
+
+    cfg = compose_fid_config(["ckpt=m.pt", "n_samples=64", "metrics.kid=true", "metrics.kid_subset_size=50"])
+    small = ReferenceStats(pool=None, features=np.zeros((40, 8), np.float32))
+    with pytest.raises(ValueError, match=r"metrics.kid_subset_size=50 but the reference stores 40 images' features"):
+        check_reference_for_metrics(cfg, small)
+    check_reference_for_metrics(cfg, ReferenceStats(pool=None, features=np.zeros((50, 8), np.float32)))
+    check_reference_for_metrics(compose_fid_config(["ckpt=m.pt"]), small)  # KID off: nothing to check
