@@ -2,7 +2,7 @@
 this tree or an older one: the before/after figure of issue 12.
 
     torchrun --nproc_per_node 2 benchmarks/count_syncs.py "<shard urls>"                  # this tree
-    PYTHONPATH=<old checkout> torchrun --nproc_per_node 2 <old checkout>/../count_syncs.py ...  # before
+    PYTHONPATH=<old checkout> torchrun --nproc_per_node 2 benchmarks/count_syncs.py ...  # before
 
 It counts, over 3 non-log optimizer steps with 2 accumulation micro-batches on 2 ranks, every
 ``Tensor.item / tolist / cpu / numpy / __bool__ / __float__ / __int__`` call and every
@@ -17,56 +17,20 @@ counters) are reported apart: they are not device syncs on CUDA either. The old 
 from __future__ import annotations
 
 import collections
-import contextlib
 import inspect
 import json
 import sys
-import traceback
 
 import torch
-import torch.distributed as torch_dist
 
-HOST_COPIES = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-               "broadcast", "barrier", "all_gather_object", "broadcast_object_list")
+from sync_counter import counting  # this directory (sys.path[0] of a script): runs against an old tree too
+
 HOST_ONLY = ("ldm_scale/diffusion/objective.py", "torch/optim/")
 
 
-def _site() -> str:
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        if "/torch/" not in frame.filename or "/torch/optim/" in frame.filename:
-            name = frame.filename.split("site-packages/")[-1]
-            return name[name.find("ldm_scale/"):] if "ldm_scale/" in name else name
-    return "?"
-
-
-@contextlib.contextmanager
-def counting(counts: collections.Counter):
-    saved = []
-
-    def wrap(owner, name, kind):
-        original = getattr(owner, name)
-
-        def counted(*args, **kwargs):
-            site = _site()
-            who = ("host_only" if site.startswith(HOST_ONLY) else "ours" if site.startswith("ldm_scale/")
-                   else "deepspeed" if site.startswith("deepspeed/") else "other")
-            counts[f"{who}_{kind}"] += 1
-            return original(*args, **kwargs)
-
-        saved.append((owner, name, original))
-        setattr(owner, name, counted)
-
-    for name in HOST_COPIES:
-        wrap(torch.Tensor, name, "sync")
-    for name in COLLECTIVES:
-        if hasattr(torch_dist, name):
-            wrap(torch_dist, name, "collective")
-    try:
-        yield counts
-    finally:
-        for owner, name, original in reversed(saved):
-            setattr(owner, name, original)
+def _who(site: str) -> str:
+    return ("host_only" if site.startswith(HOST_ONLY) else "ours" if site.startswith("ldm_scale/")
+            else "deepspeed" if site.startswith("deepspeed/") else "other")
 
 
 def measure(experiment: str, data_url: str, steps: int = 3) -> dict:
@@ -113,9 +77,12 @@ def measure(experiment: str, data_url: str, steps: int = 3) -> dict:
         optimizer_step(step)
     per_step = []
     for step in range(2, 2 + steps):
-        counts: collections.Counter = collections.Counter()
-        with counting(counts):
+        sites: collections.Counter = collections.Counter()
+        with counting(sites):
             optimizer_step(step)
+        counts: collections.Counter = collections.Counter()
+        for (kind, site), n in sites.items():  # kind: sync/<method>, collective/<fn>, h2d/<factory>
+            counts[f"{_who(site)}_{kind.split('/')[0]}"] += n
         per_step.append(dict(counts))
     return {"experiment": experiment, "api": "new" if new_api else "old", "per_step": per_step}
 

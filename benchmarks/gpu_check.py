@@ -41,7 +41,6 @@ import json
 import math
 import os
 import re
-import signal
 import statistics
 import string
 import subprocess
@@ -57,6 +56,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from tests.fixtures.procs import kill_marked  # noqa: E402  (standard library only, like this script)
 
 WHEELHOUSE = REPO / "benchmarks" / "wheelhouse"
 SCALING_DOC = REPO / "docs" / "scaling.md"
@@ -140,35 +141,6 @@ class PhaseFailed(Exception):
 _child_numbers = itertools.count()
 
 
-def marked_pids(marker: str) -> List[int]:
-    """Live processes whose environment carries ``CHILD_MARKER=marker``: torchrun starts its workers
-    in new sessions, so a signal to the agent's process group would not reach them."""
-    needle = f"\0{CHILD_MARKER}={marker}\0".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if needle in b"\0" + Path(entry.path, "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def kill_marked(marker: str, timeout_s: float = 15.0) -> List[int]:
-    killed: set = set()
-    deadline = time.monotonic() + timeout_s
-    while (pids := marked_pids(marker)) and time.monotonic() < deadline:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.add(pid)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
-    return sorted(killed)
-
-
 class DeviceMemoryPoller:
     """Peak of ``nvidia-smi``'s used memory (MiB, whole device, every process, allocator caches and
     CUDA contexts included) while a child runs. Polled from outside so this process never creates a
@@ -239,7 +211,12 @@ def run_child(cmd: Sequence[str], *, limit_s: float, log_path: Path, env: Dict[s
             except subprocess.TimeoutExpired:
                 pass
         finally:
-            kill_marked(marker)
+            # torchrun starts its workers in new sessions: a signal to the agent's process group
+            # would not reach them, their inherited marker does.
+            try:
+                kill_marked(CHILD_MARKER, marker, timeout=15.0)
+            except RuntimeError as e:  # reported, not fatal: the next phase then shows the held memory
+                print(f"gpu_check: {e}", file=sys.stderr, flush=True)
             if proc.poll() is None:
                 proc.kill()
             proc.wait()

@@ -64,22 +64,25 @@ def test_quickstart_job_checkpoints_on_signal_requeues_resumes_and_completes(slu
                                       predicate=lambda i: i.get("Restarts") == "1")
 
     batch_log = (logs / f"{job_id}.batch.log").read_text()
-    # One log per node and per instance of the job.
-    first = "".join((logs / f"{job_id}.0.node{n}.log").read_text() for n in range(nodes))
-    second = "".join((logs / f"{job_id}.1.node{n}.log").read_text() for n in range(nodes))
+    second = "".join((logs / f"{job_id}.1.node{n}.log").read_text() for n in range(nodes))  # one per node and instance
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, batch_log, second[-4000:])
-    assert f"rendezvous {slurm_cluster.nodes[0]}:" in batch_log
-
-    # Instance 0: signal forwarded by the batch shell, checkpoint at the agreed step, requeue.
-    assert "USR1 received" in batch_log and f"requeueing job {job_id} (run {RUN_ID})" in batch_log
-    assert f"checkpoint step_{stopped_at} complete" in first
+    # What the batch script did, from its event log (data, not log wording): instance 0 started with
+    # the rendezvous on the first node, got the signal, saw its job step end cleanly and requeued
+    # because the stop checkpoint was written; instance 1 started once and ended cleanly.
+    job_events = [json.loads(line) for line in (logs / "job_events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["restart"]) for e in job_events] == [
+        ("start", 0), ("signal", 0), ("step_end", 0), ("requeue", 0), ("start", 1), ("step_end", 1)], job_events
+    assert {e["job_id"] for e in job_events} == {job_id}
+    assert all(e["rendezvous"].startswith(f"{slurm_cluster.nodes[0]}:") for e in job_events if e["event"] == "start")
+    assert [e["status"] for e in job_events if e["event"] == "step_end"] == [0, 0]
+    assert next(e for e in job_events if e["event"] == "requeue")["reason"] == "checkpointed"
+    # The stop checkpoint: the marker is written only once it is durable on every rank, and names it.
+    assert record["checkpoint"].endswith(f"step_{stopped_at}"), record
     # Instance 1: same run id, resumed from that checkpoint on 2 ranks, finished without a marker.
-    assert batch_log.count(f"job {job_id} restart 1 run {RUN_ID}") == 1
     # The run's event log holds exactly one resume: the requeued instance's, from the stop checkpoint.
     resumes = [e for e in events(run_dir) if e["event"] == "resume"]
     assert [(e["step"], e["saved_world_size"], e["world_size"], e["slurm_restart"]) for e in resumes] == [
         (stopped_at, 2, 2, "1")], resumes
-    assert batch_log.rstrip().endswith("job step ended with status 0")
     assert not (logs / f"preempted.{job_id}.1.json").exists()
     ckpt = output_dir / "checkpoints" / RUN_ID
     assert (ckpt / "latest").read_text().strip() == f"step_{MAX_STEPS}"

@@ -169,3 +169,30 @@ def test_nccl_defaults_are_exported_and_each_can_be_overridden_or_removed(tmp_pa
     assert "export NCCL_DEBUG=INFO" in lines and "export NCCL_DEBUG=WARN" not in lines
     assert "unset TORCH_NCCL_DUMP_ON_TIMEOUT" in lines and "export TORCH_NCCL_DUMP_ON_TIMEOUT=1" not in lines
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_job_event_lines_are_json(tmp_path):
+    """The rendered ``job_event`` function, run by bash with and without extra fields, appends one
+    JSON object per call to ``job_events.jsonl`` (what test_slurm.py and tools read, not log lines)."""
+    import json
+
+    script, _ = render(["nodes=2", "check_config=false", "--dry-run"], tmp_path)
+    start = script.index('JOB_EVENTS="$LOG_DIR/job_events.jsonl"')
+    function = script[start:script.index("\n}\n", start) + 3]
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    calls = '\n'.join([
+        'job_event start "\\"nodes\\": \\"node[1-2]\\", \\"rendezvous\\": \\"node1:20042\\""',
+        'job_event step_end "\\"status\\": 143"',
+        'job_event signal \'"signal": "USR1"\'',
+        'job_event bare',
+    ])
+    subprocess.run(["bash", "-c", f'set -uo pipefail\nLOG_DIR={log_dir}\nSLURM_JOB_ID=42\nRESTART=1\n{function}\n{calls}'],
+                   check=True)
+    events = [json.loads(line) for line in (log_dir / "job_events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["job_id"], e["restart"]) for e in events] == [
+        ("start", 42, 1), ("step_end", 42, 1), ("signal", 42, 1), ("bare", 42, 1)]
+    assert events[0]["nodes"] == "node[1-2]" and events[0]["rendezvous"] == "node1:20042"
+    assert events[1]["status"] == 143 and events[2]["signal"] == "USR1" and set(events[3]) == {
+        "event", "time", "job_id", "restart"}
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", e["time"]) for e in events)
