@@ -2,6 +2,7 @@
 evaluation sampling throughput per rank (tiny LDM). Prints ratios measured side by side.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_fid.py [--n 10000] [--dim 2048] [--pr-n 5000]
+    python benchmarks/bench_fid.py --threads 1,2 --n 5000 --repeats 3   # FID vs torch-fidelity per thread count
 
 Ratio = ours / theirs (time): <= 1.0 means we are at least as fast. Each timing is the best of
 ``--repeats`` runs, implementations interleaved so machine load hits them alike.
@@ -73,6 +74,47 @@ def bench_fid(n, dim, repeats):
         print(f"  {name:15s} {times[name]:8.2f} s   FID={values[name]:.3e}   ours/this={ratio:.2f}")
 
 
+def bench_fid_threads(n, dim, repeats, thread_counts):
+    """Ours vs torch-fidelity at each BLAS/OpenMP thread count (threadpoolctl + torch), alternating
+    implementations within each repeat: statistics + distance, and the distance alone from the
+    same float64 statistics (where the eigen-decomposition is)."""
+    from threadpoolctl import threadpool_limits
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    from ldm_scale.evaluation.fid import fid_from_features, frechet_distance, gaussian_stats
+
+    a = features(n, dim, 0)
+    b = features(n, dim, 2)  # different sets: a non-trivial distance
+    sa, sb = gaussian_stats(a), gaussian_stats(b)
+    tf_a = {"mu": sa.mu, "sigma": sa.sigma}
+    tf_b = {"mu": sb.mu, "sigma": sb.sigma}
+
+    def theirs_full():
+        s1 = fid_features_to_statistics(torch.from_numpy(a).double())
+        s2 = fid_features_to_statistics(torch.from_numpy(b).double())
+        return fid_statistics_to_metric(s1, s2, verbose=False)["frechet_inception_distance"]
+
+    saved = torch.get_num_threads()
+    try:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            with threadpool_limits(limits=threads):
+                times, values = best_of({
+                    "ours": lambda: fid_from_features(a, b, warn=False), "torch-fidelity": theirs_full,
+                    "ours distance": lambda: frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma),
+                    "torch-fidelity distance": lambda: fid_statistics_to_metric(tf_a, tf_b, verbose=False)[
+                        "frechet_inception_distance"],
+                }, repeats)
+            print(f"FID, {n} x {dim} features, {threads} thread(s):")
+            for what in ("", " distance"):
+                ours, theirs = times["ours" + what], times["torch-fidelity" + what]
+                print(f"  {'statistics + distance' if not what else 'distance only':22s} ours {ours:7.2f} s "
+                      f"(FID {values['ours' + what]:.6f})  torch-fidelity {theirs:7.2f} s "
+                      f"(FID {values['torch-fidelity' + what]:.6f})  ours/theirs={ours / theirs:.2f}")
+    finally:
+        torch.set_num_threads(saved)
+
+
 def bench_pr(n, dim, repeats):
     from torch_fidelity.metric_prc import calculate_precision_recall_part
 
@@ -119,8 +161,13 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--sample-batch", type=int, default=16)
+    p.add_argument("--threads", default="", help="e.g. 1,2: only the FID comparison with torch-fidelity "
+                                                    "at each thread count")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.threads:
+        bench_fid_threads(args.n, args.dim, args.repeats, [int(t) for t in args.threads.split(",")])
+        return
     bench_fid(args.n, args.dim, args.repeats)
     bench_pr(args.pr_n, args.dim, args.repeats)
     bench_sampling(args.sample_steps, args.sample_batch, args.repeats)

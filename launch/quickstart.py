@@ -12,7 +12,8 @@ same entry points and configs as a cluster job:
    shards (posterior mean + log-variance) under ``<workdir>/data/latents``, so LDM steps skip
    JPEG decoding and the encoder (paper Sec. 3: the first stage is trained once and reused);
 4. ``torchrun launch/train.py experiment=quickstart`` (tiny text-conditional LDM on those latents,
-   ZeRO-2, 2 ranks), which writes a DDIM + classifier-free-guidance sample grid and the
+   ZeRO-2, 2 ranks), which writes a DDIM + classifier-free-guidance sample grid, the
+   fixed-timestep validation loss on a held-out set (256 other images, encoded the same way) and the
    prompt-adherence score: the synthetic dataset's attribute detector applied to images generated
    for random prompts (chance level ~0.24).
 
@@ -38,6 +39,8 @@ from ldm_scale.data.synthetic import CHANCE_ADHERENCE, write_synthetic_dataset  
 # (3.2M of the 5M trained parameters) would dominate the optimizer step and gradient exchange of
 # every CPU step. data_tools/build_vocab.py applies the same idea, with its rule, to any shards.
 CAPTION_VOCAB_ROWS = 64
+HELDOUT_SAMPLES = 256
+VAL_EVERY = 325  # the validation loss 4 times in the experiment's 1300 steps, and at the end
 
 
 def _env() -> dict[str, str]:
@@ -81,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "dataset.json").exists():
         print(f"[1/4] writing {args.num_samples} synthetic images to {data}", flush=True)
         write_synthetic_dataset(str(data), num_samples=args.num_samples, samples_per_shard=per_shard, seed=0)
+    # A held-out set (other seed, other images) for the fixed-timestep validation loss.
+    heldout = work / "data" / "heldout"
+    if not (heldout / "dataset.json").exists():
+        write_synthetic_dataset(str(heldout), num_samples=HELDOUT_SAMPLES, samples_per_shard=HELDOUT_SAMPLES, seed=1)
     vocab = work / "data" / "vocab.txt"
     if not vocab.exists():
         size = write_caption_vocab([str(data / f"{i:05d}.tar") for i in range(num_shards)], vocab)
@@ -101,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[3/4] encoding the images into latent shards under {latents}", flush=True)
         python_tool(["data_tools/precompute_latents.py", f"data={data}/{shards}", f"out={latents}",
                      f"ckpt={ae_export}", "resolution=32", "batch_size=64"])
+    heldout_latents = work / "data" / "heldout_latents"
+    if not (heldout_latents / "dataset.json").exists():
+        python_tool(["data_tools/precompute_latents.py", f"data={heldout}/00000.tar", f"out={heldout_latents}",
+                     f"ckpt={ae_export}", "resolution=32", "batch_size=64"])
 
     # 4. The tiny text-to-image LDM, its samples and the prompt-adherence score.
     result_path = runs / "quickstart-ldm" / "result.json"
@@ -111,9 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         # captions' word vocabulary (write_caption_vocab) in place of CLIP's BPE; "++": the
         # quickstart experiment does not set these keys.
         latent_data = [f"data.urls=['{latents}/{shards}']", "data.input=latent", "data.num_workers=0"]
+        # The fixed-timestep validation loss on the held-out latents (evaluation/val_loss.py).
+        validation = [f"eval.val_data=['{heldout_latents}/00000.tar']", f"eval.val_samples={HELDOUT_SAMPLES}",
+                      f"eval.val_every={VAL_EVERY}"]
         wordpiece = ["++" + o for o in tokenizer_overrides("wordpiece", str(vocab), CAPTION_VOCAB_ROWS)]
         torchrun(args.nproc, ["experiment=quickstart", "run_id=quickstart-ldm", f"model.first_stage_ckpt={ae_export}",
-                              *latent_data, *wordpiece, *common, *steps])
+                              *latent_data, *validation, *wordpiece, *common, *steps])
 
     result = json.loads(result_path.read_text())
     grids = sorted((runs / "quickstart-ldm" / "samples").glob("*.png"))

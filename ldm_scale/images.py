@@ -1,12 +1,14 @@
 """Image conventions shared by training grids, ``launch/sample.py`` and evaluation: one quantiser
 (float [-1, 1] -> uint8, exactly as saving a PNG would), one grid layout, one PNG writer, one image
-reader, all through ``ldm_scale.storage`` (so ``s3://`` paths work everywhere)."""
+reader, a captioned grid for people to look at, all through ``ldm_scale.storage`` (so ``s3://``
+paths work everywhere)."""
 from __future__ import annotations
 
 import io
 import math
-from typing import Tuple
+from typing import Sequence, Tuple
 
+import numpy as np
 import torch
 
 
@@ -42,6 +44,57 @@ def image_grid(images: torch.Tensor, ncols: int, padding: int = 2) -> torch.Tens
         y, x = padding + r * (h + padding), padding + col * (w + padding)
         grid[:, y:y + h, x:x + w] = images[i]
     return grid.permute(1, 2, 0).contiguous()
+
+
+def captioned_grid(images: torch.Tensor, captions: Sequence[str], ncols: int = 4, min_size: int = 192,
+                   padding: int = 6, font_size: int = 14) -> torch.Tensor:
+    """A grid a person can read: each sample enlarged to at least ``min_size`` pixels and its
+    caption (prompt or class) printed under it, ``ncols`` a row, on white. -> uint8 [H', W', 3].
+
+    Enlarged by an integer factor with nearest-neighbour sampling, on purpose: every generated pixel
+    stays a visible block, so a 32-px sample is not made to look better than it is (a smooth
+    resampling would invent detail). Text is drawn by Pillow with its bundled scalable font, wrapped
+    to the cell width.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = quantize_to_uint8(images.detach()).cpu()
+    n, c, h, w = images.shape
+    if len(captions) != n:
+        raise ValueError(f"{n} images but {len(captions)} captions")
+    scale = max(1, math.ceil(min_size / max(h, w)))
+    cell_h, cell_w = h * scale, w * scale
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except (TypeError, OSError):  # a Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    line_h = font_size + 4
+    wrapped = [_wrap(str(text), font, cell_w) for text in captions]
+    band = max((len(lines) for lines in wrapped), default=0) * line_h + padding
+    ncols = max(1, min(ncols, n))
+    rows = math.ceil(n / ncols)
+    canvas = Image.new("RGB", (padding + ncols * (cell_w + padding), padding + rows * (cell_h + band + padding)),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    for i in range(n):
+        r, col = divmod(i, ncols)
+        x, y = padding + col * (cell_w + padding), padding + r * (cell_h + band + padding)
+        big = images[i].repeat_interleave(scale, 1).repeat_interleave(scale, 2).permute(1, 2, 0).numpy()
+        canvas.paste(Image.fromarray(big), (x, y))
+        for k, line in enumerate(wrapped[i]):
+            draw.text((x, y + cell_h + 2 + k * line_h), line, fill="black", font=font)
+    return torch.from_numpy(np.asarray(canvas).copy())
+
+
+def _wrap(text: str, font, width: int) -> list:
+    """Greedy word wrap to ``width`` pixels (a word longer than the width gets a line of its own)."""
+    lines: list = []
+    for word in text.split():
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def save_png(image_hwc: torch.Tensor, url: str) -> str:

@@ -30,7 +30,7 @@ import torch
 
 from ldm_scale import dist, storage
 from ldm_scale.config import LoggerConfig
-from ldm_scale.images import image_grid, save_png
+from ldm_scale.images import captioned_grid, save_png
 
 # Dense bf16/fp16 tensor-core peak per device (vendor data sheets), for MFU. Matched by substring
 # of torch.cuda.get_device_name(); unknown devices report no MFU unless logger.peak_tflops is set.
@@ -323,11 +323,15 @@ class RunLogger:
             f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
 
     def log_images(self, key: str, images: torch.Tensor, step: int, captions: Optional[Sequence[str]] = None,
-                   nrow: int = 8) -> Optional[Path]:
-        """Write ``<run_dir>/samples/<key>_step<N>.png`` and log the grid to W&B (rank 0)."""
+                   ncols: int = 4) -> Optional[Path]:
+        """Write ``<run_dir>/samples/<key>_step<N>.png`` and log the grid to W&B (rank 0): the
+        readable grid (each sample enlarged, its prompt or class under it, ``images.captioned_grid``)."""
         if not self.is_main:
             return None
-        grid = image_grid(images, ncols=nrow)
+        # One caption per sample is printed under it; a single caption (the autoencoder's "input |
+        # reconstruction" pairs) describes the whole grid and goes to W&B only.
+        per_image = list(captions) if captions and len(captions) == len(images) else [""] * len(images)
+        grid = captioned_grid(images, per_image, ncols=ncols)
         path = Path(save_png(grid, str(self.run_dir / "samples" / f"{key.replace('/', '_')}_step{step:07d}.png")))
         if self._run is not None:
             import wandb

@@ -137,6 +137,8 @@ class LoggerConfig:
 
     backend: LoggerBackend = "wandb"
     mode: LoggerMode = "auto"
+    # Rank 0 renders <run_dir>/report/index.html (ldm_scale/report.py) when the run ends.
+    report: bool = True
     project: str = "ldm_scale"
     entity: Optional[str] = None
     group: Optional[str] = None
@@ -162,6 +164,15 @@ class EvalConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     # Images generated at the end to score prompt adherence (synthetic shapes data); 0 = off.
     prompt_adherence_samples: int = 0
+    # Fixed-timestep validation loss (evaluation/val_loss.py): every val_every optimizer steps and
+    # at the end, the diffusion loss on held-out shards (val_data: brace patterns like data.urls,
+    # read with data.*'s input, conditioning and resolution) at fixed timesteps with fixed noise;
+    # identical for any world size and across resumes. 0 = off.
+    val_every: int = 0
+    val_data: List[str] = field(default_factory=list)
+    val_samples: int = 256  # the first N held-out samples (in the pass's planned order)
+    val_batch_size: int = 32
+    val_timesteps: List[int] = field(default_factory=list)  # []: 8 bin centres of [0, T), 62 ... 937
     # Sample grids and scores with the EMA weights (CompVis' ema_scope: what export ships); False:
     # the raw trained weights. Ignored when ema.enabled is false.
     use_ema: bool = True

@@ -141,7 +141,39 @@ def _check_ldm(cfg: Config, problems: List[str]) -> Optional[LDMSpec]:
     if conditioning == "text" and (cfg.eval.sample_every > 0 or cfg.eval.sample_at_end) and not cfg.eval.prompts:
         problems.append("eval.prompts is empty but a text model samples grids: list prompts or set "
                         "eval.sample_every=0 eval.sample_at_end=false")
+    _check_validation(cfg, d.num_timesteps, problems)
     return spec
+
+
+def _check_validation(cfg: Config, num_timesteps: int, problems: List[str]) -> None:
+    """eval.val_*: the held-out set is given, disjoint from the training shards, and the timesteps exist."""
+    e = cfg.eval
+    if e.val_every < 0:
+        problems.append(f"eval.val_every={e.val_every} must be >= 0 (0 turns the validation loss off)")
+    if e.val_every <= 0:
+        return
+    if not e.val_data:
+        problems.append("eval.val_every > 0 but eval.val_data is empty: give held-out shards (e.g. "
+                        "eval.val_data=['/data/val/{00000..00001}.tar']) or set eval.val_every=0")
+    if e.val_samples <= 0 or e.val_batch_size <= 0:
+        problems.append(f"eval.val_samples={e.val_samples} and eval.val_batch_size={e.val_batch_size} must be positive")
+    bad = [t for t in e.val_timesteps if not 0 <= t < num_timesteps]
+    if bad:
+        problems.append(f"eval.val_timesteps {bad} are outside [0, {num_timesteps}) (diffusion.num_timesteps)")
+    if len(set(e.val_timesteps)) != len(e.val_timesteps):
+        problems.append(f"eval.val_timesteps={list(e.val_timesteps)} repeats a timestep")
+    def names(entries: List[str]) -> set:  # brace expansion only: validate() never lists storage
+        return {url for entry in entries for part in str(entry).split(storage.URL_LIST_SEPARATOR)
+                if part.strip() for url in storage.expand_braces(part.strip())}
+
+    try:
+        shared = sorted(names(list(cfg.data.urls)) & names(list(e.val_data)))
+    except ValueError as exc:
+        problems.append(f"eval.val_data: {exc}")
+        return
+    if shared:
+        problems.append(f"eval.val_data shares {len(shared)} shard(s) with data.urls (e.g. {storage.redact(shared[0])}): "
+                        "a validation loss on training data measures memorisation; hold those shards out")
 
 
 def _check_autoencoder(cfg: Config, problems: List[str]) -> Optional[FirstStageConfig]:
@@ -152,6 +184,9 @@ def _check_autoencoder(cfg: Config, problems: List[str]) -> Optional[FirstStageC
         return None
     if cfg.data.input != "image":
         problems.append("task=autoencoder trains on images: set data.input=image")
+    if cfg.eval.val_every > 0:
+        problems.append("eval.val_every > 0 but the fixed-timestep validation loss is the LDM's diffusion loss: "
+                        "set eval.val_every=0 for task=autoencoder (eval/recon.py scores autoencoders)")
     try:
         check_autoencoder_plan(ae, cfg.autoencoder_loss, cfg.deepspeed.zero.stage, cfg.data.resolution)
     except ValueError as exc:

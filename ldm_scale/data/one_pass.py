@@ -33,9 +33,9 @@ import torch
 from ldm_scale import dist, storage
 from ldm_scale.data import shards as shard_lib
 from ldm_scale.data.config import DataConfig, worker_start_method
-from ldm_scale.data.filters import check_sample, image_member
+from ldm_scale.data.filters import LATENT_EXT, check_sample, image_member
 from ldm_scale.data.tar_stream import iter_tar_samples
-from ldm_scale.data.transforms import batch_to_unit_range, decode_image, resize_crop_flip, stack_uint8
+from ldm_scale.data.transforms import batch_to_unit_range, decode_image, decode_latent, resize_crop_flip, stack_uint8
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,12 @@ class _PassPlan:
 
 def _collate(samples: List[Dict], cfg: DataConfig) -> Dict[str, Any]:
     batch: Dict[str, Any] = {"key": [s["__key__"] for s in samples],
-                             "index": torch.tensor([s["__planned__"] for s in samples], dtype=torch.long),
-                             "image": stack_uint8([s["image"] for s in samples])}
+                             "index": torch.tensor([s["__planned__"] for s in samples], dtype=torch.long)}
+    if cfg.input == "image":
+        batch["image"] = stack_uint8([s["image"] for s in samples])
+    else:
+        batch["latent_mean"] = torch.stack([s["latent_mean"] for s in samples])
+        batch["latent_logvar"] = torch.stack([s["latent_logvar"] for s in samples])
     if cfg.conditioning == "text":
         batch["caption"] = [s["caption"] for s in samples]
     elif cfg.conditioning == "class":
@@ -96,8 +100,10 @@ def _collate(samples: List[Dict], cfg: DataConfig) -> Dict[str, Any]:
     return batch
 
 
-def _decode(raw: Dict, cfg: DataConfig) -> Optional[torch.Tensor]:
+def _decode(raw: Dict, cfg: DataConfig) -> Optional[Any]:
     try:
+        if cfg.input == "latent":  # (mean, logvar) of a pre-encoded shard
+            return decode_latent(raw[LATENT_EXT])
         img = decode_image(raw[image_member(raw)], cfg.resolution, cfg.decoder)
         return resize_crop_flip(img, cfg.resolution, "center", False, None)
     except Exception as exc:  # noqa: BLE001 - an undecodable image is a counted, dropped sample
@@ -109,13 +115,17 @@ def _checked(raw: Dict, cfg: DataConfig, counts: Counter, planned: int) -> List[
     """``[raw]`` ready to batch (decoded, centre-cropped), or ``[]`` with the reason counted."""
     counts["samples_read"] += 1
     reason = check_sample(raw, cfg)
-    image = _decode(raw, cfg) if reason is None else None
-    if reason is None and image is None:
+    decoded = _decode(raw, cfg) if reason is None else None
+    if reason is None and decoded is None:
         reason = "decode_error"
     if reason is not None:
         counts[reason if reason.startswith("filter/") else "skip/" + reason] += 1
         return []
-    raw["image"], raw["__planned__"] = image, planned
+    if cfg.input == "latent":
+        raw["latent_mean"], raw["latent_logvar"] = decoded
+    else:
+        raw["image"] = decoded
+    raw["__planned__"] = planned
     return [raw]
 
 
@@ -166,16 +176,15 @@ class _PassDataset(torch.utils.data.IterableDataset):
 class OnePassLoader:
     """This rank's part of one pass over the shards (see the module docstring).
 
-    Batches: ``image`` float32 ``[B, 3, R, R]`` in [-1, 1] (centre crop), ``key``, ``index`` (planned
-    indices, LongTensor), ``caption`` / ``label`` per ``cfg.conditioning``; ``B <= batch_size``.
+    Batches: ``image`` float32 ``[B, 3, R, R]`` in [-1, 1] (centre crop) or, for latent shards
+    (``data.input=latent``), ``latent_mean`` / ``latent_logvar``; ``key``, ``index`` (planned indices,
+    LongTensor), ``caption`` / ``label`` per ``cfg.conditioning``; ``B <= batch_size``.
     """
 
     def __init__(self, cfg: DataConfig, dist_info: Optional[dist.DistInfo] = None, *, batch_size: int,
                  n_samples: Optional[int] = None, seed: int = 0,
                  storage_defaults: Optional[storage.StorageConfig] = None):
         cfg.validate()
-        if cfg.input != "image":
-            raise ValueError("OnePassLoader reads images (data.input=image)")
         if batch_size <= 0 or (n_samples is not None and n_samples <= 0):
             raise ValueError("batch_size and n_samples must be positive")
         self.cfg = cfg
@@ -229,7 +238,8 @@ class OnePassLoader:
                 # Recorded before the batch is handed out: from now on it counts as consumed.
                 self._workers[worker] = state
                 if batch is not None:
-                    batch["image"] = batch_to_unit_range(batch["image"])
+                    if "image" in batch:
+                        batch["image"] = batch_to_unit_range(batch["image"])
                     yield batch
         finally:
             del source  # shuts DataLoader workers down

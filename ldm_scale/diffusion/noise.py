@@ -19,7 +19,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-NOISE, SAMPLER = 0, 1  # the streams of sample_seed
+NOISE, SAMPLER, VALIDATION = 0, 1, 2  # the streams of sample_seed (VALIDATION: evaluation/val_loss.py)
 
 
 def sample_seed(seed: int, stream: int, index: int) -> int:

@@ -87,9 +87,12 @@ class AutoencoderKL(_FirstStageModel):
         """Weight of the decoder's last conv, for the adaptive GAN weight (Esser et al. 2021, Eq. 7)."""
         return self.decoder.conv_out.weight
 
-    def encode_to_latent(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """LDM seam: a sample of the posterior (CompVis ``get_first_stage_encoding``), unscaled."""
-        return self.encode(x).sample(generator)
+    def encode_to_latent(self, x: torch.Tensor, generator: Optional[torch.Generator] = None,
+                         deterministic: bool = False) -> torch.Tensor:
+        """LDM seam: a sample of the posterior (CompVis ``get_first_stage_encoding``), unscaled;
+        its mean with ``deterministic`` (the validation loss)."""
+        posterior = self.encode(x)
+        return posterior.mode() if deterministic else posterior.sample(generator)
 
     def decode_from_latent(self, z: torch.Tensor) -> torch.Tensor:
         return self.decode(z)
@@ -134,8 +137,10 @@ class VQModel(_FirstStageModel):
     def get_last_layer(self) -> nn.Parameter:
         return self.decoder.conv_out.weight
 
-    def encode_to_latent(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """LDM seam: the deterministic pre-quantisation latent h (``generator`` is unused)."""
+    def encode_to_latent(self, x: torch.Tensor, generator: Optional[torch.Generator] = None,
+                         deterministic: bool = True) -> torch.Tensor:
+        """LDM seam: the deterministic pre-quantisation latent h (``generator`` and
+        ``deterministic`` change nothing)."""
         return self.encode_prequant(x)
 
     def decode_from_latent(self, z: torch.Tensor) -> torch.Tensor:

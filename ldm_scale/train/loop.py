@@ -27,6 +27,7 @@ from ldm_scale.config import Config
 from ldm_scale.data import build_loader
 from ldm_scale.data.device import DeviceHandoff
 from ldm_scale.evaluation.run_hooks import end_of_run_hooks
+from ldm_scale.evaluation.val_loss import FixedTimestepValidation
 from ldm_scale.logging import (METRICS_FILE, MetricMeter, RunLogger, Throughput, console_line, history_step,
                                peak_flops_per_device, sum_over_ranks, truncate_metrics)
 from ldm_scale.train.checkpoint import CheckpointError, CheckpointManager, standard_states
@@ -198,6 +199,17 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
         for key, grid, captions in images:
             logger.log_images(key, grid, step, captions)
 
+    validation = FixedTimestepValidation.for_run(cfg) if cfg.eval.val_every > 0 else None
+    last_validation: Dict[str, Any] = {}
+
+    def validate_now() -> None:
+        """The fixed-timestep validation loss with the grids' weights (EMA when sampling uses it)."""
+        with slow_phase(), sampling_weights():
+            values = validation.run(task)
+        logger.log(values, step=step)
+        last_validation.clear()
+        last_validation.update(values, step=step)
+
     # Captions are tokenised in the data workers with the text encoder's own tokenizer (set before
     # the workers start: they receive it with their plan).
     loader.tokenize = getattr(task, "caption_tokenizer", lambda: None)()
@@ -304,6 +316,8 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
                                                           ["train/loss", "lr", "grad_norm", "perf/samples_per_s"]))
             if cfg.eval.sample_every and step % cfg.eval.sample_every == 0:
                 log_samples()
+            if validation is not None and step % cfg.eval.val_every == 0:
+                validate_now()
             # Never checkpoint weights a spike in progress may have damaged: wait for it to clear.
             save_wanted = save_wanted or checkpoints.due(step)
             if save_wanted and not spikes.suspicious:
@@ -343,6 +357,8 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
             save_checkpoint()
         if cfg.eval.sample_at_end:
             log_samples()
+        if validation is not None and last_validation.get("step") != step:
+            validate_now()
         for hook in end_of_run_hooks(cfg):  # dataset-specific scores live behind the hooks
             skip_reason = hook.skip_reason(cfg, info)  # collective: the same answer on every rank
             if skip_reason is None:
@@ -355,6 +371,9 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
         if final:
             logger.log(final, step=step)
             logger.summary(final)
+        if last_validation:
+            logger.summary({k: v for k, v in last_validation.items() if k != "step"})
+            final.update({k: v for k, v in last_validation.items() if k != "step"})
         if cfg.checkpoint.export_final:
             task.export(storage.join(cfg.checkpoint.root, run_id, "export.pt"), ema=ema, config=resolved, step=step)
         checkpoints.wait()
@@ -364,9 +383,23 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
     RunSummary(run_id, step, samples_seen, stop_reason, resumed_from, final, "ema" if sample_with_ema else "raw",
                spikes.events, skipped_evals).write(info, run_dir)
     logger.finish()
+    if info.is_main and cfg.logger.report:
+        write_run_report(run_dir)
     dist.barrier()
     return TrainResult(run_id=run_id, run_dir=run_dir, step=step, samples_seen=samples_seen, final_metrics=final,
                        stop_reason=stop_reason)
+
+
+def write_run_report(run_dir: Path) -> None:
+    """The run's HTML report (``python -m ldm_scale.report``); a failure to render it is logged, and
+    never fails a run whose checkpoints and metrics are already written."""
+    from ldm_scale import report
+
+    try:
+        log.info("run report: %s", report.write_report(str(run_dir)))
+    except Exception as exc:  # noqa: BLE001 - the report is a view of the run, not part of it
+        log.warning("run report not written (%s: %s); render it later with python -m ldm_scale.report %s",
+                    type(exc).__name__, exc, run_dir)
 
 
 EVENTS_FILE = "events.jsonl"  # in the run directory: one JSON line per resume, appended by rank 0

@@ -88,12 +88,14 @@ class DiffusionTrainModule(nn.Module):
             self._schedule_device = device
         return self._schedule
 
-    def forward(self, z0: torch.Tensor, condition: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, z0: torch.Tensor, condition: Any, t: Optional[torch.Tensor] = None,
+                noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``t`` and ``noise`` are drawn when not given (training); the validation loss fixes both."""
         cond = self.cond_stage(condition) if self.conditions_inside else condition
         d = self.diffusion
-        return diffusion_loss(lambda x, t: apply_denoiser(self.unet, x, t, cond), z0, self.schedule(z0.device),
+        return diffusion_loss(lambda x, tt: apply_denoiser(self.unet, x, tt, cond), z0, self.schedule(z0.device),
                               parameterization=d.parameterization, weighting=d.weighting,
-                              min_snr_gamma=d.min_snr_gamma, offset_noise=d.offset_noise)
+                              min_snr_gamma=d.min_snr_gamma, offset_noise=d.offset_noise, t=t, noise=noise)
 
 
 def _raw_condition(batch: Dict[str, Any], conditioning: str) -> Any:
@@ -258,6 +260,36 @@ class LDMTask:
         for b in range(buckets):
             metrics[f"loss_by_t/{b * width}-{min((b + 1) * width, T) - 1}"] = (bucket_sum[b], bucket_count[b])
         return StepOutput(metrics, health.local_health(loss_sum, n, nonfinite, grad_norm, applied, searching))
+
+    # ----------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validation_latents(self, batch: Dict[str, Any]) -> torch.Tensor:
+        """Unscaled posterior *means* of a held-out batch (evaluation/val_loss.py): deterministic,
+        unlike the training path's posterior sample."""
+        if "latent_mean" in batch:
+            return batch["latent_mean"].to(self.device).float()
+        images = batch["image"].to(self.device)
+        with self._autocast():
+            return self.ldm.first_stage.encode_to_latent(images, deterministic=True).float()
+
+    @torch.no_grad()
+    def validation_loss(self, latents: torch.Tensor, batch: Dict[str, Any], t: torch.Tensor,
+                        noise: torch.Tensor) -> torch.Tensor:
+        """Per-sample diffusion loss (the training objective and weighting) at timesteps ``t`` with
+        ``noise``, no condition dropout, the engine in eval mode (ZeRO-3 gathers as in training)."""
+        z0 = ds_engine.to_memory_format(latents.to(self.device) * self.ldm.scale_factor, self.deepspeed)
+        raw = _raw_condition(batch, self.conditioning)
+        if isinstance(raw, torch.Tensor):
+            raw = raw.to(self.device)
+        self.engine.eval()
+        try:
+            with self._autocast():
+                condition = raw if self.train_module.conditions_inside else self.ldm.condition(raw)
+                per_sample, _ = self.engine(z0, condition, t=t.to(self.device),
+                                            noise=ds_engine.to_memory_format(noise.to(self.device), self.deepspeed))
+        finally:
+            self.engine.train()
+        return per_sample.float()
 
     def train_flops_per_sample(self) -> float:
         """FLOPs of one training sample through the trained networks (UNet forward + backward, and

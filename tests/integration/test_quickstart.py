@@ -1,7 +1,8 @@
 """README's first command, ``python launch/quickstart.py``, end to end and shortened only by its own
 flags: synthetic shards -> tiny autoencoder (2 ranks) -> latent shards -> tiny text-to-image LDM
-(2 ranks) -> sample grid and prompt-adherence score. At this fixed seed the LDM must *learn the
-prompts*, not just lower its loss: the score must beat chance by a margin.
+(2 ranks) -> sample grid, validation loss on held-out images and prompt-adherence score. At this
+fixed seed the LDM must *learn the prompts*, not just lower its loss: the score must beat chance by
+a margin.
 
 Settings and margin, measured on the 2-core CI machine (``--num-samples 2048``; the 200-prompt
 score's standard error is ~0.035):
@@ -57,6 +58,12 @@ def test_the_ldm_learns_the_prompts(quickstart):
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
+    # The fixed-timestep validation loss on the 256 held-out images: every 325 steps and at the
+    # end, falling, and the last value in result.json.
+    val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
+    assert [s for s, _ in val] == [325, 650, LDM_STEPS], val
+    assert val[-1][1] < val[0][1], val
+    assert result["val/loss"] == val[-1][1]
 
 
 def test_every_stage_left_what_the_readme_promises(quickstart):
@@ -71,3 +78,13 @@ def test_every_stage_left_what_the_readme_promises(quickstart):
     grids = sorted((runs / "quickstart-ldm" / "samples").glob("*.png"))
     assert [g.name for g in grids] == [f"samples_step{LDM_STEPS:07d}.png"]
     assert list((runs / "quickstart-ldm" / "wandb").glob("offline-run-*"))
+
+
+def test_the_run_report_of_the_quickstart_shows_the_validation_loss(quickstart):
+    """README points to it: runs/quickstart-ldm/report/index.html, checked in headless Chromium."""
+    from tests.fixtures.browser import loaded_images
+
+    work, _ = quickstart
+    seen = loaded_images(work / "runs" / "quickstart-ldm" / "report" / "index.html")
+    panels = {img["panel"] for img in seen["images"] if img["complete"] and img["width"] > 0}
+    assert {"loss", "loss_by_t", "val_loss", "eval", "grid"} <= panels, panels

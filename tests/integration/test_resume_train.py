@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm_scale.data.synthetic import write_synthetic_dataset
 from tests.fixtures.s3 import SECRET_KEY
 from tests.fixtures.torchrun import (
     kill_group,
@@ -34,7 +35,13 @@ def overrides(data_url: str, out: Path, run_id: str, ckpt_root: str) -> list[str
     args = [a for a in args if not a.startswith(("train.log_every", "checkpoint.", "logger="))]
     return args + [f"run_id={run_id}", "train.log_every=1", "logger=none", f"checkpoint.root={ckpt_root}",
                    "checkpoint.every_steps=4", "checkpoint.keep_last=2", f"checkpoint.local_dir={out}/staging_{run_id}",
-                   "checkpoint.export_final=true"]
+                   "checkpoint.export_final=true", "eval.val_every=4", f"eval.val_data=['{out.parent}/val/{{00000..00001}}.tar']",
+                   "eval.val_samples=12", "eval.val_batch_size=4"]
+
+
+def logged_val(out: Path, run_id: str) -> list[tuple[int, dict]]:
+    rows = [json.loads(line) for line in (out / run_id / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], {k: v for k, v in r.items() if k.startswith("val/")}) for r in rows if "val/loss" in r]
 
 
 def logged_losses(out: Path, run_id: str) -> list[tuple[int, float]]:
@@ -61,6 +68,7 @@ def worker_pids(agent_pid: int) -> dict[int, int]:
 
 def test_kill9_restart_resume_is_exact_and_export_cli_round_trips(s3_server, tmp_path):
     data_url = write_shards(tmp_path / "data")
+    write_synthetic_dataset(str(tmp_path / "val"), num_samples=16, samples_per_shard=8, seed=1, min_size=32, max_size=40)
     out = tmp_path / "runs"
     root = s3_server.url("ckpt")
     run_torchrun([TRAIN_SCRIPT, *overrides(data_url, out, "ref", root)], timeout=900).check()
@@ -95,6 +103,10 @@ def test_kill9_restart_resume_is_exact_and_export_cli_round_trips(s3_server, tmp
     assert json.loads((out / "killed" / "result.json").read_text())["resumed_from"] == 4  # not from scratch
     for step, loss in rows:
         assert loss == reference[step], (step, loss, reference[step])
+    # The fixed-timestep validation loss, every 4 steps: the same bits after the restart, and one
+    # row per validation (the pre-kill row at step 4 kept, none logged twice).
+    assert [s for s, _ in logged_val(out, "ref")] == [4, 8]
+    assert logged_val(out, "killed") == logged_val(out, "ref")
     assert SECRET_KEY not in text
 
     # Offline export of the S3 checkpoint (run directory -> its `latest`) equals the loop's own export.

@@ -70,7 +70,7 @@ def test_text_to_image_subprocess(ckpts, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\na green triangle\n")
     # W=48 is beyond the training size 32: convolutional sampling at a new aspect ratio.
-    res = run_python([SCRIPT, f"ckpt={ckpts['text']}", f"from_file={prompts}", "n_samples=2", "n_iter=2",
+    run_python([SCRIPT, f"ckpt={ckpts['text']}", f"from_file={prompts}", "n_samples=2", "n_iter=2",
                       "sampler.guidance_scale=3.0", "sampler.steps=2", "H=32", "W=48", "seed=5", f"outdir={out}"], timeout=300).check()
     summary = json.loads((out / "samples.json").read_text())  # what was run, as recorded
     assert (summary["height"], summary["width"], summary["seed"]) == (32, 48, 5)

@@ -89,3 +89,26 @@ def test_checkpoint_and_export_carry_config_and_scale_factor(run):
     assert export["format"] == "ldm_scale/ldm-v1" and export["step"] == 6
     assert export["scale_factor"] == pytest.approx(state["scale_factor"])
     assert any(k.startswith("unet.") for k in export["ema_state_dict"])
+
+
+def test_the_run_report_shows_its_plots_and_sample_grids_in_a_real_browser(run):
+    """launch/train.py wrote <run dir>/report/index.html at the end (logger.report); headless
+    Chromium loads it and every image it must show decodes to a real picture."""
+    from tests.fixtures.browser import loaded_images
+
+    root, _ = run
+    page = root / "runs" / "loop-test" / "report" / "index.html"
+    seen = loaded_images(page)
+    assert seen["title"] == "Run loop-test"
+    assert seen["headings"][:3] == ["Result", "Plan", "Training"] and "Latest samples" in seen["headings"]
+    panels = {img["panel"]: img for img in seen["images"]}
+    for name in ("loss", "loss_samples", "loss_by_t", "lr", "grad_norm", "skipped", "throughput", "eval", "grid"):
+        assert name in panels, (name, sorted(panels))
+    for img in seen["images"]:
+        assert img["complete"] and img["width"] >= 200 and img["height"] >= 100, img
+    # The grid is the readable one (each 32-px sample enlarged to >= 192 px, captions under it) and
+    # the newest of the run.
+    assert panels["grid"]["src"] == "grid_samples_step0000006.png" and panels["grid"]["width"] >= 2 * 192
+    html = page.read_text()
+    assert "a red circle on a blue background" not in html  # captions are in the grid image, not the page
+    assert "Not recorded in this run: " in html and "Fixed-timestep validation loss" in html  # said, not blank

@@ -36,6 +36,7 @@ def tiny_overrides(data_url: str, output_dir: Path, max_steps: int) -> list[str]
         "eval.sample_at_end=false",
         "eval.prompt_adherence_samples=0",
         "logger=none",
+        "logger.report=false",  # rendered and checked in test_run_report.py
         "preemption.check_every=1",
         f"output_dir={output_dir}",
     ]
