@@ -81,6 +81,9 @@ class StreamingMoments:
         return self
 
     def _merge(self, n_b: int, mean_b: np.ndarray, scatter_b: np.ndarray) -> None:
+        if self.n == 0:  # the first part: nothing to combine with (saves two D x D passes)
+            self.n, self.mean, self.scatter = n_b, mean_b.astype(np.float64, copy=True), scatter_b
+            return
         n = self.n + n_b
         delta = mean_b - self.mean
         self.scatter += scatter_b + np.outer(delta, delta) * (self.n * n_b / n)
@@ -88,8 +91,8 @@ class StreamingMoments:
         self.n = n
 
     def merge(self, other: "StreamingMoments") -> "StreamingMoments":
-        if other.n:
-            self._merge(other.n, other.mean, other.scatter)
+        if other.n:  # a copy: the first merge adopts the array, later updates add into it in place
+            self._merge(other.n, other.mean, other.scatter.copy())
         return self
 
     def all_reduce(self) -> "StreamingMoments":
@@ -145,10 +148,11 @@ def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
 
 
 def _sum_sqrt_eigvalsh(m: np.ndarray) -> float:
-    # eigh, not eigvalsh: with several BLAS threads the divide-and-conquer path (with vectors) was
-    # 2-3x faster at n = 2048 on our machines than numpy's vector-free path (minimal workspace,
-    # unblocked tridiagonalisation); single-threaded eigvalsh wins by ~1 s. The vectors are discarded.
-    eigval = np.linalg.eigh((m + m.T) / 2)[0]
+    # Eigenvalues only: LAPACK's vector-free symmetric solver. Measured at n = 2048 on the 2-core
+    # CI machine (2026-12-02, numpy's OpenBLAS): eigvalsh 0.64 s / 0.38 s at 1 / 2 threads against
+    # eigh's 1.18 s / 0.73 s; an earlier note here had found eigh faster with many threads, which
+    # this machine does not reproduce (benchmarks/bench_fid.py --threads 1,2).
+    eigval = np.linalg.eigvalsh((m + m.T) / 2)
     return float(np.sqrt(np.clip(eigval, 0.0, None)).sum())
 
 
