@@ -152,6 +152,26 @@ class LoggerConfig:
 
 
 @dataclass
+class TrainingFIDConfig:
+    """``eval.fid``: FID (and KID, precision/recall) of the current weights every ``every`` optimizer
+    steps and at the end, on ``n_samples`` samples, through ``eval/fid.py``'s own code path
+    (``evaluation/in_training.py``): the same conditions, seeding, features and metrics, so the number
+    equals ``eval/fid.py`` on the exported checkpoint with the same settings. ``ref``: a reference
+    ``.npz`` or held-out shards (statistics computed once, stored next to them, reused)."""
+
+    every: int = 0  # 0 = off
+    ref: Optional[str] = None
+    n_samples: int = 1000
+    batch_size: int = 16  # samples per chunk (one sampler call)
+    extractor: str = "auto"  # eval/fid.py's extractor.name
+    extractor_weights: Optional[str] = None
+    extractor_input_size: Optional[int] = None  # random-inception only (CPU smoke runs)
+    kid: bool = True
+    kid_subset_size: int = 100
+    precision_recall: bool = False
+
+
+@dataclass
 class EvalConfig:
     """Periodic sample grids with fixed prompts/labels and seeds, and the final adherence score."""
 
@@ -173,6 +193,7 @@ class EvalConfig:
     val_samples: int = 256  # the first N held-out samples (in the pass's planned order)
     val_batch_size: int = 32
     val_timesteps: List[int] = field(default_factory=list)  # []: 8 bin centres of [0, T), 62 ... 937
+    fid: TrainingFIDConfig = field(default_factory=TrainingFIDConfig)
     # Sample grids and scores with the EMA weights (CompVis' ema_scope: what export ships); False:
     # the raw trained weights. Ignored when ema.enabled is false.
     use_ema: bool = True

@@ -142,7 +142,29 @@ def _check_ldm(cfg: Config, problems: List[str]) -> Optional[LDMSpec]:
         problems.append("eval.prompts is empty but a text model samples grids: list prompts or set "
                         "eval.sample_every=0 eval.sample_at_end=false")
     _check_validation(cfg, d.num_timesteps, problems)
+    _check_training_fid(cfg, problems)
     return spec
+
+
+def _check_training_fid(cfg: Config, problems: List[str]) -> None:
+    """eval.fid.*: what eval/fid.py would refuse, refused now (before any step is trained)."""
+    f = cfg.eval.fid
+    if f.every < 0:
+        problems.append(f"eval.fid.every={f.every} must be >= 0 (0 turns the in-training FID off)")
+    if f.every <= 0:
+        return
+    if not f.ref:
+        problems.append("eval.fid.every > 0 but eval.fid.ref is not set: give a reference .npz or held-out shards")
+    if cfg.deepspeed.zero.stage == 3:
+        problems.append("eval.fid.every > 0 with deepspeed.zero.stage=3: ranks sample unequal numbers of chunks, "
+                        "which ZeRO-3's collective parameter gathers cannot serve; use stage 1/2, or run "
+                        "eval/fid.py on the export")
+    from ldm_scale.evaluation.in_training import fid_eval_config
+
+    try:
+        fid_eval_config(cfg, "unused").check()
+    except ValueError as exc:
+        problems.append(f"eval.fid: {exc}")
 
 
 def _check_validation(cfg: Config, num_timesteps: int, problems: List[str]) -> None:
@@ -184,6 +206,9 @@ def _check_autoencoder(cfg: Config, problems: List[str]) -> Optional[FirstStageC
         return None
     if cfg.data.input != "image":
         problems.append("task=autoencoder trains on images: set data.input=image")
+    if cfg.eval.fid.every > 0:
+        problems.append("eval.fid.every > 0 but in-training FID samples an LDM: set eval.fid.every=0 for "
+                        "task=autoencoder (eval/recon.py gives rFID)")
     if cfg.eval.val_every > 0:
         problems.append("eval.val_every > 0 but the fixed-timestep validation loss is the LDM's diffusion loss: "
                         "set eval.val_every=0 for task=autoencoder (eval/recon.py scores autoencoders)")

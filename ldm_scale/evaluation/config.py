@@ -56,6 +56,12 @@ class MetricsConfig:
     pr_batch_size: int = 10000
     kid_subsets: int = 100
     kid_subset_size: int = 1000
+    # Density and coverage (Naeem et al. 2020) on the extractor's features, k-NN balls of the reference.
+    density_coverage: bool = False
+    dc_k: int = 5
+    # CMMD (Jayasumana et al. 2024): RBF-kernel MMD on CLIP embeddings; needs a clip: extractor
+    # (the paper's: extractor.name=clip:ViT-L-14-336@openai, conf/commands/metrics/cmmd.yaml).
+    cmmd: bool = False
 
 
 @dataclass
@@ -90,6 +96,11 @@ class FIDEvalConfig(CheckpointSource):
         self.sampler.validate()
         if self.n_samples < 1 or self.batch_size < 1:
             raise ValueError(f"n_samples and batch_size must be >= 1, got {self.n_samples} and {self.batch_size}")
+        if self.metrics.cmmd and not self.extractor.name.startswith("clip:"):
+            raise ValueError(f"metrics.cmmd=true needs CLIP embeddings but extractor.name={self.extractor.name!r}: set "
+                             "extractor.name=clip:ViT-L-14-336@openai (the paper's model), or metrics.cmmd=false")
+        if self.metrics.density_coverage and self.metrics.dc_k < 1:
+            raise ValueError(f"metrics.dc_k={self.metrics.dc_k} must be >= 1")
         if self.metrics.kid and self.metrics.kid_subset_size > self.n_samples:
             raise ValueError(f"metrics.kid_subset_size={self.metrics.kid_subset_size} > n_samples={self.n_samples}: "
                              f"KID subsets are drawn from the generated samples; set metrics.kid_subset_size<="

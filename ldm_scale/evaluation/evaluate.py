@@ -36,7 +36,8 @@ from ldm_scale.evaluation.generate import (
 )
 from ldm_scale.evaluation.inception_score import inception_score
 from ldm_scale.evaluation.kid import kernel_inception_distance
-from ldm_scale.evaluation.precision_recall import precision_recall
+from ldm_scale.evaluation.cmmd import cmmd
+from ldm_scale.evaluation.precision_recall import density_coverage, precision_recall
 from ldm_scale.evaluation.preprocess import nchw_uint8
 from ldm_scale.evaluation.reference import ReferenceStats, load_reference, reference_from_shards
 
@@ -171,6 +172,9 @@ def compute_metrics(cfg: FIDEvalConfig, gen: Dict[str, np.ndarray], refd: Dict[s
     if m.precision_recall:
         out.update(precision_recall(refd["features"], gen["pool"], k=m.pr_k, batch_size=m.pr_batch_size,
                                     device=dist.resolve_device(cfg.device), distributed=True))
+    if m.density_coverage:
+        out.update(density_coverage(refd["features"], gen["pool"], k=m.dc_k, batch_size=m.pr_batch_size,
+                                    device=dist.resolve_device(cfg.device), distributed=True))
     if not dist.get_dist_info().is_main:
         return out
     with warnings.catch_warnings(record=True) as caught:
@@ -189,6 +193,8 @@ def compute_metrics(cfg: FIDEvalConfig, gen: Dict[str, np.ndarray], refd: Dict[s
                                  "set metrics.inception_score=false for this extractor")
             out["inception_score"], out["inception_score_std"] = inception_score(gen["logits"], splits=m.is_splits,
                                                                                     shuffle=m.is_shuffle)
+        if m.cmmd:  # the reference's stored embeddings against the samples' (FIDEvalConfig.check: CLIP)
+            out["cmmd"] = cmmd(refd["features"], gen["pool"])
         if m.kid:
             out["kid"], out["kid_std"] = kernel_inception_distance(
                 refd["features"], gen["pool"], num_subsets=m.kid_subsets, subset_size=m.kid_subset_size, seed=cfg.seed)

@@ -111,3 +111,39 @@ def precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 3, *, batch_size
     fake_radii = knn_radii(fake, k, **kw)
     fake_in_real, real_in_fake = cross_membership(fake, real, fake_radii, real_radii, **kw)
     return {"precision": fake_in_real.double().mean().item(), "recall": real_in_fake.double().mean().item()}
+
+
+def density_coverage(real: ArrayLike, fake: ArrayLike, k: int = 5, *, batch_size: int = 10000,
+                     device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32,
+                     distributed: bool = False) -> Dict[str, float]:
+    """``{"density", "coverage"}`` (Naeem et al. 2020, "Reliable Fidelity and Diversity Metrics for
+    Generative Models", Eq. 3-4), from the k-NN balls of the *real* points only (k = 5 there):
+
+        density  = 1 / (k M) sum_j sum_i 1[fake_j in B(real_i, NND_k(real_i))]
+        coverage = 1 / N sum_i 1[exists j: fake_j in B(real_i, NND_k(real_i))]
+
+    Membership is strict (distance < radius), as in the authors' ``prdc`` package; one pass of
+    fake-to-real distance blocks serves both, split over ranks like precision/recall.
+    """
+    kw = dict(batch_size=batch_size, device=device, dtype=dtype, distributed=distributed)
+    real_radii = knn_radii(real, k, **kw)
+    device = torch.device(device or "cpu")
+    f = _as_tensor(fake, device, dtype)
+    r = _as_tensor(real, device, dtype)
+    if f.shape[1] != r.shape[1]:
+        raise ValueError(f"feature dimensions differ: {f.shape[1]} vs {r.shape[1]}")
+    radii = real_radii.to(device=device, dtype=dtype)
+    r_sq = (r * r).sum(dim=1)
+    inside = torch.zeros(len(f), dtype=torch.float64)  # real balls holding each fake point
+    covered = torch.zeros(len(r), dtype=torch.bool, device=device)
+    for r0, r1 in _my_blocks(len(f), batch_size, distributed):
+        count = torch.zeros(r1 - r0, dtype=torch.float64, device=device)
+        for c0 in range(0, len(r), batch_size):
+            c1 = min(c0 + batch_size, len(r))
+            hits = _squared_distances(f[r0:r1], r[c0:c1], r_sq[c0:c1]) < radii[None, c0:c1]
+            count += hits.sum(dim=1, dtype=torch.float64)
+            covered[c0:c1] |= hits.any(dim=0)
+        inside[r0:r1] = count.cpu()
+    inside = _sum_over_ranks(inside, distributed)
+    covered = _sum_over_ranks(covered.to("cpu", torch.float64), distributed) > 0.5
+    return {"density": float(inside.sum()) / (k * len(f)), "coverage": covered.double().mean().item()}

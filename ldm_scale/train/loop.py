@@ -27,6 +27,7 @@ from ldm_scale.config import Config
 from ldm_scale.data import build_loader
 from ldm_scale.data.device import DeviceHandoff
 from ldm_scale.evaluation.run_hooks import end_of_run_hooks
+from ldm_scale.evaluation.in_training import run_in_training_fid
 from ldm_scale.evaluation.val_loss import FixedTimestepValidation
 from ldm_scale.logging import (METRICS_FILE, MetricMeter, RunLogger, Throughput, console_line, history_step,
                                peak_flops_per_device, sum_over_ranks, truncate_metrics)
@@ -210,6 +211,16 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
         last_validation.clear()
         last_validation.update(values, step=step)
 
+    last_fid: Dict[str, Any] = {}
+
+    def fid_now() -> None:
+        """eval/fid.py's evaluation of the weights the grids use (evaluation/in_training.py)."""
+        with slow_phase(), sampling_weights():
+            values = run_in_training_fid(task, cfg, step, run_dir)
+        logger.log(values, step=step)
+        last_fid.clear()
+        last_fid.update(values, step=step)
+
     # Captions are tokenised in the data workers with the text encoder's own tokenizer (set before
     # the workers start: they receive it with their plan).
     loader.tokenize = getattr(task, "caption_tokenizer", lambda: None)()
@@ -318,6 +329,8 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
                 log_samples()
             if validation is not None and step % cfg.eval.val_every == 0:
                 validate_now()
+            if cfg.eval.fid.every and step % cfg.eval.fid.every == 0:
+                fid_now()
             # Never checkpoint weights a spike in progress may have damaged: wait for it to clear.
             save_wanted = save_wanted or checkpoints.due(step)
             if save_wanted and not spikes.suspicious:
@@ -359,6 +372,8 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
             log_samples()
         if validation is not None and last_validation.get("step") != step:
             validate_now()
+        if cfg.eval.fid.every and last_fid.get("step") != step:
+            fid_now()
         for hook in end_of_run_hooks(cfg):  # dataset-specific scores live behind the hooks
             skip_reason = hook.skip_reason(cfg, info)  # collective: the same answer on every rank
             if skip_reason is None:
@@ -371,9 +386,10 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
         if final:
             logger.log(final, step=step)
             logger.summary(final)
-        if last_validation:
-            logger.summary({k: v for k, v in last_validation.items() if k != "step"})
-            final.update({k: v for k, v in last_validation.items() if k != "step"})
+        for last in (last_validation, last_fid):  # logged at their step already: summary and result.json
+            values = {k: v for k, v in last.items() if k != "step"}
+            logger.summary(values)
+            final.update(values)
         if cfg.checkpoint.export_final:
             task.export(storage.join(cfg.checkpoint.root, run_id, "export.pt"), ema=ema, config=resolved, step=step)
         checkpoints.wait()

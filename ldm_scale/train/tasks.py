@@ -371,6 +371,33 @@ class LDMTask:
         gathered = dist.all_gather_object(local)
         return torch.cat(gathered)[:n]
 
+    def model_sampler(self, sampler: SamplerConfig, precision: str, *, step: int):
+        """The live model as ``eval/fid.py``'s :class:`ModelSampler` (evaluation/in_training.py): the
+        same ``sampling.generate`` call the offline sampler makes on a loaded export, with whatever
+        weights are in the model now (the loop swaps the EMA in around it)."""
+        from ldm_scale.evaluation.model_sampler import ModelSampler
+        from ldm_scale.sampling import LoadedModel
+        from ldm_scale.sampling import generate as sample_images
+
+        live = LoadedModel(model=self.ldm, spec=self.spec, schedule=self.train_module.schedule(self.device),
+                           step=step, used_ema=False)
+        size = self.plan.image_size
+
+        def sample_batch(x_T: torch.Tensor, raw: Any, generator) -> torch.Tensor:
+            if isinstance(raw, torch.Tensor):
+                raw = raw.to(self.device)
+            was_training = self.train_module.training
+            self.train_module.eval()
+            try:
+                return sample_images(live, raw, len(x_T), sampler, height=size, width=size, generator=generator,
+                                     precision=precision, x_T=x_T)
+            finally:
+                self.train_module.train(was_training)
+
+        latent = (self.plan.latent_channels, self.plan.latent_size, self.plan.latent_size)
+        return ModelSampler(sample_batch, latent, size, self.conditioning,
+                            {"step": step, "flavour": self.spec.name, "weights": "live", "precision": precision})
+
     def _batch_raw(self, items: List[Any]) -> Any:
         if self.conditioning == "text":
             return list(items)

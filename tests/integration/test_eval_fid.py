@@ -38,7 +38,7 @@ def fid_args(root, out, ref):
     """The quickstart preset (model and data paths) scaled down, plus every optional metric."""
     return ["preset=quickstart", f"quickstart_dir={root}", f"ref={ref}", f"out={root / out}", "n_samples=12",
             "batch_size=4", "sampler.steps=2", "sampler.guidance_scale=2.0", "metrics.kid=true", "metrics.kid_subset_size=8",
-            "metrics.sfid=true", "metrics.pr_batch_size=5", *EXTRACTOR]
+            "metrics.sfid=true", "metrics.pr_batch_size=5", "metrics.density_coverage=true", "metrics.dc_k=3", *EXTRACTOR]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,9 @@ def single_run(setup):
 def test_single_process_record(single_run, setup):
     record = single_run
     m = record["metrics"]
-    assert {"fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "kid"} <= set(m)
+    assert {"fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "kid", "density",
+            "coverage"} <= set(m)
+    assert m["density"] >= 0 and 0 <= m["coverage"] <= 1
     assert m["fid"] > 0 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and m["inception_score"] >= 1
     assert record["extractor"]["name"] == "random-inception-seed0-75px (NOT comparable to published FID)"
     assert record["comparable_to_published"] is False
