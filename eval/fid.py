@@ -6,6 +6,7 @@
     python eval/fid.py ckpt=... ref=VIRTUAL_imagenet256_labeled.npz extractor=inception extractor.resize=tf_bilinear
     python eval/fid.py ckpt=... ref=... sampler=plms metrics=full precision=bf16
     python eval/fid.py preset=quickstart          # launch/quickstart.py's model and data, offline
+    python eval/fid.py ckpt=... ref=... metrics=text guidance_scales=[1.5,3,5,8] out=sweep/   # FID vs CLIP score
 
 Arguments are Hydra overrides of ``conf/commands/fid.yaml`` (typed by ``ldm_scale.evaluation.config.FIDEvalConfig``):
 ``key=value`` with dots for nested keys (``extractor.name=random-inception metrics.kid=true``) and
@@ -26,6 +27,7 @@ from ldm_scale.cli import config_from_argv, report_input_errors, start_command  
 from ldm_scale.evaluation.config import FIDEvalConfig  # noqa: E402
 from ldm_scale.evaluation.evaluate import run_fid_eval  # noqa: E402
 from ldm_scale.evaluation.features import check_extractor_weights  # noqa: E402
+from ldm_scale.evaluation.sweep import run_guidance_sweep  # noqa: E402
 
 
 def parse_config(argv: list[str]) -> FIDEvalConfig:
@@ -36,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = start_command(argv, "fid", FIDEvalConfig, program="eval/fid.py", doc=__doc__)
     # The Inception weights' hash first: before any checkpoint is read or sample generated.
     report_input_errors("eval/fid.py", lambda: check_extractor_weights(cfg.extractor, storage_cfg=cfg.storage))
-    record = report_input_errors("eval/fid.py", lambda: run_fid_eval(cfg))
-    if record is not None:
+    run = run_guidance_sweep if cfg.guidance_scales else run_fid_eval
+    record = report_input_errors("eval/fid.py", lambda: run(cfg))
+    if record is not None and "sweep" in record:
+        print(json.dumps({"metrics": record["metrics"], "sweep": record["run_dir"] + "/sweep.json"}, indent=1))
+    elif record is not None:
         print(json.dumps({"metrics": record["metrics"], "extractor": record["extractor"]["name"],
                           "n_samples": record["n_samples"], "results": record["run_dir"] + "/results.json"},
                          indent=1))

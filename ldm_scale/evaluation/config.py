@@ -87,6 +87,10 @@ class FIDEvalConfig(CheckpointSource):
     keep_samples: bool = True
     extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # A guidance sweep (evaluation/sweep.py): one evaluation per scale, each of n_samples, under
+    # <out>/scale_<s>/, and the FID-vs-CLIP-score curve (sweep.png, sweep.md, sweep.json) in <out>;
+    # sampler.guidance_scale is then unused. [] = one evaluation.
+    guidance_scales: List[float] = field(default_factory=list)
     # W&B on rank 0 (ldm_scale.logging); "auto" is offline unless an API key is configured.
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(project="ldm_scale", tags=["eval"]))
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -96,6 +100,8 @@ class FIDEvalConfig(CheckpointSource):
         self.sampler.validate()
         if self.n_samples < 1 or self.batch_size < 1:
             raise ValueError(f"n_samples and batch_size must be >= 1, got {self.n_samples} and {self.batch_size}")
+        if any(g < 0 for g in self.guidance_scales) or len(set(self.guidance_scales)) != len(self.guidance_scales):
+            raise ValueError(f"guidance_scales={list(self.guidance_scales)}: give distinct scales >= 0, e.g. [1.5,3,5,8]")
         if self.metrics.cmmd and not self.extractor.name.startswith("clip:"):
             raise ValueError(f"metrics.cmmd=true needs CLIP embeddings but extractor.name={self.extractor.name!r}: set "
                              "extractor.name=clip:ViT-L-14-336@openai (the paper's model), or metrics.cmmd=false")

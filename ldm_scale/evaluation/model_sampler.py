@@ -33,15 +33,25 @@ def config_hash(config: Any) -> str:
 
 def load_model_sampler(cfg, device: torch.device) -> ModelSampler:
     """Build the sampler of ``cfg.ckpt`` (an ``FIDEvalConfig``) on ``device``."""
-    from ldm_scale.sampling import condition_kind, generate
+    return sampler_of_loaded(load_export(cfg, device), cfg, device)
 
+
+def load_export(cfg, device: torch.device):
+    """``cfg.ckpt`` loaded (``sampling.LoadedModel``), after refusing what is not an export."""
     if not cfg.ckpt:
         raise ValueError("ckpt= is required: an exported checkpoint (path or URL) written by the training run")
     if storage.exists(storage.join(cfg.ckpt, "client_state.json")):
         raise ValueError(f"{storage.redact(cfg.ckpt)} is a training checkpoint directory; export it first "
                          "(ldm_scale/train/export.py) and evaluate the export")
     # One read of the file (a remote one is downloaded once): weights, training config, EMA coverage.
-    loaded = cfg.load(device)
+    return cfg.load(device)
+
+
+def sampler_of_loaded(loaded, cfg, device: torch.device) -> ModelSampler:
+    """The sampler of an already loaded model with ``cfg.sampler`` / ``cfg.precision`` (a guidance
+    sweep loads the checkpoint once and samples it with several settings)."""
+    from ldm_scale.sampling import condition_kind, generate
+
     spec = loaded.spec
     kind = condition_kind(spec)
     if kind not in ("text", "class", "none"):

@@ -107,3 +107,25 @@ def test_two_ranks_reproduce_single_rank(single_run, setup, torchrun):
     assert m2["precision"] == m1["precision"] and m2["recall"] == m1["recall"]
     for key in ("fid", "sfid", "inception_score"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-6), key
+
+
+def test_guidance_sweep_writes_the_fid_vs_clip_score_curve(single_run, setup):
+    """guidance_scales=[...]: one evaluation per scale on the same conditions and noise, then
+    sweep.json / sweep.md / sweep.png. Scale 2.0 is the single run's setting: same FID."""
+    root = setup
+    out = root / "sweep"
+    args = [a for a in fid_args(root, "sweep", root / "ref1.npz") if not a.startswith(("metrics.", "sampler.guidance"))]
+    run_python(["eval/fid.py", *args, "guidance_scales=[1.0,2.0]", "metrics.precision_recall=false",
+                "metrics.clip_score=true", "metrics.clip_model=clip:ViT-B-32"], timeout=900).check()
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [r["guidance_scale"] for r in sweep["scales"]] == [1.0, 2.0]
+    for r in sweep["scales"]:
+        assert {"fid", "clip_score", "inception_score"} <= set(r)
+        record = json.loads((out / f"scale_{r['guidance_scale']:g}" / "results.json").read_text())
+        assert record["sampler"]["guidance_scale"] == r["guidance_scale"] and record["metrics"]["fid"] == r["fid"]
+    # (The fixture's untrained UNet has a zero-initialised output layer: eps = 0 for every condition, so
+    # the scale cannot change its samples here; guidance itself is tested in test_diffusion_samplers.py.)
+    assert sweep["scales"][1]["fid"] == pytest.approx(single_run["metrics"]["fid"], rel=1e-9)
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "sweep.md").read_text().splitlines()
+    assert table[0].startswith("| guidance scale | fid | clip_score") and len(table) == 4
