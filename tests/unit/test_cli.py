@@ -98,7 +98,7 @@ def test_entry_points_parse_help_and_errors(capsys):
     assert stats.parse_config(["data=v.tar", "resolution=64"]).resolution == 64
     assert sample.parse(["ckpt=m.pt", "H=64"]) == SampleConfig(ckpt="m.pt", H=64)
 
-    groups = {"eval/fid.py": ["sampler: ddim, ddpm, plms (default: ddim)", "metrics: default, full, text",
+    groups = {"eval/fid.py": ["sampler: ddim, ddpm, plms (default: ddim)", "metrics: cmmd, default, full, text",
                               "preset: quickstart"],
               "eval/recon.py": ["extractor: auto, inception, random_inception (default: auto)"],
               "data_tools/reference_stats.py": ["extractor: auto, inception, random_inception"]}
