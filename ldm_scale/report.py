@@ -26,7 +26,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ldm_scale import storage
 
@@ -103,14 +103,27 @@ def panel_keys(panel: Panel, rows: Sequence[Dict[str, Any]]) -> List[str]:
     return keys
 
 
-def plot_panel(panel: Panel, rows: Sequence[Dict[str, Any]], keys: List[str]) -> bytes:
+def figure_png(draw: Callable[[Any], None], size: Tuple[float, float] = (6.4, 3.6)) -> bytes:
+    """PNG bytes of one matplotlib figure (Agg: no display) that ``draw(ax)`` fills."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    fig, ax = plt.subplots(figsize=size, dpi=100)
     try:
+        draw(ax)
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def plot_panel(panel: Panel, rows: Sequence[Dict[str, Any]], keys: List[str]) -> bytes:
+    def draw(ax) -> None:
         for key in keys:
             xs, ys = series(rows, key, panel.x)
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, linewidth=1.4, label=key)
@@ -119,15 +132,10 @@ def plot_panel(panel: Panel, rows: Sequence[Dict[str, Any]], keys: List[str]) ->
         ax.set_title(panel.title)
         ax.set_xlabel("optimizer step" if panel.x == "step" else "samples seen")
         ax.set_ylabel(panel.ylabel)
-        ax.grid(True, alpha=0.3)
         if len(keys) > 1:
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
-    finally:
-        plt.close(fig)
+
+    return figure_png(draw)
 
 
 def _table(values: Dict[str, Any]) -> str:

@@ -71,6 +71,15 @@ def knn_radii(features: ArrayLike, k: int = 3, *, batch_size: int = 10000,
     return _sum_over_ranks(radii, distributed)
 
 
+def _fake_and_real(fake: ArrayLike, real: ArrayLike, device: torch.device,
+                   dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both sets as [N, D] tensors on ``device`` (same D, or ValueError) and the real points' |r|^2."""
+    f, r = _as_tensor(fake, device, dtype), _as_tensor(real, device, dtype)
+    if f.shape[1] != r.shape[1]:
+        raise ValueError(f"feature dimensions differ: {f.shape[1]} vs {r.shape[1]}")
+    return f, r, (r * r).sum(dim=1)
+
+
 def cross_membership(fake: ArrayLike, real: ArrayLike, fake_radii: torch.Tensor, real_radii: torch.Tensor, *,
                      batch_size: int = 10000, device: Optional[torch.device] = None,
                      dtype: torch.dtype = torch.float32, distributed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -80,13 +89,9 @@ def cross_membership(fake: ArrayLike, real: ArrayLike, fake_radii: torch.Tensor,
     N x N distance passes in all (two for the radii, one here) instead of four.
     """
     device = torch.device(device or "cpu")
-    f = _as_tensor(fake, device, dtype)
-    r = _as_tensor(real, device, dtype)
-    if f.shape[1] != r.shape[1]:
-        raise ValueError(f"feature dimensions differ: {f.shape[1]} vs {r.shape[1]}")
+    f, r, r_sq = _fake_and_real(fake, real, device, dtype)
     fake_radii = fake_radii.to(device=device, dtype=dtype)
     real_radii = real_radii.to(device=device, dtype=dtype)
-    r_sq = (r * r).sum(dim=1)
     fake_hit = torch.zeros(len(f), dtype=torch.float64)
     real_hit = torch.zeros(len(r), dtype=torch.bool, device=device)
     for r0, r1 in _my_blocks(len(f), batch_size, distributed):
@@ -128,12 +133,8 @@ def density_coverage(real: ArrayLike, fake: ArrayLike, k: int = 5, *, batch_size
     kw = dict(batch_size=batch_size, device=device, dtype=dtype, distributed=distributed)
     real_radii = knn_radii(real, k, **kw)
     device = torch.device(device or "cpu")
-    f = _as_tensor(fake, device, dtype)
-    r = _as_tensor(real, device, dtype)
-    if f.shape[1] != r.shape[1]:
-        raise ValueError(f"feature dimensions differ: {f.shape[1]} vs {r.shape[1]}")
+    f, r, r_sq = _fake_and_real(fake, real, device, dtype)
     radii = real_radii.to(device=device, dtype=dtype)
-    r_sq = (r * r).sum(dim=1)
     inside = torch.zeros(len(f), dtype=torch.float64)  # real balls holding each fake point
     covered = torch.zeros(len(r), dtype=torch.bool, device=device)
     for r0, r1 in _my_blocks(len(f), batch_size, distributed):

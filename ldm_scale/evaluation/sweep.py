@@ -13,7 +13,6 @@ when CLIP score is off).
 from __future__ import annotations
 
 import copy
-import io
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -69,26 +68,18 @@ def sweep_table(rows: List[Dict[str, Any]]) -> str:
 
 
 def sweep_plot(rows: List[Dict[str, Any]]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from ldm_scale.report import figure_png
 
     with_clip = all("clip_score" in r for r in rows)
     xs = [r["clip_score"] if with_clip else r["guidance_scale"] for r in rows]
     ys = [r["fid"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=100)
-    try:
+
+    def draw(ax) -> None:
         ax.plot(xs, ys, marker="o")
         for x, y, r in zip(xs, ys, rows):
             ax.annotate(f"s={r['guidance_scale']:g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xlabel("CLIP score" if with_clip else "guidance scale")
         ax.set_ylabel("FID")
         ax.set_title("Guidance sweep: FID vs CLIP score" if with_clip else "Guidance sweep: FID vs scale")
-        ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
-    finally:
-        plt.close(fig)
+
+    return figure_png(draw, size=(5.5, 4.0))
