@@ -46,7 +46,7 @@ def events(run_dir: Path) -> list[dict]:
     """The run's event log (``events.jsonl``: one record per resume, written by rank 0)."""
     import json
 
-    from ldm_scale.train.loop import EVENTS_FILE
+    from ldm_scale.train.run_records import EVENTS_FILE
 
     path = Path(run_dir) / EVENTS_FILE
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
