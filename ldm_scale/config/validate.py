@@ -159,12 +159,13 @@ def _check_training_fid(cfg: Config, problems: List[str]) -> None:
         problems.append("eval.fid.every > 0 with deepspeed.zero.stage=3: ranks sample unequal numbers of chunks, "
                         "which ZeRO-3's collective parameter gathers cannot serve; use stage 1/2, or run "
                         "eval/fid.py on the export")
-    from ldm_scale.evaluation.in_training import fid_eval_config
-
-    try:
-        fid_eval_config(cfg, "unused").check()
-    except ValueError as exc:
-        problems.append(f"eval.fid: {exc}")
+    # What FIDEvalConfig.check() would refuse for the config evaluation/in_training.py builds (not
+    # imported here: evaluation.config imports the command-line layer, which imports this package).
+    if f.n_samples < 1 or f.batch_size < 1:
+        problems.append(f"eval.fid.n_samples={f.n_samples} and eval.fid.batch_size={f.batch_size} must be >= 1")
+    if f.kid and f.kid_subset_size > f.n_samples:
+        problems.append(f"eval.fid.kid_subset_size={f.kid_subset_size} > eval.fid.n_samples={f.n_samples}: KID "
+                        f"subsets are drawn from the generated samples; lower it or raise eval.fid.n_samples")
 
 
 def _check_validation(cfg: Config, num_timesteps: int, problems: List[str]) -> None:

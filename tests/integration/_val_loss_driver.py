@@ -1,8 +1,8 @@
 """Worker for tests/integration/test_val_loss.py: the fixed-timestep validation loss of a freshly
 built quickstart task (same seed, so the same weights on any world size and ZeRO stage), twice in
-a row. Prints ``RESULT {json}`` on rank 0.
+a row, for each ZeRO stage given. Prints ``RESULT {json}`` (``{stage: record}``) on rank 0.
 
-    torchrun --nproc_per_node N _val_loss_driver.py <train urls> <val urls> <zero stage>
+    torchrun --nproc_per_node N _val_loss_driver.py <train urls> <val urls> <zero stage>[,<zero stage>...]
 """
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ from ldm_scale.evaluation.val_loss import FixedTimestepValidation
 from ldm_scale.train.tasks import build_task
 
 
-def main() -> int:
-    train_url, val_url, stage = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    dist.init_distributed()
+def measure(train_url: str, val_url: str, stage: int) -> dict:
     overrides = ["experiment=quickstart", "model.allow_random_first_stage=true", f"data.urls=['{train_url}']",
                  "data.num_workers=0", "train.micro_batch_size=2", f"deepspeed.zero.stage={stage}",
                  "checkpoint.root=/tmp/unused", "logger=none", "eval.val_every=1", f"eval.val_data=['{val_url}']",
@@ -29,9 +27,15 @@ def main() -> int:
     task = build_task(cfg, plan, device=torch.device("cpu"), total_steps=10)
     validation = FixedTimestepValidation.for_run(cfg)
     first, second = validation.run(task), validation.run(task)
+    return {"first": first, "second": second, "n": len(validation._held["index"])}
+
+
+def main() -> int:
+    train_url, val_url, stages = sys.argv[1], sys.argv[2], [int(s) for s in sys.argv[3].split(",")]
+    dist.init_distributed()
+    results = {str(stage): measure(train_url, val_url, stage) for stage in stages}
     if dist.get_dist_info().is_main:
-        print("RESULT " + json.dumps({"first": first, "second": second, "n": len(validation._held["index"])}),
-              flush=True)
+        print("RESULT " + json.dumps(results), flush=True)
     dist.barrier()
     return 0
 

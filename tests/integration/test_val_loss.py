@@ -24,11 +24,12 @@ def results(tmp_path_factory):
     write_synthetic_dataset(str(root / "val"), num_samples=24, samples_per_shard=8, seed=1, min_size=32, max_size=40)
     val_url = f"{root}/val/{{00000..00002}}.tar"
     out = {}
-    for nproc, stage in [(1, 2), (2, 2), (1, 3), (2, 3)]:
-        run = run_torchrun(["tests/integration/_val_loss_driver.py", train_url, val_url, str(stage)], nproc=nproc,
+    for nproc in (1, 2):  # one launch per world size, both ZeRO stages in it
+        run = run_torchrun(["tests/integration/_val_loss_driver.py", train_url, val_url, "2,3"], nproc=nproc,
                            timeout=600).check()
         line = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
-        out[(nproc, stage)] = json.loads(line[len("RESULT "):])
+        for stage, record in json.loads(line[len("RESULT "):]).items():
+            out[(nproc, int(stage))] = record
     return out
 
 

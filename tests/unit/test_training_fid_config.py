@@ -15,7 +15,7 @@ ON = ["eval.fid.every=100", "eval.fid.ref=s3://bucket/ref.npz"]
 @pytest.mark.parametrize("overrides, message", [
     (["eval.fid.every=100"], "eval.fid.ref is not set"),
     ([*ON, "deepspeed=zero3"], "eval.fid.every > 0 with deepspeed.zero.stage=3"),
-    ([*ON, "eval.fid.n_samples=50", "eval.fid.kid_subset_size=100"], "eval.fid: metrics.kid_subset_size=100 > n_samples=50"),
+    ([*ON, "eval.fid.n_samples=50", "eval.fid.kid_subset_size=100"], "eval.fid.kid_subset_size=100 > eval.fid.n_samples=50"),
     ([*ON, "eval.fid.every=-1"], "eval.fid.every=-1 must be >= 0"),
 ])
 def test_bad_in_training_fid_settings_fail_in_validate(overrides, message):
@@ -24,7 +24,7 @@ def test_bad_in_training_fid_settings_fail_in_validate(overrides, message):
         C.validate(cfg, 2, check_files=False)
 
 
-def test_the_eval_fid_config_is_built_from_the_run():
+def test_the_eval_fid_config_is_built_from_the_run_and_passes_eval_fid_checks():
     cfg = C.to_object(C.compose([*BASE, *ON, "eval.fid.n_samples=500", "eval.fid.extractor=inception",
                                  "eval.sampler.steps=30", "eval.seed=7"]))
     C.validate(cfg, 2, check_files=False)
@@ -34,6 +34,7 @@ def test_the_eval_fid_config_is_built_from_the_run():
     assert f.extractor.name == "inception" and not f.extractor.allow_download
     assert f.metrics.fid and f.metrics.kid and not f.metrics.inception_score
     assert f.precision == cfg.deepspeed.precision and f.logger.backend == "none"
+    f.check()  # what validate() accepted, eval/fid.py accepts
 
 
 def test_autoencoders_refuse_in_training_fid():
