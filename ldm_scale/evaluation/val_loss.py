@@ -85,7 +85,9 @@ class FixedTimestepValidation:
         self.timesteps, self.seed = [int(t) for t in timesteps], seed
         self.storage_defaults = storage_defaults
         self._held: Optional[Dict[str, Any]] = None
-        self._latents: Optional[torch.Tensor] = None
+        # batch start -> (latents [B, *latent] on the host, noise [B, K, *latent]): this rank's
+        # batches only, encoded and drawn at the first validation, reused by every later one.
+        self._inputs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def for_run(cls, cfg) -> "FixedTimestepValidation":
@@ -122,16 +124,17 @@ class FixedTimestepValidation:
         n, k = len(held["index"]), len(self.timesteps)
         info = dist.get_dist_info()
         mine, passes = batch_slices(n, self.batch_size, info.rank, info.world_size)
-        if self._latents is None:  # the frozen first stage encodes each held-out image once
-            # Kept on the host between validations (.cpu(): one sync per batch, once per run).
-            self._latents = torch.cat([task.validation_latents(_take(held, slice(s, min(s + self.batch_size, n))))
-                                       .cpu() for s in range(0, n, self.batch_size)])
         losses = torch.zeros(n, k, dtype=torch.float32, device=task.device)  # stays there: no sync per batch
         work = mine + [mine[-1] if mine else slice(0, min(self.batch_size, n))] * (passes - len(mine))
         for i, s in enumerate(work):
             batch = _take(held, s)
-            z0 = self._latents[s]
-            noise = torch.stack([fixed_noise(int(j), z0.shape[1:], k, self.seed) for j in held["index"][s]])
+            if s.start not in self._inputs:
+                # The frozen first stage encodes each held-out image once (.cpu(): one sync per batch,
+                # once per run); the noise is fixed for the run.
+                z0 = task.validation_latents(batch).cpu()
+                noise = torch.stack([fixed_noise(int(j), z0.shape[1:], k, self.seed) for j in held["index"][s]])
+                self._inputs[s.start] = (z0, noise)
+            z0, noise = self._inputs[s.start]
             rows = []
             for slot, t in enumerate(self.timesteps):
                 tt = torch.full((len(z0),), t, dtype=torch.long)
