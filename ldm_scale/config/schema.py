@@ -165,6 +165,7 @@ class TrainingFIDConfig:
     batch_size: int = 16  # samples per chunk (one sampler call)
     extractor: str = "auto"  # eval/fid.py's extractor.name
     extractor_weights: Optional[str] = None
+    extractor_sha256: Optional[str] = None  # eval/fid.py's extractor.sha256 (None: the extractor's pin)
     extractor_input_size: Optional[int] = None  # random-inception only (CPU smoke runs)
     kid: bool = True
     kid_subset_size: int = 100

@@ -14,7 +14,6 @@ from ldm_scale.config import LoggerConfig
 from ldm_scale.data.commands import ShardInput
 from ldm_scale.data.config import Conditioning
 from ldm_scale.diffusion import SamplerConfig
-from ldm_scale.evaluation.inception import FID_WEIGHTS_SHA256
 from ldm_scale.evaluation.preprocess import Resize
 from ldm_scale.sampling.checkpoints import CheckpointSource
 from ldm_scale.storage import StorageConfig
@@ -29,10 +28,14 @@ class ExtractorConfig:
     warning, to ``random-inception`` (recorded as NOT comparable). ``inception`` never falls back.
     """
 
-    name: str = "auto"  # auto | inception | random-inception | clip:<arch>[@<pretrained>]
-    weights: Optional[str] = None  # path or URL of pt_inception-2015-12-05-6726825d.pth
-    sha256: str = FID_WEIGHTS_SHA256
-    allow_download: bool = True  # "inception" only; "auto" never downloads
+    # auto | inception | random-inception | clip:<arch>[@<pretrained>] | dinov2:<arch>[@random]
+    name: str = "auto"
+    # path or URL of the weights file (pt_inception-2015-12-05-6726825d.pth, dinov2_vitl14_pretrain.pth)
+    weights: Optional[str] = None
+    # None: the extractor's pinned digest (Inception: FID_WEIGHTS_SHA256; DINOv2: none published, so
+    # the digest of the file used is recorded with the results); a digest (or >= 8 hex digits) pins it.
+    sha256: Optional[str] = None
+    allow_download: bool = True  # published weights (inception, dinov2:*); "auto" never downloads
     resize: Resize = "pil_bicubic"  # see preprocess.py
     seed: int = 0  # random-weight extractors
     input_size: Optional[int] = None  # random-inception only: a smaller input for CPU smoke runs
@@ -102,6 +105,12 @@ class FIDEvalConfig(CheckpointSource):
             raise ValueError(f"n_samples and batch_size must be >= 1, got {self.n_samples} and {self.batch_size}")
         if any(g < 0 for g in self.guidance_scales) or len(set(self.guidance_scales)) != len(self.guidance_scales):
             raise ValueError(f"guidance_scales={list(self.guidance_scales)}: give distinct scales >= 0, e.g. [1.5,3,5,8]")
+        inception_only = [k for k in ("inception_score", "sfid") if getattr(self.metrics, k)]
+        if inception_only and not _is_inception_family(self.extractor.name):
+            raise ValueError(f"metrics.{'/'.join(inception_only)} need Inception logits/spatial features but "
+                             f"extractor.name={self.extractor.name!r}: set "
+                             + " ".join(f"metrics.{k}=false" for k in inception_only)
+                             + " (metrics=fd_dinov2 for FD-DINOv2), or an Inception extractor")
         if self.metrics.cmmd and not self.extractor.name.startswith("clip:"):
             raise ValueError(f"metrics.cmmd=true needs CLIP embeddings but extractor.name={self.extractor.name!r}: set "
                              "extractor.name=clip:ViT-L-14-336@openai (the paper's model), or metrics.cmmd=false")
@@ -111,6 +120,11 @@ class FIDEvalConfig(CheckpointSource):
             raise ValueError(f"metrics.kid_subset_size={self.metrics.kid_subset_size} > n_samples={self.n_samples}: "
                              f"KID subsets are drawn from the generated samples; set metrics.kid_subset_size<="
                              f"{self.n_samples} or n_samples>={self.metrics.kid_subset_size}")
+
+
+def _is_inception_family(name: str) -> bool:
+    # features.is_inception_family without importing torch at compose time
+    return name in ("auto", "inception", "inception-v3-fid") or name.startswith("random-inception")
 
 
 @dataclass

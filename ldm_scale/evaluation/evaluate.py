@@ -95,10 +95,13 @@ def reference_features(ref: ReferenceStats, extractor: FeatureExtractor, batch_s
                        notes: List[str]) -> Dict[str, Any]:
     """Statistics and per-image features of the reference set as seen by ``extractor``.
 
-    A file made with another extractor or resize rule is only usable through its ``arr_0`` images:
-    then everything is recomputed from them (N becomes the number of stored images).
+    A file made with another extractor, resize rule or weights file (both digests recorded and
+    different: e.g. two DINOv2 files under one name) is only usable through its ``arr_0`` images: then
+    everything is recomputed from them (N becomes the number of stored images).
     """
-    same = ref.extractor_name == extractor.name and ref.resize == extractor.resize and ref.pool is not None
+    same_weights = None in (ref.weights_sha256, extractor.weights_sha256) or ref.weights_sha256 == extractor.weights_sha256
+    same = (ref.extractor_name == extractor.name and ref.resize == extractor.resize and same_weights
+            and ref.pool is not None)
     if same:
         feats = ref.features
         if feats is None:
@@ -107,13 +110,15 @@ def reference_features(ref: ReferenceStats, extractor: FeatureExtractor, batch_s
                                  "precision/recall/KID cannot be computed; disable them or rebuild the file")
             feats = _features_of_images(extractor, ref.images, batch_size)["pool"]
         return {"pool": ref.pool, "spatial": ref.spatial, "features": feats, "n": ref.pool.n}
+    theirs = f"{ref.extractor_name!r} (resize {ref.resize!r}, weights sha256 {ref.weights_sha256})"
+    ours = f"{extractor.name!r} (resize {extractor.resize!r}, weights sha256 {extractor.weights_sha256})"
     if ref.images is None:
         raise ValueError(
-            f"the reference was computed with extractor {ref.extractor_name!r} (resize {ref.resize!r}) but this "
-            f"run uses {extractor.name!r} (resize {extractor.resize!r}), and it stores no arr_0 images to "
-            "recompute from: use the same extractor.name / extractor.resize, or rebuild the reference")
+            f"the reference was computed with extractor {theirs} but this run uses {ours}, and it stores no arr_0 "
+            "images to recompute from: use the same extractor.name / extractor.resize / weights, or rebuild the "
+            "reference")
     notes.append(f"reference statistics recomputed from its {len(ref.images)} arr_0 images: it was made with "
-                 f"{ref.extractor_name!r}/{ref.resize!r}, this run uses {extractor.name!r}/{extractor.resize!r}")
+                 f"{theirs}, this run uses {ours}")
     feats = _features_of_images(extractor, ref.images, batch_size)
     spatial = gaussian_stats(feats["spatial"]) if "spatial" in feats else None
     return {"pool": gaussian_stats(feats["pool"]), "spatial": spatial, "features": feats["pool"],

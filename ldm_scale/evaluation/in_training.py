@@ -25,7 +25,8 @@ from ldm_scale.evaluation.config import ExtractorConfig, FIDEvalConfig, MetricsC
 def fid_eval_config(cfg, out: str) -> FIDEvalConfig:
     """``eval/fid.py``'s config for the training run ``cfg``'s in-training FID, writing to ``out``."""
     f = cfg.eval.fid
-    extractor = ExtractorConfig(name=f.extractor, weights=f.extractor_weights, input_size=f.extractor_input_size,
+    extractor = ExtractorConfig(name=f.extractor, weights=f.extractor_weights, sha256=f.extractor_sha256,
+                                input_size=f.extractor_input_size,
                                 allow_download=False)
     metrics = MetricsConfig(fid=True, inception_score=False, precision_recall=f.precision_recall, kid=f.kid,
                             kid_subset_size=f.kid_subset_size)

@@ -13,24 +13,25 @@ changes pytorch-fid documents for matching the TF graph:
 Parameter names are torchvision's (``Conv2d_1a_3x3.conv.weight``, ``Mixed_5b.branch1x1.bn.running_mean``,
 ..., ``fc.weight``), so the pytorch-fid file loads with ``strict=True``.
 
-Weights are looked for in this order: an explicit path or URL; ``$LDM_SCALE_FID_WEIGHTS``; the torch
-hub cache (``<torch.hub.get_dir()>/checkpoints/``, under pytorch-fid's or torch-fidelity's file name);
-then a download from ``FID_WEIGHTS_URL`` (when allowed). Every file is checked against a SHA-256
+Weights are looked for as ``weights.py`` says (an explicit path or URL; ``$LDM_SCALE_FID_WEIGHTS``; the
+torch hub cache, under pytorch-fid's or torch-fidelity's file name; then a download from
+``FID_WEIGHTS_URL`` when allowed). Every file is checked against the pinned SHA-256
 (:func:`check_sha256`); the entry points check the file up front, before any other work
 (``features.check_extractor_weights``). Where to get the file and how to verify it by hand:
 docs/evaluation.md, "The FID Inception weights file".
 """
 from __future__ import annotations
 
-import hashlib
-import os
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
+
+from ldm_scale.evaluation import weights
+# The weights-file rules every extractor shares, under the names callers of this module use.
+from ldm_scale.evaluation.weights import WeightsHashError, hub_checkpoint_dir, sha256_of_file  # noqa: F401
 
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_FILENAME
@@ -174,97 +175,29 @@ def random_fid_inception(seed: int = 0) -> FIDInceptionV3:
     return net.eval().requires_grad_(False)
 
 
-def sha256_of_file(path: str, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_bytes), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class WeightsHashError(ValueError):
-    """A weights file whose SHA-256 is not the expected one (a ``ValueError``: input the run cannot
-    use, reported in one line by the entry points)."""
-
-    def __init__(self, message: str, *, path: str, expected: str, actual: str):
-        super().__init__(message)
-        self.path, self.expected, self.actual = path, expected, actual
+FID_WEIGHTS = weights.WeightsFile(
+    label="FID Inception weights", filename=FID_WEIGHTS_FILENAME, url=FID_WEIGHTS_URL, env_var=WEIGHTS_ENV_VAR,
+    sha256=FID_WEIGHTS_SHA256, alt_filenames=FID_WEIGHTS_ALT_FILENAMES,
+    offline_hint="Offline, extractor.name=random-inception runs without weights but its numbers are not "
+                 "comparable with published FID.")
 
 
 def check_sha256(path: str, expected: str, *, source: Optional[str] = None, hash_key: str = "extractor.sha256") -> str:
-    """The file's SHA-256; raise :class:`WeightsHashError` unless it starts with ``expected`` (a full
-    digest or >= 8 hex digits). The one-line message names ``source`` (where the file came from,
-    e.g. ``extractor.weights=/data/pt_inception.pth``; default: the path), the ``hash_key`` that
-    holds the expected digest, the expected and the actual digest."""
-    expected = expected.strip().lower()
-    if len(expected) < 8 or any(c not in "0123456789abcdef" for c in expected):
-        raise ValueError(f"{hash_key}={expected!r}: a SHA-256 to check against needs at least 8 hex digits")
-    actual = sha256_of_file(path)
-    if not actual.startswith(expected):
-        where = source if source and path in source else (f"{source} ({path})" if source else f"weights file {path}")
-        raise WeightsHashError(
-            f"{where} has SHA-256 {actual}, but {hash_key} expects {expected}: the file is corrupt or a "
-            f"different network; delete it and fetch {FID_WEIGHTS_URL} again (docs/evaluation.md), or set "
-            f"{hash_key} to the digest of a file you trust", path=path, expected=expected, actual=actual)
-    return actual
+    """:func:`weights.check_sha256` for the FID Inception file (its message names the download URL)."""
+    return weights.check_sha256(path, expected, source=source, hash_key=hash_key, url=FID_WEIGHTS_URL)
 
 
-def hub_checkpoint_dir() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _where_to_put_it() -> str:
-    return (
-        f"Download {FID_WEIGHTS_URL} on a machine with internet access and either put it at "
-        f"{hub_checkpoint_dir() / FID_WEIGHTS_FILENAME} (the torch hub cache; set TORCH_HOME to move it), "
-        f"set {WEIGHTS_ENV_VAR}=/path/to/{FID_WEIGHTS_FILENAME}, or pass the path (or an s3:// URL) as "
-        "the extractor weights (extractor.weights=...). Offline, extractor.name=random-inception runs "
-        "without weights but its numbers are not comparable with published FID."
-    )
-
-
-def resolve_fid_weights(weights: Optional[str] = None, *, allow_download: bool = True,
+def resolve_fid_weights(weights_path: Optional[str] = None, *, allow_download: bool = True,
                         storage_cfg=None) -> str:
-    """Local path of the FID Inception weights (fetched into the hub cache if given as a URL, with
-    ``storage_cfg`` or the process-wide storage settings)."""
-    from ldm_scale import storage
-
-    looked: List[str] = []
-    if weights is None:
-        weights = os.environ.get(WEIGHTS_ENV_VAR) or None
-    if weights is not None:
-        if storage.is_local(weights):
-            path = storage.local_path(weights)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"FID Inception weights not found at {path}. {_where_to_put_it()}")
-            return path
-        target = hub_checkpoint_dir() / os.path.basename(weights.rstrip("/"))
-        if not target.is_file():
-            storage.get_file(weights, str(target), storage_cfg)
-        return str(target)
-    for name in (FID_WEIGHTS_FILENAME, *FID_WEIGHTS_ALT_FILENAMES):
-        candidate = hub_checkpoint_dir() / name
-        looked.append(str(candidate))
-        if candidate.is_file():
-            return str(candidate)
-    if allow_download:
-        target = hub_checkpoint_dir() / FID_WEIGHTS_FILENAME
-        try:
-            storage.get_file(FID_WEIGHTS_URL, str(target))
-            return str(target)
-        except Exception as exc:  # offline machines fail here in many different ways
-            raise FileNotFoundError(
-                f"FID Inception weights are not in {looked} and downloading {FID_WEIGHTS_URL} failed "
-                f"({type(exc).__name__}: {storage.redact(exc)}). {_where_to_put_it()}"
-            ) from exc
-    raise FileNotFoundError(f"FID Inception weights are not in {looked} (download disabled). {_where_to_put_it()}")
+    """Local path of the FID Inception weights (:func:`weights.resolve`)."""
+    return weights.resolve(FID_WEIGHTS, weights_path, allow_download=allow_download, storage_cfg=storage_cfg)
 
 
-def load_fid_inception(weights: Optional[str] = None, *, sha256: str = FID_WEIGHTS_SHA256,
-                       allow_download: bool = True, map_location: str = "cpu") -> FIDInceptionV3:
-    """The FID Inception-v3 with pinned weights, hash-checked, in eval mode without gradients."""
-    path = resolve_fid_weights(weights, allow_download=allow_download)
-    check_sha256(path, sha256)
+def load_fid_inception(weights_path: Optional[str] = None, *, sha256: str = FID_WEIGHTS_SHA256,
+                       allow_download: bool = True, map_location: str = "cpu") -> tuple:
+    """(the FID Inception-v3 with pinned weights in eval mode without gradients, the file's SHA-256)."""
+    path = resolve_fid_weights(weights_path, allow_download=allow_download)
+    digest = check_sha256(path, sha256)
     state = torch.load(path, map_location=map_location, weights_only=True)
     net = FIDInceptionV3()
     missing, unexpected = net.load_state_dict(state, strict=False)
@@ -273,4 +206,4 @@ def load_fid_inception(weights: Optional[str] = None, *, sha256: str = FID_WEIGH
             f"{path} is not an FID Inception state dict: missing {missing[:5]}..., unexpected "
             f"{unexpected[:5]}... ({len(missing)} missing, {len(unexpected)} unexpected)"
         )
-    return net.eval().requires_grad_(False)
+    return net.eval().requires_grad_(False), digest

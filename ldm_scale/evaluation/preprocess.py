@@ -8,6 +8,8 @@ Evaluation"), so it is a named, recorded choice:
 
 - ``pil_bicubic`` (default): PIL bicubic on each channel in float ("F") mode, no re-quantisation
   after the resize; the clean-fid convention (antialiased).
+- ``pil_bicubic_rgb``: PIL bicubic on the 8-bit RGB image, re-quantised to uint8: what torchvision's
+  ``Resize`` does to a PIL image, so dgm-eval's default for FD-DINOv2 (``extractor=dinov2`` uses it).
 - ``tf_bilinear``: TF1 ``resize_bilinear(align_corners=False)`` without half-pixel centres, as inside
   the original TF FID graph, the ADM evaluator and torch-fidelity (the LDM paper's numbers).
 - ``torch_bilinear``: ``F.interpolate(mode="bilinear", align_corners=False)``, as pytorch-fid does.
@@ -29,6 +31,7 @@ class Resize(Choice):
     """``extractor.resize``: the three rules of the module docstring."""
 
     pil_bicubic = "pil_bicubic"
+    pil_bicubic_rgb = "pil_bicubic_rgb"
     tf_bilinear = "tf_bilinear"
     torch_bilinear = "torch_bilinear"
 
@@ -60,6 +63,15 @@ def _resize_pil_bicubic(x: torch.Tensor, size: int) -> torch.Tensor:
     return torch.from_numpy(out).to(x.device)
 
 
+def _resize_pil_bicubic_rgb(images: torch.Tensor, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    arr = images.to("cpu").permute(0, 2, 3, 1).contiguous().numpy()
+    out = np.stack([np.asarray(Image.fromarray(a, mode="RGB").resize((size, size), resample=Image.BICUBIC))
+                    for a in arr])
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float().to(images.device)
+
+
 def _resize_tf_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     # TF1 resize_bilinear, align_corners=False, half_pixel_centers=False: the source coordinate of
     # output pixel i is i * in / out (no +0.5 shifts), neighbours clamped at the far edge.
@@ -86,6 +98,8 @@ def resize_for_extractor(images: torch.Tensor, size: int, mode: str = "pil_bicub
         return x
     if mode == "pil_bicubic":
         return _resize_pil_bicubic(x, size)
+    if mode == "pil_bicubic_rgb":
+        return _resize_pil_bicubic_rgb(images, size)
     if mode == "tf_bilinear":
         return _resize_tf_bilinear(x, size)
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)

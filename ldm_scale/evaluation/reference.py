@@ -61,6 +61,11 @@ class ReferenceStats:
     def resize(self) -> str:
         return str(self.meta.get("extractor", {}).get("resize", ""))
 
+    @property
+    def weights_sha256(self) -> Optional[str]:
+        """Digest of the extractor's weights file (None: random weights, or a file made before it was recorded)."""
+        return self.meta.get("extractor", {}).get("weights_sha256")
+
 
 def save_reference(ref: ReferenceStats, url: str) -> None:
     arrays: Dict[str, np.ndarray] = {"mu": ref.pool.mu, "sigma": ref.pool.sigma}

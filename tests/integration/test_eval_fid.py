@@ -129,3 +129,33 @@ def test_guidance_sweep_writes_the_fid_vs_clip_score_curve(single_run, setup):
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "sweep.md").read_text().splitlines()
     assert table[0].startswith("| guidance scale | fid | clip_score") and len(table) == 4
+
+
+def test_fd_dinov2_end_to_end_from_the_hub_cache_with_a_pinned_digest(setup, tmp_path):
+    """extractor=dinov2 metrics=fd_dinov2: the weights file is found in the torch hub cache under Meta's
+    name, checked against extractor.sha256 before any sample is made, and recorded with the result."""
+    from tests.fixtures.dinov2_weights import write_published_format
+
+    root = setup
+    torch_home = tmp_path / "torch_home"
+    digest = write_published_format(torch_home / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth")
+    shards = root / "data" / "synthetic" / "{00000..00003}.tar"
+    base = [a for a in fid_args(root, "fd_dinov2", shards) if not a.startswith(("metrics.", "extractor."))]
+    dino_args = [*base, f"ref_out={tmp_path / 'ref_dinov2.npz'}", "ref_keep_images=32", "extractor=dinov2",
+                 "extractor.name=dinov2:vits14", "extractor.batch_size=8", "metrics=fd_dinov2", "metrics.pr_batch_size=5",
+                 "metrics.dc_k=3"]
+    env = {"TORCH_HOME": str(torch_home)}
+
+    wrong = run_python(["eval/fid.py", *dino_args, "extractor.sha256=" + "0" * 64], env=env)
+    assert wrong.returncode != 0 and f"has SHA-256 {digest}, but extractor.sha256 expects" in wrong.stderr
+    assert not (root / "fd_dinov2").exists()  # refused before a checkpoint was read or a sample made
+
+    run_python(["eval/fid.py", *dino_args, f"extractor.sha256={digest}"], env=env, timeout=900).check()
+    record = json.loads((root / "fd_dinov2" / "results.json").read_text())
+    ext = record["extractor"]
+    assert ext["name"] == "dinov2:vits14" and ext["frechet_label"] == "FD-DINOv2" and ext["weights_sha256"] == digest
+    assert ext["resize"] == "pil_bicubic_rgb" and ext["feature_dims"] == {"pool": 384}
+    m = record["metrics"]
+    assert {"fid", "precision", "recall", "density", "coverage"} == set(m) and m["fid"] > 0
+    ref = load_reference(str(tmp_path / "ref_dinov2.npz"))
+    assert ref.extractor_name == "dinov2:vits14" and ref.weights_sha256 == digest and ref.pool.mu.shape == (384,)

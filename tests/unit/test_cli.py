@@ -38,7 +38,7 @@ def test_types_nesting_groups_and_one_line_errors():
         (["precision=fp8"], "Invalid value 'fp8', expected one of [fp32, bf16, fp16] (key precision)"),
         (["sampler.name=euler"], "expected one of [ddim, plms, ddpm] (key sampler.name)"),
         (["sampler=euler"], "Could not find 'sampler/euler': valid keys: ddim, ddpm, plms"),
-        (["extractor.resize=bicubic"], "expected one of [pil_bicubic, tf_bilinear, torch_bilinear]"),
+        (["extractor.resize=bicubic"], "expected one of [pil_bicubic, pil_bicubic_rgb, tf_bilinear, torch_bilinear]"),
         (["preset=nope"], "Could not find 'preset/nope': valid keys: quickstart"),
         (["sampler=plms", "sampler.eta=0.5"], "PLMS is deterministic: eta must be 0"),
         (["n_samples", "ckpt=m.pt"], "arguments must be key=value overrides, got ['n_samples']"),
@@ -98,10 +98,10 @@ def test_entry_points_parse_help_and_errors(capsys):
     assert stats.parse_config(["data=v.tar", "resolution=64"]).resolution == 64
     assert sample.parse(["ckpt=m.pt", "H=64"]) == SampleConfig(ckpt="m.pt", H=64)
 
-    groups = {"eval/fid.py": ["sampler: ddim, ddpm, plms (default: ddim)", "metrics: cmmd, default, full, text",
+    groups = {"eval/fid.py": ["sampler: ddim, ddpm, plms (default: ddim)", "metrics: cmmd, default, fd_dinov2, full, text",
                               "preset: quickstart"],
-              "eval/recon.py": ["extractor: auto, inception, random_inception (default: auto)"],
-              "data_tools/reference_stats.py": ["extractor: auto, inception, random_inception"]}
+              "eval/recon.py": ["extractor: auto, dinov2, inception, random_inception (default: auto)"],
+              "data_tools/reference_stats.py": ["extractor: auto, dinov2, inception, random_inception"]}
     for parse, program in ((fid.parse_config, "eval/fid.py"), (recon.parse_config, "eval/recon.py"),
                            (stats.parse_config, "data_tools/reference_stats.py")):
         with pytest.raises(SystemExit) as info:

@@ -62,7 +62,8 @@ def test_cmmd_without_clip_embeddings_is_refused_before_any_work():
                         extractor=ExtractorConfig(name="inception"))
     with pytest.raises(ValueError, match="metrics.cmmd=true needs CLIP embeddings"):
         cfg.check()
-    FIDEvalConfig(ckpt="x.pt", n_samples=10, metrics=MetricsConfig(cmmd=True, kid=False),
+    # (IS needs Inception logits: refused with a CLIP extractor too, as metrics=cmmd sets it)
+    FIDEvalConfig(ckpt="x.pt", n_samples=10, metrics=MetricsConfig(cmmd=True, kid=False, inception_score=False),
                   extractor=ExtractorConfig(name="clip:ViT-L-14-336@openai")).check()
 
 

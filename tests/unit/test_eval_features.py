@@ -54,12 +54,13 @@ def test_hash_check_accepts_the_right_file_and_refuses_a_tampered_one(tmp_path):
 
 def test_pinned_weights_are_documented_where_users_look():
     # One fact, two places: the digest and URL the loader checks are the ones docs/evaluation.md
-    # tells users to verify with sha256sum, and the default of extractor.sha256.
+    # tells users to verify with sha256sum, and the pin extractor.sha256 (default: unset) falls back to.
     from ldm_scale.evaluation.config import ExtractorConfig
 
     docs = (Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text()
     assert f"{inc.FID_WEIGHTS_SHA256}  {inc.FID_WEIGHTS_FILENAME}" in docs  # the sha256sum -c line
-    assert inc.FID_WEIGHTS_URL in docs and ExtractorConfig().sha256 == inc.FID_WEIGHTS_SHA256
+    assert inc.FID_WEIGHTS_URL in docs and ExtractorConfig().sha256 is None
+    assert inc.FID_WEIGHTS.sha256 == inc.FID_WEIGHTS_SHA256 and inc.FID_WEIGHTS.url == inc.FID_WEIGHTS_URL
     assert re.fullmatch(r"[0-9a-f]{64}", inc.FID_WEIGHTS_SHA256)
     assert inc.FID_WEIGHTS_SHA256[:8] in inc.FID_WEIGHTS_FILENAME  # torch.hub's check_hash convention
 
