@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 
+from ldm_scale.diffusion.flow import FlowTimesteps
 from ldm_scale.diffusion.noise import randn_like, with_offset_noise
 from ldm_scale.choices import Choice
 from ldm_scale.diffusion.prediction import Parameterization, check_parameterization, prediction_target
@@ -41,9 +42,29 @@ class DiffusionConfig:
     min_snr_gamma: float = 5.0
     offset_noise: float = 0.0  # 0 disables; ~0.1 is typical (Guttenberg 2023)
     cond_drop_prob: float = 0.1  # per-sample probability of the empty prompt / null class
+    # parameterization=flow (rectified flow, diffusion/flow.py): how training draws t in [0, 1], and
+    # SD3's time shift (1 = none). The schedule fields above are not used by it.
+    flow_timesteps: FlowTimesteps = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    flow_shift: float = 1.0
+
+    @property
+    def is_flow(self) -> bool:
+        return self.parameterization == "flow"
 
     def validate(self) -> None:
         check_parameterization(self.parameterization)
+        FlowTimesteps(self.flow_timesteps)
+        if self.is_flow and self.weighting != "simple":
+            raise ValueError(f"diffusion.weighting={self.weighting} is defined for the noise-schedule "
+                             "parameterizations; rectified flow (parameterization=flow) trains the plain velocity "
+                             "MSE: set diffusion.weighting=simple (shape t with diffusion.flow_timesteps instead)")
+        if self.is_flow and self.offset_noise:
+            raise ValueError("diffusion.offset_noise is not defined for parameterization=flow: set it to 0")
+        if self.logit_std <= 0 or self.flow_shift <= 0:
+            raise ValueError(f"diffusion.logit_std and diffusion.flow_shift must be > 0, got "
+                             f"{self.logit_std} and {self.flow_shift}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown diffusion.weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
         if self.weighting == "min_snr" and self.min_snr_gamma <= 0:
@@ -83,7 +104,7 @@ def loss_weight(snr: torch.Tensor, parameterization: str, weighting: str, min_sn
     if parameterization == "x0":
         return clipped
     check_parameterization(parameterization)
-    raise AssertionError("unreachable")
+    raise ValueError(f"min_snr weighting is not defined for parameterization={parameterization}")
 
 
 def diffusion_loss(

@@ -26,6 +26,9 @@ class Parameterization(Choice):
     eps = "eps"
     v = "v"
     x0 = "x0"
+    # Rectified flow (diffusion/flow.py): the network predicts dx_t/dt = eps - x_0 for
+    # x_t = (1 - t) x_0 + t eps. Not a VP parameterization: the conversions below refuse it.
+    flow = "flow"
 
 
 PARAMETERIZATIONS = tuple(Parameterization.values())
@@ -34,6 +37,12 @@ PARAMETERIZATIONS = tuple(Parameterization.values())
 def check_parameterization(parameterization: str) -> None:
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}")
+
+
+def _refuse_flow(parameterization: str) -> None:
+    if parameterization == "flow":
+        raise ValueError("parameterization=flow is rectified flow, not a noise-schedule (VP) parameterization: "
+                         "use diffusion/flow.py (flow_loss, flow_sample; sampler.name=euler|heun)")
 
 
 def _coefs(alpha_bar: torch.Tensor | float, like: torch.Tensor):
@@ -61,6 +70,7 @@ def x0_and_eps(
         return x0, (x_t - a * x0) / s
     if parameterization == "v":
         return a * x_t - s * prediction, s * x_t + a * prediction
+    _refuse_flow(parameterization)
     check_parameterization(parameterization)
     raise AssertionError("unreachable")
 
@@ -76,6 +86,7 @@ def prediction_target(
     if parameterization == "v":
         a, s = _coefs(alpha_bar, x0)
         return a * noise - s * x0
+    _refuse_flow(parameterization)
     check_parameterization(parameterization)
     raise AssertionError("unreachable")
 

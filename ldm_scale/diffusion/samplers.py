@@ -52,11 +52,15 @@ StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 class SamplerName(Choice):
-    """``sampler.name``: DDIM (Song et al. 2021), PLMS (Liu et al. 2022), ancestral DDPM."""
+    """``sampler.name``: DDIM (Song et al. 2021), PLMS (Liu et al. 2022), ancestral DDPM for the
+    diffusion parameterizations; Euler / Heun ODE steps for rectified flow."""
 
     ddim = "ddim"
     plms = "plms"
     ddpm = "ddpm"
+    # Rectified-flow ODE samplers (diffusion/flow.py), for parameterization=flow models only.
+    euler = "euler"
+    heun = "heun"
 
 
 class Spacing(Choice):
@@ -69,6 +73,7 @@ class Spacing(Choice):
 
 
 SAMPLERS = tuple(SamplerName.values())
+FLOW_SAMPLERS = ("euler", "heun")
 SPACINGS = tuple(Spacing.values())
 
 
@@ -81,6 +86,7 @@ class SamplerConfig:
     eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 ~ DDPM posterior variance
     spacing: Spacing = "uniform"  # ddim/plms
     guidance_scale: float = 5.0  # 1.0 disables classifier-free guidance
+    shift: float = 1.0  # euler/heun: SD3's time shift of the sampling grid (3.0 at 1024^2)
 
     def validate(self) -> None:
         if self.name not in SAMPLERS:
@@ -93,6 +99,18 @@ class SamplerConfig:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
         if self.name == "plms" and self.eta != 0:
             raise ValueError(f"PLMS is deterministic: eta must be 0, got {self.eta}")
+        if self.shift <= 0:
+            raise ValueError(f"sampler.shift must be > 0, got {self.shift}")
+
+    def check_model(self, parameterization: str) -> None:
+        """A flow model takes euler/heun, a diffusion model ddim/plms/ddpm: say which when not."""
+        flow_model, flow_sampler = parameterization == "flow", self.name in FLOW_SAMPLERS
+        if flow_model and not flow_sampler:
+            raise ValueError(f"sampler.name={self.name} is a diffusion sampler but the model is a rectified-flow "
+                             f"model (parameterization=flow): use sampler.name=euler or heun")
+        if flow_sampler and not flow_model:
+            raise ValueError(f"sampler.name={self.name} integrates a rectified flow but the model predicts "
+                             f"{parameterization}: use sampler.name=ddim, plms or ddpm")
 
 
 @dataclass(frozen=True)
@@ -186,10 +204,16 @@ class _SamplingLoop:
     plan's last floor(strength S) steps (img2img), the start state, known-region pasting before every
     step and at the end (inpainting), and the ``on_step`` report after every step."""
 
-    def __init__(self, plan: StepPlan, x_T: torch.Tensor, parameterization: str,
+    def __init__(self, plan: StepPlan, x_T: torch.Tensor, parameterization: Optional[str],
                  init_latent: Optional[torch.Tensor], strength: float, mask: Optional[torch.Tensor],
-                 generator: Optional[torch.Generator]):
-        check_parameterization(parameterization)
+                 generator: Optional[torch.Generator],
+                 noised: Optional[Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = None):
+        """``noised(x0, noise, level)`` takes a clean latent to a plan level: by default the VP rule
+        sqrt(abar) x0 + sqrt(1 - abar) noise; the flow samplers pass their interpolation (with
+        ``parameterization=None``: they have their own)."""
+        if parameterization is not None:
+            check_parameterization(parameterization)
+        self.noised = noised or _vp_noised
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         if (strength < 1.0 or mask is not None) and init_latent is None:
@@ -204,8 +228,7 @@ class _SamplingLoop:
         self.mask = None if mask is None else mask.to(device=x_T.device, dtype=x_T.dtype)
         self.generator = generator
         if strength < 1.0:
-            a = self.plan.alphas[0]
-            self.x_start = math.sqrt(a) * self.init + math.sqrt(1 - a) * x_T
+            self.x_start = self.noised(self.init, x_T, self.plan.alphas[0])
         else:
             self.x_start = x_T
 
@@ -221,8 +244,13 @@ class _SamplingLoop:
     def _paste(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
         if self.mask is None:
             return x
-        known = math.sqrt(alpha) * self.init + math.sqrt(1 - alpha) * randn_like(x, self.generator)
+        known = self.noised(self.init, randn_like(x, self.generator), alpha)
         return self.mask * known + (1 - self.mask) * x
+
+
+def _vp_noised(x0: torch.Tensor, noise: torch.Tensor, alpha: float) -> torch.Tensor:
+    """q(x_t | x_0) at abar = ``alpha`` with the given noise (objective.q_sample for one level)."""
+    return math.sqrt(alpha) * x0 + math.sqrt(1 - alpha) * noise
 
 
 @torch.no_grad()
@@ -388,8 +416,16 @@ def sample(
     inpaint_mask: Optional[torch.Tensor] = None,
     on_step: Optional[StepCallback] = None,
 ) -> torch.Tensor:
-    """Dispatch to the sampler ``cfg.name`` names (guidance is already bound into ``model_fn``)."""
+    """Dispatch to the sampler ``cfg.name`` names (guidance is already bound into ``model_fn``).
+    ``schedule`` is not read by the flow samplers."""
     cfg.validate()
+    cfg.check_model(parameterization)
+    if cfg.name in FLOW_SAMPLERS:
+        from ldm_scale.diffusion.flow import flow_sample
+
+        return flow_sample(model_fn, x_T, steps=cfg.steps, shift=cfg.shift, order=1 if cfg.name == "euler" else 2,
+                           generator=generator, init_latent=init_latent, strength=strength,
+                           inpaint_mask=inpaint_mask, on_step=on_step)
     common = dict(parameterization=parameterization, generator=generator, init_latent=init_latent,
                   strength=strength, inpaint_mask=inpaint_mask, on_step=on_step)
     if cfg.name == "ddim":
@@ -402,6 +438,8 @@ def sample(
 def num_sampling_steps(cfg: SamplerConfig, schedule: NoiseSchedule, strength: float = 1.0) -> int:
     """Steps (``on_step`` calls) ``sample`` will run: the progress-bar unit. Denoiser calls are the
     same, plus one for PLMS (and each call is one 2B forward under guidance)."""
+    if cfg.name in FLOW_SAMPLERS:
+        return max(int(cfg.steps * strength), 1)
     if cfg.name == "ddpm":
         plan = ddpm_plan(schedule, cfg.steps or None)
     else:

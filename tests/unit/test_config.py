@@ -95,8 +95,8 @@ def test_validate_reports_every_problem_with_key_and_fix():
     ("deepspeed.precision=fp8", "[fp32, bf16, fp16]"),
     ("optim.schedule=exponential", "[constant, cosine, linear]"),
     ("data.mode=shuffled", "[epoch, resampled]"),
-    ("eval.sampler.name=euler", "[ddim, plms, ddpm]"),
-    ("diffusion.parameterization=flow", "[eps, v, x0]"),
+    ("eval.sampler.name=dpmpp", "[ddim, plms, ddpm, euler, heun]"),
+    ("diffusion.parameterization=score", "[eps, v, x0, flow]"),
     ("logger.backend=tensorboard", "[wandb, none]"),
     ("task=vae", "[ldm, autoencoder]"),
 ])

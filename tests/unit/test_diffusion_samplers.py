@@ -209,4 +209,4 @@ def test_sample_dispatch_and_call_counts():
     with pytest.raises(ValueError, match="eta must be 0"):
         SamplerConfig(name="plms", eta=0.5).validate()
     with pytest.raises(ValueError, match="unknown sampler"):
-        SamplerConfig(name="euler").validate()
+        SamplerConfig(name="dpmpp").validate()
