@@ -95,6 +95,9 @@ def _check_ldm(cfg: Config, problems: List[str]) -> Optional[LDMSpec]:
     d = cfg.diffusion
     spec.linear_start, spec.linear_end, spec.num_timesteps = d.linear_start, d.linear_end, d.num_timesteps
     spec.parameterization = d.parameterization
+    if spec.is_dit:
+        # The position table's grid is the training latent's: derived, like the schedule above.
+        spec.dit.input_size = spec.latent_size
     if m.scale_factor is not None:
         spec.scale_factor = m.scale_factor
     try:
@@ -102,11 +105,12 @@ def _check_ldm(cfg: Config, problems: List[str]) -> Optional[LDMSpec]:
     except ValueError as exc:
         problems.append(f"model: {exc}")
     width = _context_width(spec)
-    if spec.unet.use_spatial_transformer and spec.cond_stage.kind in ("text", "openclip", "class"):
-        if width is not None and spec.unet.context_dim != width:
+    if spec.context_dim is not None and spec.cond_stage.kind in ("text", "openclip", "class"):
+        if width is not None and spec.context_dim != width:
+            field_name = "dit.context_dim" if spec.is_dit else "unet.context_dim"
             problems.append(
-                f"model: unet.context_dim={spec.unet.context_dim} but the {spec.cond_stage.kind} encoder emits "
-                f"{width}-wide tokens: set model.ldm.unet.context_dim={width} or change the encoder width")
+                f"model: {field_name}={spec.context_dim} but the {spec.cond_stage.kind} encoder emits "
+                f"{width}-wide tokens: set model.ldm.{field_name}={width} or change the encoder width")
     if m.scale_factor_mode == "estimate" and m.scale_factor is not None:
         problems.append("model.scale_factor is set but model.scale_factor_mode=estimate would replace it: "
                         "set model.scale_factor=null or model.scale_factor_mode=spec")
@@ -136,6 +140,7 @@ def _check_ldm(cfg: Config, problems: List[str]) -> Optional[LDMSpec]:
         problems.append(str(exc))
     try:
         cfg.eval.sampler.validate()
+        cfg.eval.sampler.check_model(d.parameterization)
     except ValueError as exc:
         problems.append(f"eval.sampler: {exc}")
     if conditioning == "text" and (cfg.eval.sample_every > 0 or cfg.eval.sample_at_end) and not cfg.eval.prompts:

@@ -23,7 +23,7 @@ instead stops its linspace at 1/1000 before its final jump to 0 (pass ``sigmas``
 Classifier-free guidance is bound into ``model_fn`` as for the other samplers (``guidance.py``):
 v is affine in the network output, so guiding v is guiding the implied x_0 and eps.
 
-img2img and inpainting follow the diffusion samplers' rules (``samplers._SamplingLoop``) with the
+img2img and inpainting follow the diffusion samplers' rules (``sampling_loop.SamplingLoop``) with the
 flow's interpolation as the noising rule: strength s runs the last floor(s S) steps from
 (1 - t) x_init + t x_T at the first of them.
 """
@@ -36,9 +36,9 @@ import torch
 
 from ldm_scale.choices import Choice
 from ldm_scale.diffusion.noise import randn_like
+from ldm_scale.diffusion.sampling_loop import SamplingLoop, StepCallback
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 TIMESTEP_SCALE = 1000.0  # network timestep = 1000 t (SD3 / diffusers)
 
@@ -167,13 +167,11 @@ def flow_sample(
     ``on_step(i, n, x, x0_pred)`` after each step. ``generator`` is only used for inpainting's
     re-noising of the known region. The state stays in x_T's dtype (float32 recommended).
     """
-    from ldm_scale.diffusion.samplers import _SamplingLoop  # the shared img2img / inpainting rules
-
     if order not in (1, 2):
         raise ValueError(f"order must be 1 (Euler) or 2 (Heun), got {order}")
     plan = flow_plan(steps, shift)
     # The loop's plan interface: timesteps (unused here), start level and next level of each step.
-    loop = _SamplingLoop(_LoopPlan(plan), x_T, None, init_latent, strength, inpaint_mask, generator,
+    loop = SamplingLoop(_LoopPlan(plan), x_T, None, init_latent, strength, inpaint_mask, generator,
                          noised=flow_interpolate)
 
     def step(i: int, x: torch.Tensor, _t: int, t: float, t_next: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +188,7 @@ def flow_sample(
 
 @dataclass(frozen=True)
 class _LoopPlan:
-    """A :class:`FlowPlan` seen through the fields ``samplers._SamplingLoop`` reads: ``alphas`` holds
+    """A :class:`FlowPlan` seen through the fields ``sampling_loop.SamplingLoop`` reads: ``alphas`` holds
     each step's start time and ``alphas_prev`` its end time (the loop only passes them through and
     hands the start level to the noising rule)."""
 

@@ -43,12 +43,13 @@ import torch
 
 from ldm_scale.choices import Choice
 
+from ldm_scale.diffusion.flow import flow_sample
 from ldm_scale.diffusion.noise import randn_like
 from ldm_scale.diffusion.prediction import check_parameterization, x0_and_eps
+from ldm_scale.diffusion.sampling_loop import SamplingLoop, StepCallback
 from ldm_scale.diffusion.schedule import NoiseSchedule
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 class SamplerName(Choice):
@@ -195,64 +196,6 @@ def _predict(model_fn: ModelFn, x: torch.Tensor, t: int, alpha: float,
     return x0_and_eps(model_fn(x, t_batch).to(x.dtype), x, alpha, parameterization)
 
 
-# One sampler's update at step i of its plan: (i, x_t, t, abar_t, abar_prev) -> (x_prev, x0_pred).
-StepFn = Callable[[int, torch.Tensor, int, float, float], Tuple[torch.Tensor, torch.Tensor]]
-
-
-class _SamplingLoop:
-    """The loop every sampler runs around its own update (conventions in the module docstring): the
-    plan's last floor(strength S) steps (img2img), the start state, known-region pasting before every
-    step and at the end (inpainting), and the ``on_step`` report after every step."""
-
-    def __init__(self, plan: StepPlan, x_T: torch.Tensor, parameterization: Optional[str],
-                 init_latent: Optional[torch.Tensor], strength: float, mask: Optional[torch.Tensor],
-                 generator: Optional[torch.Generator],
-                 noised: Optional[Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = None):
-        """``noised(x0, noise, level)`` takes a clean latent to a plan level: by default the VP rule
-        sqrt(abar) x0 + sqrt(1 - abar) noise; the flow samplers pass their interpolation (with
-        ``parameterization=None``: they have their own)."""
-        if parameterization is not None:
-            check_parameterization(parameterization)
-        self.noised = noised or _vp_noised
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        if (strength < 1.0 or mask is not None) and init_latent is None:
-            raise ValueError("strength < 1 and inpaint_mask need init_latent (the encoded init image)")
-        if init_latent is not None and init_latent.shape != x_T.shape:
-            raise ValueError(f"init_latent shape {tuple(init_latent.shape)} != x_T shape {tuple(x_T.shape)}")
-        n = int(len(plan) * strength)
-        if n < 1:
-            raise ValueError(f"strength {strength} x {len(plan)} steps leaves no denoising step; raise either")
-        self.plan = plan.last(n) if n < len(plan) else plan
-        self.init = None if init_latent is None else init_latent.to(x_T.dtype)
-        self.mask = None if mask is None else mask.to(device=x_T.device, dtype=x_T.dtype)
-        self.generator = generator
-        if strength < 1.0:
-            self.x_start = self.noised(self.init, x_T, self.plan.alphas[0])
-        else:
-            self.x_start = x_T
-
-    def run(self, step: StepFn, on_step: Optional[StepCallback]) -> torch.Tensor:
-        x, n = self.x_start, len(self.plan)
-        for i, (t, a, a_prev) in enumerate(zip(self.plan.timesteps, self.plan.alphas, self.plan.alphas_prev)):
-            x = self._paste(x, a)
-            x, x0 = step(i, x, t, a, a_prev)
-            if on_step is not None:
-                on_step(i, n, x, x0)
-        return x if self.mask is None else self.mask * self.init + (1 - self.mask) * x
-
-    def _paste(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
-        if self.mask is None:
-            return x
-        known = self.noised(self.init, randn_like(x, self.generator), alpha)
-        return self.mask * known + (1 - self.mask) * x
-
-
-def _vp_noised(x0: torch.Tensor, noise: torch.Tensor, alpha: float) -> torch.Tensor:
-    """q(x_t | x_0) at abar = ``alpha`` with the given noise (objective.q_sample for one level)."""
-    return math.sqrt(alpha) * x0 + math.sqrt(1 - alpha) * noise
-
-
 @torch.no_grad()
 def ddim_sample(
     model_fn: ModelFn,
@@ -278,7 +221,7 @@ def ddim_sample(
         noise = randn_like(x, generator) if eta > 0 else None
         return ddim_update(x, x0, eps, a, a_prev, eta, noise), x0
 
-    loop = _SamplingLoop(ddim_plan(schedule, steps, spacing), x_T, parameterization, init_latent, strength,
+    loop = SamplingLoop(ddim_plan(schedule, steps, spacing), x_T, parameterization, init_latent, strength,
                          inpaint_mask, generator)
     return loop.run(ddim_step, on_step)
 
@@ -340,7 +283,7 @@ def plms_sample(
     """
     if eta != 0:
         raise ValueError(f"PLMS is deterministic: eta must be 0, got {eta}")
-    loop = _SamplingLoop(ddim_plan(schedule, steps, spacing), x_T, parameterization, init_latent, strength,
+    loop = SamplingLoop(ddim_plan(schedule, steps, spacing), x_T, parameterization, init_latent, strength,
                          inpaint_mask, generator)
     plan = loop.plan
     history: List[torch.Tensor] = []  # eps of the previous (up to) three steps, oldest first
@@ -398,7 +341,7 @@ def ddpm_sample(
         variance = max((1 - a_prev) / (1 - a) * beta, 1e-20)
         return x_mean + math.sqrt(variance) * randn_like(x, generator), x0
 
-    loop = _SamplingLoop(ddpm_plan(schedule, steps), x_T, parameterization, init_latent, strength, inpaint_mask,
+    loop = SamplingLoop(ddpm_plan(schedule, steps), x_T, parameterization, init_latent, strength, inpaint_mask,
                          generator)
     return loop.run(ddpm_step, on_step)
 
@@ -421,8 +364,6 @@ def sample(
     cfg.validate()
     cfg.check_model(parameterization)
     if cfg.name in FLOW_SAMPLERS:
-        from ldm_scale.diffusion.flow import flow_sample
-
         return flow_sample(model_fn, x_T, steps=cfg.steps, shift=cfg.shift, order=1 if cfg.name == "euler" else 2,
                            generator=generator, init_latent=init_latent, strength=strength,
                            inpaint_mask=inpaint_mask, on_step=on_step)

@@ -58,6 +58,7 @@ def sampler_of_loaded(loaded, cfg, device: torch.device) -> ModelSampler:
         raise ValueError(f"{spec.name} is a {kind!r}-conditioned model (inpainting): there is no FID protocol for it here")
     sampler_cfg = cfg.sampler
     sampler_cfg.validate()
+    sampler_cfg.check_model(spec.parameterization)  # a flow model takes euler/heun: say so before sampling
 
     def sample_batch(x_T: torch.Tensor, raw: Any, generator) -> torch.Tensor:  # PerSampleGenerators
         if isinstance(raw, torch.Tensor):

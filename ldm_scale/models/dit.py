@@ -354,8 +354,9 @@ class DiT(nn.Module):
         if cfg.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, d))
         else:
-            # A buffer, saved under DiT's key: the release stores its (fixed) table as a parameter.
-            self.register_buffer("pos_embed", torch.zeros(1, grid * grid, d), persistent=True)
+            # Fixed, so not state: a non-persistent buffer (the EMA and checkpoints hold parameters
+            # only). The DiT release stores it as a frozen parameter; load_dit_release checks it.
+            self.register_buffer("pos_embed", torch.zeros(1, grid * grid, d), persistent=False)
         self._positions: Dict[Tuple[int, int, str], torch.Tensor] = {}
         self.t_embedder = TimestepEmbedder(d)
         if cfg.num_classes is not None:
@@ -518,6 +519,15 @@ def load_dit_release(model: DiT, state: Dict[str, torch.Tensor], source: str = "
     """
     if "model" in state and isinstance(state["model"], dict):
         state = state.get("ema", state["model"])
+    state = dict(state)
+    if model.cfg.pos_embed == "sincos" and "pos_embed" in state:
+        # DiT saves its fixed sin-cos table; this module computes it. They must agree.
+        table = state.pop("pos_embed")
+        if tuple(table.shape) != tuple(model.pos_embed.shape) or not torch.allclose(
+                table.float().cpu(), model.pos_embed.float().cpu(), atol=1e-5):
+            raise ValueError(f"{source}: its pos_embed {tuple(table.shape)} is not DiT's 2-D sin-cos table for a "
+                             f"{model.cfg.input_size // model.cfg.patch_size}-patch grid of width "
+                             f"{model.cfg.hidden_size}: a learned table needs dit.pos_embed=learned")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -531,7 +541,7 @@ def load_dit_release(model: DiT, state: Dict[str, torch.Tensor], source: str = "
             f"{model.cfg.patch_size}, learn_sigma={model.cfg.learn_sigma}, num_classes={model.cfg.num_classes}): "
             f"missing keys: {show(missing)}; unexpected keys: {show(unexpected)}; shape mismatches: {show(shapes)}. "
             "DiT's release checkpoints need dit.learn_sigma=true and dit.num_classes=1001 with the flavour's size")
-    model.load_state_dict({k: v for k, v in state.items()}, strict=True)
+    model.load_state_dict(state, strict=True)
 
 
 __all__ = ["DiT", "DiTConfig", "DiTBlock", "JointBlock", "DIT_SIZES", "dit_config", "load_dit_release",

@@ -17,7 +17,7 @@ import dataclasses
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -30,10 +30,25 @@ from .conditioners import (
     TextEmbedderConfig,
     build_conditioner,
 )
+from ldm_scale.choices import Choice
+
+from .dit import DiT, DiTConfig, dit_config
 from .encoder_decoder import EncoderDecoderConfig
 from .ldm import LatentDiffusion
 from .tokenizers import TokenizerConfig
 from .unet import UNetConfig, UNetModel
+
+
+class Backbone(Choice):
+    """``model.ldm.backbone``: the denoiser network. unet (the LDM paper's, ``unet``) | dit (latent
+    patch transformer, ``dit``; models/dit.py). The other field is ignored."""
+
+    unet = "unet"
+    dit = "dit"
+
+
+# Conditioner kinds whose output is a token context [B, L, D] (cross-attention / joint attention).
+CONTEXT_CONDITIONERS = ("text", "openclip", "class")
 
 
 @dataclass
@@ -63,7 +78,9 @@ class LDMSpec:
     """
 
     name: str = "tiny"
+    backbone: Backbone = "unet"
     unet: UNetConfig = field(default_factory=UNetConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
     first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
     cond_stage: ConditionerConfig = field(default_factory=ConditionerConfig)
     image_size: int = 256
@@ -77,10 +94,35 @@ class LDMSpec:
     def latent_size(self) -> int:
         return self.image_size // self.first_stage.downsample_factor
 
+    @property
+    def is_dit(self) -> bool:
+        return self.backbone == "dit"
+
+    @property
+    def denoiser_downsampling(self) -> int:
+        """Latent sides must be multiples of this: the UNet's total downsampling or the patch size."""
+        return self.dit.patch_size if self.is_dit else 2 ** (len(self.unet.channel_mult) - 1)
+
+    @property
+    def context_dim(self) -> Optional[int]:
+        """Width of the token context the denoiser attends to (None: it takes none)."""
+        if self.is_dit:
+            return self.dit.context_dim if self.dit.text != "none" else None
+        return self.unet.context_dim if self.unet.use_spatial_transformer else None
+
+    @property
+    def denoiser_classes(self) -> Optional[int]:
+        """Rows of the denoiser's own label table (``y``), or None."""
+        return self.dit.num_classes if self.is_dit else self.unet.num_classes
+
     def validate(self) -> None:
         f = self.first_stage.downsample_factor
         if self.image_size % f:
             raise ValueError(f"image_size {self.image_size} is not divisible by the first stage's factor f={f}")
+        Backbone(self.backbone)
+        if self.is_dit:
+            self._validate_dit()
+            return
         levels = 2 ** (len(self.unet.channel_mult) - 1)
         if self.latent_size % levels:
             raise ValueError(f"latent size {self.latent_size} is not divisible by the UNet's total "
@@ -89,9 +131,33 @@ class LDMSpec:
         if self.unet.in_channels != self.first_stage.latent_channels + concat:
             raise ValueError(f"unet.in_channels={self.unet.in_channels} but latents have "
                              f"{self.first_stage.latent_channels} channels (+{concat} concat)")
-        if self.unet.use_spatial_transformer and self.cond_stage.kind not in ("text", "openclip", "class"):
+        if self.unet.use_spatial_transformer and self.cond_stage.kind not in CONTEXT_CONDITIONERS:
             raise ValueError(f"the UNet has cross-attention but cond_stage.kind={self.cond_stage.kind!r} "
                              "gives no context; set unet.use_spatial_transformer=False")
+
+    def _validate_dit(self) -> None:
+        d, kind = self.dit, self.cond_stage.kind
+        d.validate()
+        if d.input_size != self.latent_size:
+            raise ValueError(f"dit.input_size={d.input_size} but image_size {self.image_size} gives {self.latent_size}"
+                             f"-pixel latents: set model.ldm.dit.input_size={self.latent_size}")
+        if self.latent_size % d.patch_size:
+            raise ValueError(f"latent size {self.latent_size} is not divisible by dit.patch_size={d.patch_size}")
+        concat = self.cond_stage.concat_channels if kind == "concat" else 0
+        if d.in_channels != self.first_stage.latent_channels + concat:
+            raise ValueError(f"dit.in_channels={d.in_channels} but latents have "
+                             f"{self.first_stage.latent_channels} channels (+{concat} concat)")
+        if (d.text != "none") != (kind in CONTEXT_CONDITIONERS):
+            raise ValueError(f"dit.text={d.text!r} with cond_stage.kind={kind!r}: text/openclip/class conditioners "
+                             "give a token context (set dit.text=cross or joint and dit.context_dim); label and "
+                             "none give none (dit.text=none)")
+        if (kind == "label") != (d.num_classes is not None):
+            raise ValueError(f"dit.num_classes={d.num_classes} with cond_stage.kind={kind!r}: label conditioning "
+                             f"needs dit.num_classes = n_classes + 1 (the null class), other kinds leave it unset")
+        if kind == "label" and d.num_classes != self.cond_stage.classes.n_classes + 1:
+            raise ValueError(f"dit.num_classes={d.num_classes} but cond_stage.classes.n_classes="
+                             f"{self.cond_stage.classes.n_classes}: set dit.num_classes="
+                             f"{self.cond_stage.classes.n_classes + 1} (the last row is the null class)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +261,53 @@ FLAVOURS: Dict[str, LDMSpec] = {
 }
 
 
+
+# --------------------------------------------------------------------------------------------
+# Latent diffusion transformers (models/dit.py)
+
+def _tiny_dit(**kw) -> DiTConfig:
+    return DiTConfig(input_size=8, patch_size=2, in_channels=4, out_channels=4, hidden_size=64, depth=4,
+                     num_heads=4, **kw)
+
+
+def _dit_cin(size: str, patch: int) -> LDMSpec:
+    """DiT-<size>/<patch> on ImageNet 256 (Peebles & Xie 2023): KL-f8 latents (their sd-vae-ft), label
+    conditioning with the null class 1000, ADM's linear schedule, and the release layout
+    (learn_sigma: 8 outputs, the variance half unused here) so the public checkpoints load."""
+    return LDMSpec(name=f"dit_{size.lower()}{patch}_kl8_cin", backbone="dit",
+                   dit=dit_config(size, patch, input_size=32, num_classes=1001, learn_sigma=True),
+                   first_stage=AUTOENCODERS["kl_f8"],
+                   cond_stage=ConditionerConfig(kind="label", classes=ClassEmbedderConfig(1000, 0)),
+                   image_size=256, scale_factor=0.18215, linear_start=0.0001, linear_end=0.02)
+
+
+FLAVOURS.update({
+    # Tiny transformers over kl_tiny latents (8x8x4 -> 16 tokens of patch 2), for tests and the
+    # quickstart: class labels (the synthetic data's 15), PixArt-style cross-attention with
+    # adaLN-single to the tiny text transformer, and MMDiT joint attention to it.
+    "dit_tiny_cin": LDMSpec(name="dit_tiny_cin", backbone="dit", dit=_tiny_dit(num_classes=16),
+                            first_stage=AUTOENCODERS["kl_tiny"],
+                            cond_stage=ConditionerConfig(kind="label", classes=ClassEmbedderConfig(15, 0)),
+                            image_size=32, linear_start=0.0015, linear_end=0.0195),
+    "dit_tiny": LDMSpec(name="dit_tiny", backbone="dit", dit=_tiny_dit(text="cross", context_dim=64, adaln="single"),
+                        first_stage=AUTOENCODERS["kl_tiny"], cond_stage=ConditionerConfig(kind="text", text=_TINY_TEXT),
+                        image_size=32),
+    "dit_tiny_mmdit": LDMSpec(name="dit_tiny_mmdit", backbone="dit", dit=_tiny_dit(text="joint", context_dim=64),
+                              first_stage=AUTOENCODERS["kl_tiny"],
+                              cond_stage=ConditionerConfig(kind="text", text=_TINY_TEXT), image_size=32),
+    **{f"dit_{size.lower()}{patch}_kl8_cin": _dit_cin(size, patch) for size in ("S", "B", "L", "XL") for patch in (2, 4, 8)},
+    # PixArt-α's 0.6B layout (Chen et al. 2023): DiT-XL/2 with cross-attention to the text tokens and
+    # adaLN-single, on KL-f8 latents at 256 px, conditioned on the frozen OpenCLIP ViT-H-14 text tower
+    # (penultimate layer, width 1024; PixArt uses T5-XXL, which is not on the conditioner list).
+    "pixart_xl2_openclip_kl8": LDMSpec(
+        name="pixart_xl2_openclip_kl8", backbone="dit",
+        dit=dit_config("XL", 2, input_size=32, text="cross", context_dim=1024, adaln="single"),
+        first_stage=AUTOENCODERS["kl_f8"],
+        cond_stage=ConditionerConfig(kind="openclip", openclip=OpenCLIPConfig(arch="ViT-H-14", layer="penultimate")),
+        image_size=256, scale_factor=0.18215),
+})
+
+
 # --------------------------------------------------------------------------------------------
 # Builders
 
@@ -225,6 +338,11 @@ def build_autoencoder(cfg_or_name: Union[str, FirstStageConfig, AutoencoderConfi
     raise TypeError(f"cannot build an autoencoder from {type(cfg_or_name).__name__}")
 
 
+def build_denoiser(spec: LDMSpec) -> nn.Module:
+    """The spec's denoiser network (UNet or DiT), randomly initialised, on the current device."""
+    return DiT(copy.deepcopy(spec.dit)) if spec.is_dit else UNetModel(copy.deepcopy(spec.unet))
+
+
 def build_ldm(spec_or_name: Union[str, LDMSpec], device: Optional[Union[str, torch.device]] = None) -> LatentDiffusion:
     """Build a LatentDiffusion (randomly initialised) from a flavour name or an :class:`LDMSpec`.
 
@@ -234,14 +352,47 @@ def build_ldm(spec_or_name: Union[str, LDMSpec], device: Optional[Union[str, tor
     spec = get_spec(spec_or_name) if isinstance(spec_or_name, str) else copy.deepcopy(spec_or_name)
     spec.validate()
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        unet = UNetModel(spec.unet)
+        unet = build_denoiser(spec)
         first_stage = build_autoencoder(spec.first_stage)
         cond_stage = build_conditioner(spec.cond_stage)
         model = LatentDiffusion(unet, first_stage, cond_stage, spec.scale_factor, spec.parameterization)
-    if getattr(cond_stage, "output_dim", 0) and spec.unet.use_spatial_transformer \
-            and cond_stage.output_dim != spec.unet.context_dim:
-        raise ValueError(f"conditioner output_dim={cond_stage.output_dim} != unet.context_dim={spec.unet.context_dim}")
+    if getattr(cond_stage, "output_dim", 0) and spec.context_dim is not None \
+            and cond_stage.output_dim != spec.context_dim:
+        where = "dit.context_dim" if spec.is_dit else "unet.context_dim"
+        raise ValueError(f"conditioner output_dim={cond_stage.output_dim} != {where}={spec.context_dim}")
     return model
+
+
+def denoiser_inputs(spec: LDMSpec, latent_size: Optional[int] = None, batch: int = 1, device: str = "meta",
+                    requires_grad: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+    """Example ``(x, t, kwargs)`` for the spec's denoiser (FLOP counting, tracing): latents at
+    ``latent_size`` (default: the training size), a token context of the conditioner's length and the
+    denoiser's width, labels when it has a label table."""
+    h = latent_size or spec.latent_size
+    channels = spec.dit.in_channels if spec.is_dit else spec.unet.in_channels
+    x = torch.empty(batch, channels, h, h, device=device)
+    t = torch.zeros(batch, dtype=torch.long, device=device)
+    kwargs: Dict[str, torch.Tensor] = {}
+    if spec.context_dim is not None:
+        kind = spec.cond_stage.kind
+        tokens = {"text": spec.cond_stage.text.max_length, "openclip": spec.cond_stage.openclip.max_length}.get(kind, 1)
+        kwargs["context"] = torch.empty(batch, tokens, spec.context_dim, device=device, requires_grad=requires_grad)
+    if spec.denoiser_classes is not None:
+        kwargs["y"] = torch.zeros(batch, dtype=torch.long, device=device)
+    return x, t, kwargs
+
+
+def denoiser_forward_flops(spec: LDMSpec, latent_size: Optional[int] = None) -> float:
+    """FLOPs (2 per multiply-add) of one image through the denoiser's forward, counted on ``meta``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = build_denoiser(spec)
+    x, t, kwargs = denoiser_inputs(spec, latent_size)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(x, t, **kwargs)
+    return float(counter.get_total_flops())
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -289,14 +440,18 @@ def _format_count(n: int) -> str:
 
 
 def main() -> None:
-    print(f"{'flavour':<22}{'unet':>11}{'first_stage':>13}{'cond_stage':>12}{'trainable':>12}{'total':>11}  latent")
+    # "denoiser": the UNet or DiT; GFLOPs: one image through its forward at the training size
+    # (2 FLOPs per multiply-add; the DiT paper's "Gflops" count multiply-adds, i.e. half of these).
+    print(f"{'flavour':<25}{'backbone':>9}{'denoiser':>11}{'first_stage':>13}{'cond_stage':>12}{'trainable':>12}"
+          f"{'total':>11}{'GFLOPs/img':>12}  latent")
     for name, spec in FLAVOURS.items():
         model = build_ldm(name, device="meta")
         c = parameter_counts(model)
         latent = f"{spec.first_stage.latent_channels}x{spec.latent_size}x{spec.latent_size}"
-        print(f"{name:<22}{_format_count(c['unet']):>11}{_format_count(c['first_stage']):>13}"
+        gflops = denoiser_forward_flops(spec) / 1e9
+        print(f"{name:<25}{spec.backbone:>9}{_format_count(c['unet']):>11}{_format_count(c['first_stage']):>13}"
               f"{_format_count(c['cond_stage']):>12}{_format_count(c['trainable']):>12}"
-              f"{_format_count(c['total']):>11}  {latent}")
+              f"{_format_count(c['total']):>11}{gflops:>12.2f}  {latent}")
     print()
     print(f"{'autoencoder':<16}{'params':>11}  f  latent channels")
     for name, cfg in AUTOENCODERS.items():

@@ -78,8 +78,9 @@ class LoadedModel:
 
     @property
     def size_multiple(self) -> int:
-        """H and W must be multiples of this: first-stage factor x UNet downsampling."""
-        return self.spec.first_stage.downsample_factor * 2 ** (len(self.spec.unet.channel_mult) - 1)
+        """H and W must be multiples of this: first-stage factor x the UNet's downsampling (or the DiT's
+        patch size)."""
+        return self.spec.first_stage.downsample_factor * self.spec.denoiser_downsampling
 
 
 def read_checkpoint(url: str, trust: bool = False) -> Dict[str, Any]:

@@ -79,6 +79,7 @@ def run(cfg: SampleConfig) -> Dict[str, Any]:
     width = cfg.W or loaded.spec.image_size
     check_size(loaded, height, width)
     sampler_cfg = cfg.sampler
+    sampler_cfg.check_model(loaded.spec.parameterization)  # before any prompt is read or sampled
     batches = read_prompts(cfg, loaded.spec)
     f = loaded.spec.first_stage.downsample_factor
     latent_shape = (loaded.spec.first_stage.latent_channels, height // f, width // f)

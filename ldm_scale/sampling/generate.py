@@ -110,8 +110,9 @@ def generate(
     indices)``: the seeding rule of ``diffusion/noise.py``, under which an image does not depend on
     the batch, the world size or the entry point.
 
-    Any H, W that are multiples of ``loaded.size_multiple`` work: the UNet is convolutional, so
-    sampling beyond the training size runs as is (global coherence degrades far beyond it).
+    Any H, W that are multiples of ``loaded.size_multiple`` work: the UNet is convolutional and the
+    DiT's sin-cos positions extend to any patch grid, so sampling beyond the training size runs as is
+    (global coherence degrades far beyond it; a DiT with learned positions refuses other sizes).
     """
     model, device = loaded.model, loaded.device
     check_size(loaded, height, width)
@@ -177,4 +178,4 @@ def check_size(loaded: LoadedModel, height: int, width: int) -> None:
     if height <= 0 or width <= 0 or height % m or width % m:
         f = loaded.spec.first_stage.downsample_factor
         raise ValueError(f"H={height}, W={width}: both must be positive multiples of {m} (first-stage factor "
-                         f"{f} x UNet downsampling {m // f}); e.g. H={max(m, round(height / m) * m)}")
+                         f"{f} x denoiser downsampling {m // f}); e.g. H={max(m, round(height / m) * m)}")

@@ -9,11 +9,11 @@ DeepSpeed and ``deepspeed.channels_last`` gave them afterwards.
 Modes (:class:`CompileMode`):
 
 - ``off``: eager.
-- ``unet``: each trainable network as one graph: the UNet; the jointly trained text transformer's
+- ``unet``: each trainable network as one graph: the UNet or DiT; the jointly trained text transformer's
   token path ``encode_tokens`` (its ``forward`` tokenises strings in Python, which stays outside
   any graph); for ``task=autoencoder`` the autoencoder's encoder and decoder conv stacks.
 - ``blocks``: every residual / transformer block of more than one layer as its own graph
-  (:data:`BLOCK_TYPES`: a UNet block, a text-transformer block, an autoencoder ResnetBlock /
+  (:data:`BLOCK_TYPES`: a UNet block, a DiT / MMDiT block, a text-transformer block, an autoencoder ResnetBlock /
   AttnBlock), as torchtitan compiles each TransformerBlock. A block is the unit of activation
   checkpointing (its checkpoint is traced inside its graph) and, under ZeRO-3, the unit DeepSpeed
   gathers parameters for (:func:`zero3_leaf_modules`); blocks of one structure share one graph.
@@ -47,6 +47,7 @@ from torch import nn
 
 from ldm_scale.choices import Choice
 from ldm_scale.models.conditioners import TransformerBlock, TransformerEmbedder
+from ldm_scale.models.dit import DiT, DiTBlock, JointBlock
 from ldm_scale.models.encoder_decoder import AttnBlock, Decoder, Encoder, ResnetBlock
 from ldm_scale.models.unet import TimestepEmbedSequential, UNetModel
 
@@ -65,12 +66,14 @@ class CompileMode(Choice):
 # ("forward": the module's own call, via nn.Module.compile).
 WHOLE_NETWORKS: Dict[Type[nn.Module], str] = {
     UNetModel: "forward",
+    DiT: "forward",
     TransformerEmbedder: "encode_tokens",
     Encoder: "forward",
     Decoder: "forward",
 }
 # Blocks compiled one by one in mode ``blocks``.
-BLOCK_TYPES: Tuple[Type[nn.Module], ...] = (TimestepEmbedSequential, TransformerBlock, ResnetBlock, AttnBlock)
+BLOCK_TYPES: Tuple[Type[nn.Module], ...] = (TimestepEmbedSequential, DiTBlock, JointBlock, TransformerBlock, ResnetBlock,
+                                            AttnBlock)
 
 # Compiled regions of one class share a code object and with it dynamo's cache of graphs, whose
 # default limit (8) the 13-25 blocks of a UNet exceed: past the limit the remaining blocks would

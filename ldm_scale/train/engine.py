@@ -503,6 +503,23 @@ def gathered_parameters(params: List[nn.Parameter], modifier_rank: Optional[int]
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
+def initialize_partitioned(module: nn.Module) -> bool:
+    """Run ``module.initialize_weights()`` on parameters that ``zero.Init`` already partitioned.
+
+    Under ZeRO-3 every parameter is partitioned when its own module's ``__init__`` returns, so an
+    initialisation a parent applies afterwards (the DiT's Xavier / adaLN-Zero rules) would write to
+    empty local tensors; the DiT skips it then, and this gathers the parameters whole (a collective,
+    the whole network once at build time), applies it on every rank (the same RNG draws, so the
+    ranks' random streams stay in step) and keeps rank 0's values, which DeepSpeed broadcasts.
+    Returns whether it ran (False: nothing partitioned, or no such method)."""
+    params = list(module.parameters())
+    if not hasattr(module, "initialize_weights") or not any(hasattr(p, "ds_id") for p in params):
+        return False
+    with gathered_parameters(params, modifier_rank=0):
+        module.initialize_weights()
+    return True
+
+
 def load_engine_checkpoint(engine, load_dir: str, tag: str, *, universal: bool):
     """``engine.load_checkpoint`` of ``<load_dir>/<tag>`` with module, optimizer and lr scheduler
     states; ``universal``: the files are a universal checkpoint (another world size). Returns the

@@ -150,8 +150,7 @@ def export_checkpoint(ckpt_url: str, out_url: str, *, dtype: str = "fp32", compv
 
     from ldm_scale import config as config_lib
     from ldm_scale.models.ldm import LatentDiffusion
-    from ldm_scale.models.registry import build_autoencoder
-    from ldm_scale.models.unet import UNetModel
+    from ldm_scale.models.registry import build_autoencoder, build_denoiser
     from ldm_scale.train.checkpoint import consolidated_fp32_state_dict
     from ldm_scale.train.ema import assemble_full_state_dict
 
@@ -194,7 +193,7 @@ def export_checkpoint(ckpt_url: str, out_url: str, *, dtype: str = "fp32", compv
         spec = plan.spec
         device = torch.device("cpu")
         first_stage = build_first_stage(cfg.model, spec, device, cfg.storage)
-        ldm = LatentDiffusion(UNetModel(spec.unet), first_stage, build_conditioner(spec.cond_stage),
+        ldm = LatentDiffusion(build_denoiser(spec), first_stage, build_conditioner(spec.cond_stage),
                               spec.scale_factor, spec.parameterization)
         # Trained parts come from the checkpoint (keys unet.* / cond_stage.* as in LatentDiffusion);
         # frozen parts were rebuilt above from their own sources, as training did.

@@ -37,11 +37,11 @@ from ldm_scale.diffusion import (
     latent_moments,
     scale_factor_from_moments,
 )
+from ldm_scale.diffusion.flow import flow_loss
 from ldm_scale.diffusion.noise import PerSampleGenerators, initial_noise
 from ldm_scale.models.conditioners import build_conditioner
 from ldm_scale.models.ldm import LatentDiffusion, apply_denoiser
-from ldm_scale.models.registry import LDMSpec
-from ldm_scale.models.unet import UNetModel
+from ldm_scale.models.registry import LDMSpec, build_denoiser, denoiser_inputs
 from ldm_scale.storage import StorageConfig
 from ldm_scale.train import compile as compile_lib
 from ldm_scale.train import engine as ds_engine
@@ -93,7 +93,14 @@ class DiffusionTrainModule(nn.Module):
         """``t`` and ``noise`` are drawn when not given (training); the validation loss fixes both."""
         cond = self.cond_stage(condition) if self.conditions_inside else condition
         d = self.diffusion
-        return diffusion_loss(lambda x, tt: apply_denoiser(self.unet, x, tt, cond), z0, self.schedule(z0.device),
+        model_fn = functools.partial(apply_denoiser, self.unet, cond=cond)
+        if d.is_flow:
+            if t is not None and not t.is_floating_point():
+                # Validation passes the same integer timesteps to every objective: k of T is t = k / T.
+                t = t.float() / d.num_timesteps
+            return flow_loss(model_fn, z0, timesteps=d.flow_timesteps, logit_mean=d.logit_mean,
+                             logit_std=d.logit_std, shift=d.flow_shift, t=t, noise=noise)
+        return diffusion_loss(model_fn, z0, self.schedule(z0.device),
                               parameterization=d.parameterization, weighting=d.weighting,
                               min_snr_gamma=d.min_snr_gamma, offset_noise=d.offset_noise, t=t, noise=noise)
 
@@ -135,9 +142,10 @@ class LDMTask:
         #    rank so ZeRO-1/2 replicas start equal (DeepSpeed also broadcasts rank 0's weights).
         torch.manual_seed(seed)
         with ds_engine.model_init_context(self.ds_config):
-            unet = UNetModel(spec.unet)
+            unet = build_denoiser(spec)  # the UNet or DiT (named `unet` in every state dict)
             if joint:
                 cond_stage = build_conditioner(spec.cond_stage)
+        ds_engine.initialize_partitioned(unet)
         unet.set_activation_checkpointing(model.activation_checkpointing)
         self.ldm = LatentDiffusion(unet, first_stage, cond_stage, spec.scale_factor, spec.parameterization)
         self.ldm.to(device)
@@ -250,7 +258,9 @@ class LDMTask:
             detached = loss.detach()
             loss_sum += detached
             nonfinite += (~torch.isfinite(detached)).float()
-            index = (t // width).clamp(max=buckets - 1)
+            # Flow times t in [0, 1] fall in the bucket of the timestep k = floor(t T) they stand for.
+            steps_t = (t * self.diffusion.num_timesteps).long() if t.is_floating_point() else t
+            index = (steps_t // width).clamp(min=0, max=buckets - 1)
             bucket_sum.scatter_add_(0, index, per_sample.detach())
             bucket_count.scatter_add_(0, index, torch.ones_like(per_sample))
         applied, grad_norm, searching = ds_engine.step_status(self.engine, self.ds_config)
@@ -298,16 +308,9 @@ class LDMTask:
 
         spec, h = self.spec, self.plan.latent_size
         with torch.device("meta"):
-            unet = UNetModel(spec.unet)
+            unet = build_denoiser(spec)
         unet.set_activation_checkpointing(False)  # count model FLOPs, not recomputation
-        x = torch.empty(1, spec.unet.in_channels, h, h, device="meta")
-        t = torch.zeros(1, dtype=torch.long, device="meta")
-        kwargs: Dict[str, torch.Tensor] = {}
-        if spec.unet.use_spatial_transformer:
-            tokens = spec.cond_stage.text.max_length if spec.cond_stage.kind in ("text", "openclip") else 1
-            kwargs["context"] = torch.empty(1, tokens, spec.unet.context_dim, device="meta", requires_grad=True)
-        if spec.unet.num_classes is not None:
-            kwargs["y"] = torch.zeros(1, dtype=torch.long, device="meta")
+        x, t, kwargs = denoiser_inputs(spec, h, requires_grad=True)
 
         def step() -> None:
             unet(x, t, **kwargs).float().pow(2).mean().backward()

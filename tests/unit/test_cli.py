@@ -36,8 +36,8 @@ def test_types_nesting_groups_and_one_line_errors():
         (["n_samples=abc"], "could not be converted to Integer (key n_samples)"),
         (["extractor.batch_size=1.5"], "(key extractor.batch_size)"),
         (["precision=fp8"], "Invalid value 'fp8', expected one of [fp32, bf16, fp16] (key precision)"),
-        (["sampler.name=euler"], "expected one of [ddim, plms, ddpm] (key sampler.name)"),
-        (["sampler=euler"], "Could not find 'sampler/euler': valid keys: ddim, ddpm, plms"),
+        (["sampler.name=dpmpp"], "expected one of [ddim, plms, ddpm, euler, heun] (key sampler.name)"),
+        (["sampler=nosuch"], "Could not find 'sampler/nosuch': valid keys: ddim, ddpm, euler, heun, plms"),
         (["extractor.resize=bicubic"], "expected one of [pil_bicubic, pil_bicubic_rgb, tf_bilinear, torch_bilinear]"),
         (["preset=nope"], "Could not find 'preset/nope': valid keys: quickstart"),
         (["sampler=plms", "sampler.eta=0.5"], "PLMS is deterministic: eta must be 0"),
@@ -98,7 +98,7 @@ def test_entry_points_parse_help_and_errors(capsys):
     assert stats.parse_config(["data=v.tar", "resolution=64"]).resolution == 64
     assert sample.parse(["ckpt=m.pt", "H=64"]) == SampleConfig(ckpt="m.pt", H=64)
 
-    groups = {"eval/fid.py": ["sampler: ddim, ddpm, plms (default: ddim)", "metrics: cmmd, default, fd_dinov2, full, text",
+    groups = {"eval/fid.py": ["sampler: ddim, ddpm, euler, heun, plms (default: ddim)", "metrics: cmmd, default, fd_dinov2, full, text",
                               "preset: quickstart"],
               "eval/recon.py": ["extractor: auto, dinov2, inception, random_inception (default: auto)"],
               "data_tools/reference_stats.py": ["extractor: auto, dinov2, inception, random_inception"]}

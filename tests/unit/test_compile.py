@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ldm_scale.models.conditioners import build_conditioner
-from ldm_scale.models.registry import AUTOENCODERS, build_autoencoder, get_spec
+from ldm_scale.models.registry import AUTOENCODERS, build_autoencoder, build_denoiser, get_spec
 from ldm_scale.models.unet import UNetModel
 from ldm_scale.train import compile as C
 from tests.fixtures.torchrun import REPO_ROOT, run_python
@@ -32,14 +32,15 @@ TOKENS = 16  # the quickstart's text length: a fixed shape like any run's
 
 
 class Denoiser(nn.Module):
-    """The LDM task's trainable pair (UNet + jointly trained text transformer), keyed like
+    """The LDM task's trainable pair (UNet or DiT + jointly trained text transformer), keyed like
     ``DiffusionTrainModule``; ``loss`` is a fixed-noise eps-style objective (no RNG inside)."""
 
-    def __init__(self):
+    def __init__(self, flavour: str = "tiny"):
         super().__init__()
         torch.manual_seed(0)
-        self.unet = UNetModel(SPEC.unet)
-        self.cond_stage = build_conditioner(SPEC.cond_stage)
+        spec = get_spec(flavour)
+        self.unet = build_denoiser(spec)
+        self.cond_stage = build_conditioner(spec.cond_stage)
         with torch.no_grad():  # zero-initialised output layers would make the gradients vacuous
             for p in self.parameters():
                 if p.dim() > 1 and not p.any():
@@ -49,9 +50,9 @@ class Denoiser(nn.Module):
 
     @staticmethod
     def inputs() -> Tuple[torch.Tensor, ...]:
-        g = torch.Generator().manual_seed(1)
-        return (torch.randn(2, SPEC.unet.in_channels, 8, 8, generator=g), torch.tensor([3, 700]),
-                torch.randint(0, 1000, (2, TOKENS), generator=g), torch.randn(2, SPEC.unet.out_channels, 8, 8, generator=g))
+        g = torch.Generator().manual_seed(1)  # every tiny flavour: 4-channel 8x8 latents
+        return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 700]),
+                torch.randint(0, 1000, (2, TOKENS), generator=g), torch.randn(2, 4, 8, 8, generator=g))
 
     def loss(self, x, t, tokens, target) -> torch.Tensor:
         return (self.unet(x, t, context=self.cond_stage.encode_tokens(tokens)) - target).pow(2).mean()
@@ -81,9 +82,12 @@ class Autoencoder(nn.Module):
 
 NETWORKS: Dict[str, Callable[[], nn.Module]] = {
     "unet+text": Denoiser, "kl_tiny": lambda: Autoencoder("kl_tiny"), "vq_tiny": lambda: Autoencoder("vq_tiny"),
+    # The transformers: PixArt-style cross-attention with adaLN-single, and MMDiT joint attention.
+    "dit+text": lambda: Denoiser("dit_tiny"), "mmdit+text": lambda: Denoiser("dit_tiny_mmdit"),
 }
 EXPECTED_REGIONS = {
     ("unet+text", "unet"): ["unet", "cond_stage.encode_tokens"],
+    ("dit+text", "unet"): ["unet", "cond_stage.encode_tokens"],
     ("kl_tiny", "unet"): ["autoencoder.encoder", "autoencoder.decoder"],
 }
 
@@ -124,6 +128,12 @@ def test_regions_per_mode_and_unchanged_keys():
     assert C.zero3_leaf_modules(model) == [m for n, m in model.named_modules() if n in regions]
     # Every region may need its own graphs in one shared code-object cache: the limit follows.
     assert torch._dynamo.config.recompile_limit >= C.GRAPHS_PER_REGION * len(regions)
+
+    dit = Denoiser("dit_tiny")
+    assert C.apply_compile(dit, "unet", backend="eager") == EXPECTED_REGIONS[("dit+text", "unet")]
+    dit = Denoiser("dit_tiny")
+    regions = C.apply_compile(dit, "blocks", backend="eager")
+    assert [r for r in regions if r.startswith("unet.")] == [f"unet.blocks.{i}" for i in range(len(dit.unet.blocks))]
 
     ae = Autoencoder("kl_tiny")
     assert C.apply_compile(ae, "unet", backend="eager") == EXPECTED_REGIONS[("kl_tiny", "unet")]

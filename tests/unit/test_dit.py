@@ -165,6 +165,7 @@ def test_release_checkpoint_loads_by_name_and_mismatches_list_every_key():
     for p in src.parameters():
         torch.nn.init.normal_(p, std=0.05)
     state = {k: v.clone() for k, v in src.state_dict().items()}
+    state["pos_embed"] = src.pos_embed.clone()  # the release stores its fixed table; it is checked, not loaded
     dst = DiT(cfg)
     load_dit_release(dst, {"model": state, "ema": state})  # a training checkpoint: the EMA is taken
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 500]), torch.tensor([0, 10])
@@ -177,6 +178,11 @@ def test_release_checkpoint_loads_by_name_and_mismatches_list_every_key():
     broken["blocks.0.attn.extra"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"missing keys: blocks\.0\.attn\.qkv\.weight; unexpected keys: blocks\.0\.attn\.extra"):
         load_dit_release(DiT(cfg), broken)
+    other_table = dict(state, pos_embed=state["pos_embed"] + 0.1)
+    with pytest.raises(ValueError, match="not DiT's 2-D sin-cos table"):
+        load_dit_release(DiT(cfg), other_table)
+    assert "pos_embed" not in DiT(cfg).state_dict()  # fixed: not state (EMA, checkpoints)
+    assert "pos_embed" in DiT(_tiny(num_classes=11, pos_embed="learned")).state_dict()
 
 
 # ----------------------------------------------------------------------------------------------
