@@ -36,8 +36,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from ldm_scale.logging import count_flops  # noqa: E402
 from ldm_scale.models.conditioners import build_conditioner  # noqa: E402
-from ldm_scale.models.registry import build_autoencoder, get_spec  # noqa: E402
-from ldm_scale.models.unet import UNetModel  # noqa: E402
+from ldm_scale.models.registry import build_autoencoder, build_denoiser, denoiser_inputs, get_spec  # noqa: E402
 
 GIB, MIB = 2**30, 2**20
 PEAK_TFLOPS = {"A100 (bf16 dense 312 TFLOPS)": 312e12, "H100 SXM (bf16 dense 989 TFLOPS)": 989e12}
@@ -221,7 +220,7 @@ def divisors(n: int) -> List[int]:
 
 # ------------------------------------------------------------------------------ the estimate
 
-VARIANTS = {"plain": "no checkpointing", "unet": "UNet checkpointed", "all": "UNet + text checkpointed"}
+VARIANTS = {"plain": "no checkpointing", "unet": "denoiser checkpointed", "all": "denoiser + text checkpointed"}
 
 
 @dataclass
@@ -246,7 +245,7 @@ def estimate(flavour: str) -> Estimate:
     spec = get_spec(flavour)
     h, kind = spec.latent_size, spec.cond_stage.kind
     with torch.device("meta"):
-        unet = UNetModel(spec.unet).to(torch.bfloat16)
+        unet = build_denoiser(spec).to(torch.bfloat16)  # the UNet or DiT
         cond = build_conditioner(spec.cond_stage).to(torch.bfloat16) if kind in ("text", "class") else None
         ae = build_autoencoder(spec.first_stage).to(torch.bfloat16).eval().requires_grad_(False)
     trained = [m for m in (unet, cond) if m is not None]
@@ -262,8 +261,8 @@ def estimate(flavour: str) -> Estimate:
         unet.set_activation_checkpointing(variant in ("unet", "all"))
         if hasattr(cond, "set_activation_checkpointing"):
             cond.set_activation_checkpointing(variant == "all")
-        x = torch.empty(n, spec.unet.in_channels, h, h, device="meta", dtype=torch.bfloat16)
-        t = torch.zeros(n, dtype=torch.long, device="meta")
+        x, t, inputs = denoiser_inputs(spec, h, batch=n)
+        x = x.to(torch.bfloat16)
 
         def context() -> Optional[torch.Tensor]:
             if kind == "text":
@@ -271,9 +270,10 @@ def estimate(flavour: str) -> Estimate:
                                                       device="meta"))
             if kind == "class":
                 return cond.embedding(torch.zeros(n, dtype=torch.long, device="meta"))[:, None, :]
-            return None
+            # A frozen encoder's tokens (openclip) are an input like the latents; none otherwise.
+            return inputs["context"].to(torch.bfloat16) if "context" in inputs else None
 
-        return lambda: unet(x, t, context=context()).float().pow(2).mean()
+        return lambda: unet(x, t, context=context(), y=inputs.get("y")).float().pow(2).mean()
 
     def train_gflop(variant: str) -> float:
         fn = loss_fn(1, variant)
@@ -326,9 +326,9 @@ def largest_fitting(est: Estimate, variant: str, stage: int, gpus: int, card_gib
 
 def report(est: Estimate, mfu: float, global_batch: int, micro_batches: Sequence[int]) -> None:
     p, g = est.params, est.gflop
-    print(f"flavour {est.flavour}: UNet {p['unet'] / 1e6:.1f}M + jointly trained conditioner {p['cond'] / 1e6:.1f}M "
+    print(f"flavour {est.flavour}: denoiser {p['unet'] / 1e6:.1f}M + jointly trained conditioner {p['cond'] / 1e6:.1f}M "
           f"= {est.trainable / 1e6:.1f}M trainable; frozen first stage {p['first_stage'] / 1e6:.1f}M; "
-          f"fp32 EMA of the UNet {4 * p['unet'] / 1e9:.2f} GB")
+          f"fp32 EMA of the denoiser {4 * p['unet'] / 1e9:.2f} GB")
     plain = g["train_plain"]
     flops = ", ".join(f"{VARIANTS[v]} {g[f'train_{v}']:.1f} (+{100 * (g[f'train_{v}'] / plain - 1):.1f}%)"
                       for v in est.held)

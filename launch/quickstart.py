@@ -15,7 +15,9 @@ same entry points and configs as a cluster job:
    ZeRO-2, 2 ranks), which writes a DDIM + classifier-free-guidance sample grid, the
    fixed-timestep validation loss on a held-out set (256 other images, encoded the same way) and the
    prompt-adherence score: the synthetic dataset's attribute detector applied to images generated
-   for random prompts (chance level ~0.24).
+   for random prompts (chance level ~0.24). ``--experiment quickstart_dit`` trains the tiny
+   PixArt-style transformer with rectified flow instead (run ``quickstart-dit``, Euler samples), on
+   the same autoencoder and latents.
 
 Finished stages are skipped when the script is run again (delete ``<workdir>`` to start over).
 """
@@ -40,6 +42,8 @@ from ldm_scale.data.synthetic import CHANCE_ADHERENCE, write_synthetic_dataset  
 # every CPU step. data_tools/build_vocab.py applies the same idea, with its rule, to any shards.
 CAPTION_VOCAB_ROWS = 64
 HELDOUT_SAMPLES = 256
+# The LDM stage's experiment -> its run id (the autoencoder, data and latents are shared).
+LDM_EXPERIMENTS = {"quickstart": "quickstart-ldm", "quickstart_dit": "quickstart-dit"}
 VAL_EVERY = 325  # the validation loss 4 times in the experiment's 1300 steps, and at the end
 
 
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=4096, help="synthetic training images")
     p.add_argument("--ae-steps", type=int, default=None, help="autoencoder steps (default: the experiment's)")
     p.add_argument("--ldm-steps", type=int, default=None, help="LDM steps (default: the experiment's)")
+    p.add_argument("--experiment", default="quickstart", choices=LDM_EXPERIMENTS,
+                   help="the LDM stage: the tiny UNet (quickstart) or the tiny DiT trained with rectified flow")
     args = p.parse_args(argv)
     work = Path(args.workdir).resolve()
     runs = work / "runs"
@@ -114,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"ckpt={ae_export}", "resolution=32", "batch_size=64"])
 
     # 4. The tiny text-to-image LDM, its samples and the prompt-adherence score.
-    result_path = runs / "quickstart-ldm" / "result.json"
+    ldm_run = LDM_EXPERIMENTS[args.experiment]
+    result_path = runs / ldm_run / "result.json"
     if not result_path.exists():
         print("[4/4] training the tiny text-to-image LDM", flush=True)
         steps = [f"train.max_steps={args.ldm_steps}"] if args.ldm_steps else []
@@ -126,18 +133,18 @@ def main(argv: list[str] | None = None) -> int:
         validation = [f"eval.val_data=['{heldout_latents}/00000.tar']", f"eval.val_samples={HELDOUT_SAMPLES}",
                       f"eval.val_every={VAL_EVERY}"]
         wordpiece = ["++" + o for o in tokenizer_overrides("wordpiece", str(vocab), CAPTION_VOCAB_ROWS)]
-        torchrun(args.nproc, ["experiment=quickstart", "run_id=quickstart-ldm", f"model.first_stage_ckpt={ae_export}",
+        torchrun(args.nproc, [f"experiment={args.experiment}", f"run_id={ldm_run}", f"model.first_stage_ckpt={ae_export}",
                               *latent_data, *validation, *wordpiece, *common, *steps])
 
     result = json.loads(result_path.read_text())
-    grids = sorted((runs / "quickstart-ldm" / "samples").glob("*.png"))
+    grids = sorted((runs / ldm_run / "samples").glob("*.png"))
     adherence = result.get("eval/prompt_adherence")
     print("\nquickstart finished in %.1f min" % ((time.time() - t0) / 60))
     print(f"  sample grid:       {grids[-1] if grids else '(none)'}")
     if adherence is not None:
         print(f"  prompt adherence:  {adherence:.3f} (chance {CHANCE_ADHERENCE:.3f})")
-    print(f"  exported model:    {runs / 'checkpoints' / 'quickstart-ldm' / 'export.pt'}")
-    print(f"  metrics:           {runs / 'quickstart-ldm' / 'metrics.jsonl'} (W&B offline run in the same directory)")
+    print(f"  exported model:    {runs / 'checkpoints' / ldm_run / 'export.pt'}")
+    print(f"  metrics:           {runs / ldm_run / 'metrics.jsonl'} (W&B offline run in the same directory)")
     return 0
 
 

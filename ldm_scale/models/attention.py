@@ -51,10 +51,24 @@ class GroupNorm32(nn.GroupNorm):
 
 
 def zero_module(module: nn.Module) -> nn.Module:
-    """Zero all parameters: residual branches start as the identity (as in CompVis / ADM)."""
+    """Zero all parameters: residual branches start as the identity (as in CompVis / ADM).
+
+    The module is tagged (``_zero_init``) so that :func:`reapply_zero_init` can zero it again where
+    the construction-time zeroing could not act: under ZeRO-3's ``zero.Init`` a parameter is already
+    an empty local shard when its module's ``__init__`` returns, so ``zeros_`` here changes nothing.
+    """
     for p in module.parameters():
         nn.init.zeros_(p)
+    module._zero_init = True
     return module
+
+
+def reapply_zero_init(root: nn.Module) -> None:
+    """Zero every :func:`zero_module`-tagged submodule of ``root`` (on whole, gathered parameters)."""
+    for m in root.modules():
+        if getattr(m, "_zero_init", False):
+            for p in m.parameters():
+                nn.init.zeros_(p)
 
 
 class GEGLU(nn.Module):

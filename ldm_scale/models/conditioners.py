@@ -120,9 +120,16 @@ class TransformerEmbedder(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(cfg.width, cfg.heads, cfg.dim_head, cfg.ff_mult)
                                     for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.width)
+        self.initialize_weights()
+        self._tokenizer = None  # built on first use: needs files, and big flavours build on meta
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """N(0, 0.02) token and position embeddings (x-transformers' rule). Called at construction
+        and, on gathered shards, by ``train/engine.py::initialize_partitioned`` under ZeRO-3 (where
+        the construction-time call finds empty local tensors and changes nothing)."""
         nn.init.normal_(self.token_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
-        self._tokenizer = None  # built on first use: needs files, and big flavours build on meta
 
     @property
     def output_dim(self) -> int:

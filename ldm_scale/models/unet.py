@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AttentionBlock, GroupNorm32, SpatialTransformer, zero_module
+from .attention import AttentionBlock, GroupNorm32, SpatialTransformer, reapply_zero_init, zero_module
 from .encoder_decoder import Upsample  # nearest x2 + optional 3x3 conv: the autoencoder's, same keys
 
 
@@ -214,6 +214,14 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(),
                                  zero_module(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The initialisation applied after the layers were built: the zero-initialised output conv,
+        ResBlock last convs and transformer ``proj_out`` (the rest is each layer's own default).
+        Construction already did it; ``train/engine.py::initialize_partitioned`` calls it again on
+        gathered ZeRO-3 shards, where construction could not."""
+        reapply_zero_init(self)
 
     def blocks(self) -> List[TimestepEmbedSequential]:
         """Every block that can be activation-checkpointed, in execution order."""

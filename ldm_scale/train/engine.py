@@ -503,21 +503,24 @@ def gathered_parameters(params: List[nn.Parameter], modifier_rank: Optional[int]
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
-def initialize_partitioned(module: nn.Module) -> bool:
-    """Run ``module.initialize_weights()`` on parameters that ``zero.Init`` already partitioned.
+def initialize_partitioned(module: Optional[nn.Module]) -> int:
+    """Run every ``initialize_weights()`` inside ``module`` on parameters ``zero.Init`` partitioned.
 
     Under ZeRO-3 every parameter is partitioned when its own module's ``__init__`` returns, so an
-    initialisation a parent applies afterwards (the DiT's Xavier / adaLN-Zero rules) would write to
-    empty local tensors; the DiT skips it then, and this gathers the parameters whole (a collective,
-    the whole network once at build time), applies it on every rank (the same RNG draws, so the
-    ranks' random streams stay in step) and keeps rank 0's values, which DeepSpeed broadcasts.
-    Returns whether it ran (False: nothing partitioned, or no such method)."""
-    params = list(module.parameters())
-    if not hasattr(module, "initialize_weights") or not any(hasattr(p, "ds_id") for p in params):
-        return False
-    with gathered_parameters(params, modifier_rank=0):
-        module.initialize_weights()
-    return True
+    initialisation applied after a layer is built (the UNet's zero-initialised output layers, the
+    text transformer's N(0, 0.02) embeddings, the DiT's Xavier / adaLN-Zero rules) writes to empty
+    local tensors and is lost: the network would start from PyTorch's default init instead. This
+    gathers each such module's parameters whole (a collective, once at build time), applies its
+    ``initialize_weights`` on every rank (the same RNG draws, so the ranks' random streams stay in
+    step) and keeps rank 0's values, which DeepSpeed broadcasts. Returns how many modules it ran
+    (0: nothing partitioned, or nothing to run)."""
+    if module is None or not any(hasattr(p, "ds_id") for p in module.parameters()):
+        return 0
+    targets = [m for m in module.modules() if callable(getattr(m, "initialize_weights", None))]
+    for target in targets:
+        with gathered_parameters(list(target.parameters()), modifier_rank=0):
+            target.initialize_weights()
+    return len(targets)
 
 
 def load_engine_checkpoint(engine, load_dir: str, tag: str, *, universal: bool):

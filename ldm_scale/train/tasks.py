@@ -145,7 +145,8 @@ class LDMTask:
             unet = build_denoiser(spec)  # the UNet or DiT (named `unet` in every state dict)
             if joint:
                 cond_stage = build_conditioner(spec.cond_stage)
-        ds_engine.initialize_partitioned(unet)
+        ds_engine.initialize_partitioned(unet)  # ZeRO-3: the post-construction init, on gathered shards
+        ds_engine.initialize_partitioned(cond_stage if joint else None)
         unet.set_activation_checkpointing(model.activation_checkpointing)
         self.ldm = LatentDiffusion(unet, first_stage, cond_stage, spec.scale_factor, spec.parameterization)
         self.ldm.to(device)

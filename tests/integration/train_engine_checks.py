@@ -12,6 +12,7 @@ Checks (2 ranks, CPU/gloo, the tiny LDM's real UNet):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -50,7 +51,17 @@ def build(stage: int, precision: str, micro: int, accum: int, world: int, optim:
     torch.manual_seed(0)
     with E.model_init_context(cfg):
         model = FixedTargetUNet()
+    E.initialize_partitioned(model)  # as LDMTask does
     return E.initialize_engine(model, cfg, optim, plan, total_steps=100), cfg
+
+
+def zero_init_abs(engine, stage: int) -> float:
+    """Sum of |w| over the UNet's zero-initialised layers (output conv, ResBlock last convs,
+    transformer proj_out), gathered whole under ZeRO-3: 0 for a correctly initialised model."""
+    params = [p for m in engine.module.modules() if getattr(m, "_zero_init", False) for p in m.parameters()]
+    gather = E.gathered_parameters(params, modifier_rank=None) if stage == 3 else contextlib.nullcontext()
+    with gather:
+        return sum(float(p.detach().float().abs().sum()) for p in params)
 
 
 def report(name: str, **values) -> None:
@@ -60,6 +71,7 @@ def report(name: str, **values) -> None:
 
 def loss_decreases(stage: int, precision: str, world: int, rank: int) -> None:
     engine, cfg = build(stage, precision, 4, 1, world, E.OptimConfig(lr=2e-3))
+    fresh_zero_layers = zero_init_abs(engine, stage)
     x, t, ctx, target = fixed_batch(4, rank)
     losses = []
     for _ in range(8):
@@ -70,7 +82,7 @@ def loss_decreases(stage: int, precision: str, world: int, rank: int) -> None:
         losses.append(float(loss))
     params = sum(p.numel() for p in engine.module.parameters() if getattr(p, "ds_tensor", None) is None)
     report(f"zero{stage}_{precision}", losses=losses, local_bytes=E.local_param_and_optimizer_bytes(engine),
-           unpartitioned_params=params, global_steps=engine.global_steps)
+           unpartitioned_params=params, global_steps=engine.global_steps, fresh_zero_layers=fresh_zero_layers)
 
 
 def accumulation_equivalence(world: int, rank: int) -> None:

@@ -279,3 +279,41 @@ def test_cross_attention_adaln_single_equals_diffusers_pixart():
         want = ref(x, encoder_hidden_states=ctx, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
         got = ours(x, t, context=ctx)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = DiT(_tiny(text="joint", context_dim=24))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 24)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(x, t, context=ctx).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.set_activation_checkpointing(True)
+    checkpointed = grads()
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, rtol=0, atol=0, msg=name)
+
+
+def test_transformer_experiments_are_the_papers_models():
+    from ldm_scale import config as C
+    from ldm_scale.models.registry import build_ldm, parameter_counts
+
+    urls = ["data.urls=['s3://b/{00000..00009}.tar']", "model.first_stage_ckpt=s3://b/ae.pt",
+            "checkpoint.root=s3://b/ckpt"]
+    dit = C.validate(C.to_object(C.compose(["experiment=dit_xl2_kl8_cin", *urls])), world_size=8, check_files=False)
+    assert dit.spec.is_dit and dit.batch.global_batch_size == 256
+    assert 674e6 < parameter_counts(build_ldm(dit.spec, device="meta"))["trainable"] < 676e6
+    t2i = C.to_object(C.compose(["experiment=pixart_xl2_openclip_kl8", *urls]))
+    plan = C.validate(t2i, world_size=8, check_files=False)
+    assert t2i.diffusion.parameterization == "flow" and t2i.eval.sampler.name == "euler"
+    assert 0.55e9 < parameter_counts(build_ldm(plan.spec, device="meta"))["trainable"] < 0.65e9  # "about 0.6B"
+    # A diffusion sampler for a flow model is refused when the config is validated, not at sampling.
+    with pytest.raises(C.ConfigError, match="eval.sampler.*use sampler.name=euler or heun"):
+        C.validate(C.to_object(C.compose(["experiment=pixart_xl2_openclip_kl8", *urls, "eval.sampler.name=ddim"])),
+                   world_size=8, check_files=False)
