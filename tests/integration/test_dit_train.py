@@ -1,7 +1,7 @@
 """Diffusion transformers through the real entry point (`torchrun launch/train.py`, 2 CPU ranks, gloo):
 the tiny PixArt-style DiT with rectified flow under ZeRO-3 resumes exactly and exports a model that
-samples with Euler steps at any size; the tiny MMDiT (eps, ZeRO-2) and the class-conditional DiT
-(ZeRO-1) learn."""
+samples with Euler / Heun steps at any size through the API, launch/sample.py and eval/fid.py; the
+tiny MMDiT (eps, ZeRO-2) and the class-conditional DiT (ZeRO-3) learn."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures.torchrun import run_torchrun
+from tests.fixtures.torchrun import run_python, run_torchrun
 from tests.integration.tiny_training import TRAIN_SCRIPT, tiny_overrides, write_shards
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -79,9 +79,30 @@ def test_flow_dit_under_zero3_resumes_exactly_and_its_export_samples_with_euler(
         generate(loaded, ["x"], 1, SamplerConfig(name="ddim", steps=2), height=32, width=32,
                  generator=PerSampleGenerators(0, [0]))
 
+    # The offline commands on the same export: launch/sample.py (Heun, a non-square size) and
+    # eval/fid.py (Euler, random-weight Inception: the plumbing, not a comparable FID).
+    export = out / "ckpt" / "ref" / "export.pt"
+    run_python(["launch/sample.py", f"ckpt={export}", "prompt=a red circle on a blue background", "n_samples=2",
+                "sampler=heun", "sampler.steps=3", "H=32", "W=48", f"outdir={tmp_path / 'samples'}"],
+               timeout=300).check()
+    assert json.loads((tmp_path / "samples" / "samples.json").read_text())["sampler"]["name"] == "heun"
+    refused = run_python(["launch/sample.py", f"ckpt={export}", "prompt=x", "sampler=ddim",
+                          f"outdir={tmp_path / 'refused'}"], timeout=300)
+    assert refused.returncode != 0 and "use sampler.name=euler or heun" in refused.stdout + refused.stderr
+    shards = data_url.replace("{00000..00003}", "{00000..00001}")
+    extractor = ["extractor.name=random-inception", "extractor.input_size=75", "extractor.batch_size=8"]
+    run_python(["data_tools/reference_stats.py", f"data={shards}", "n_samples=16", "resolution=32",
+                "conditioning=text", "batch_size=8", "num_workers=1", f"out={tmp_path / 'ref.npz'}", *extractor],
+               timeout=300).check()
+    run_python(["eval/fid.py", f"ckpt={export}", f"ref={tmp_path / 'ref.npz'}", f"out={tmp_path / 'fid'}",
+                "n_samples=10", "batch_size=5", "sampler=euler", "sampler.steps=2", "metrics.precision_recall=false",
+                *extractor], timeout=300).check()
+    record = json.loads((tmp_path / "fid" / "results.json").read_text())
+    assert record["metrics"]["fid"] >= 0 and record["sampler"]["name"] == "euler"
+
 
 @pytest.mark.parametrize("flavour,conditioning,zero", [("dit_tiny_mmdit", "text", "zero2"),
-                                                        ("dit_tiny_cin", "class", "zero1")])
+                                                        ("dit_tiny_cin", "class", "zero3")])
 def test_transformers_learn_with_the_diffusion_objective(request, tmp_path, flavour, conditioning, zero):
     out = tmp_path / "runs"
     url = request.getfixturevalue("class_data_url" if conditioning == "class" else "data_url")
