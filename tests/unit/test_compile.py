@@ -200,7 +200,8 @@ def test_explain_counts_no_graph_break(network):
 # ------------------------------------------------------------------------------------------ numerics
 
 @pytest.mark.slow
-@pytest.mark.parametrize("network,mode", [("unet+text", "unet"), ("unet+text", "blocks"), ("kl_tiny", "unet"),
+@pytest.mark.parametrize("network,mode", [("unet+text", "unet"), ("unet+text", "blocks"), ("dit+text", "blocks"),
+                                          ("kl_tiny", "unet"),
                                           ("kl_tiny", "blocks")])
 def test_inductor_matches_eager_forward_and_backward(network, mode):
     eager, compiled = NETWORKS[network](), NETWORKS[network]()
