@@ -168,6 +168,14 @@ def read_metadata(url: str, cfg: Optional[storage.StorageConfig] = None) -> Dict
     return payload
 
 
+def check_compvis_exportable(model_config: Mapping[str, Any]) -> None:
+    """The CompVis layout holds a UNet (``model.diffusion_model.*``): refuse a transformer by name."""
+    if model_config.get("backbone", "unet") != "unet":
+        raise ValueError(f"--compvis writes CompVis' UNet layout (model.diffusion_model.*), but "
+                         f"{model_config.get('name')} has backbone={model_config.get('backbone')}: export it "
+                         "in the ldm_scale layout (drop --compvis)")
+
+
 def ldm_payload(state_dict: Mapping[str, torch.Tensor], ema_sd: Optional[Mapping[str, torch.Tensor]],
                 model_config: Mapping[str, Any], *, scale_factor: float, step: int, config: Mapping[str, Any],
                 dtype: str = "fp32", compvis: bool = False,
@@ -185,6 +193,7 @@ def ldm_payload(state_dict: Mapping[str, torch.Tensor], ema_sd: Optional[Mapping
     if compvis:
         from ldm_scale.models.compat import ldm_to_compvis_state_dict
 
+        check_compvis_exportable(model_config)
         return {"state_dict": ldm_to_compvis_state_dict(state, ema), "global_step": int(step),
                 "ldm_scale_model_config": dict(model_config), "ldm_scale_ema_coverage": coverage,
                 "config": storage.redact_config(dict(config))}

@@ -241,6 +241,8 @@ def closest_flavour(info: Mapping[str, Any]) -> Optional[str]:
                "label": "none", "concat": "none"}
     best, best_score = None, 0
     for name, spec in FLAVOURS.items():
+        if spec.is_dit:  # CompVis checkpoints hold UNets
+            continue
         candidate = {
             "model_channels": spec.unet.model_channels, "in_channels": spec.unet.in_channels,
             "context_dim": spec.unet.context_dim if spec.unet.use_spatial_transformer else None,

@@ -36,6 +36,7 @@ from ldm_scale.formats import (  # noqa: F401 - re-exported: the export layer's 
     DTYPES,
     LDM_FORMAT,
     TensorStub,
+    check_compvis_exportable,
     autoencoder_payload,
     describe_coverage,
     ema_coverage,
@@ -170,6 +171,8 @@ def export_checkpoint(ckpt_url: str, out_url: str, *, dtype: str = "fp32", compv
                               "credentials and was saved redacted: give the first stage again with "
                               "--first-stage-ckpt <url>")
     plan = config_lib.validate(cfg, int(meta["world_size"]))
+    if compvis and plan.spec is not None:
+        check_compvis_exportable(dataclasses.asdict(plan.spec))  # before anything is downloaded
     engine = "model" if "model" in meta["engines"] else "generator"
     if engine not in meta["engines"]:
         raise CheckpointError(f"checkpoint {shown} has engines {sorted(meta['engines'])}; expected 'model' (task=ldm) "

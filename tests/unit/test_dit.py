@@ -317,3 +317,15 @@ def test_transformer_experiments_are_the_papers_models():
     with pytest.raises(C.ConfigError, match="eval.sampler.*use sampler.name=euler or heun"):
         C.validate(C.to_object(C.compose(["experiment=pixart_xl2_openclip_kl8", *urls, "eval.sampler.name=ddim"])),
                    world_size=8, check_files=False)
+
+
+def test_the_compvis_layout_refuses_a_transformer():
+    import dataclasses
+
+    from ldm_scale.formats import ldm_payload
+    from ldm_scale.models.registry import get_spec
+
+    config = dataclasses.asdict(get_spec("dit_tiny_cin"))
+    with pytest.raises(ValueError, match="backbone=dit: export it in the ldm_scale layout"):
+        ldm_payload({}, None, config, scale_factor=1.0, step=1, config={}, compvis=True)
+    assert ldm_payload({}, None, config, scale_factor=1.0, step=1, config={})["model_config"]["backbone"] == "dit"
