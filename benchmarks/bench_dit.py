@@ -1,8 +1,8 @@
 """A DiT training step against a UNet's at equal FLOPs per image, side by side in one run, with MFU.
 
 Both networks are text-conditional denoisers of the same latents with the same 77-token context:
-the UNet is ``bench_models.mid_unet`` (the txt2img_kl8 layout at 128 base channels, cross-attention
-at every level); the DiT is a PixArt-style cross-attention DiT (patch 2, ``--width``) whose depth is
+the UNet is ``bench_models.mid_unet`` (the txt2img_kl8 layout at 128 base channels, or
+``--unet-channels``; cross-attention at every level); the DiT is a PixArt-style cross-attention DiT (patch 2, ``--width``) whose depth is
 chosen so that its forward FLOPs per image (counted by ``FlopCounterMode``, 2 per multiply-add) are
 the closest to the UNet's. One step = forward + backward of an eps-style loss + a foreach AdamW
 update, at a fixed batch. Rounds alternate the two (rotating which goes first); each round's median
@@ -19,6 +19,7 @@ the ceiling a dense network could reach) and on a GPU is the datasheet's dense b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -57,16 +58,15 @@ def dit_config(width: int, depth: int, latent: int) -> DiTConfig:
 
 
 def matched_dit(width: int, latent: int, target: float) -> DiTConfig:
-    """The DiT depth whose forward FLOPs are the closest to ``target``."""
-    best = None
-    for depth in range(1, 200):
+    """The DiT depth whose forward FLOPs are the closest to ``target`` (FLOPs are affine in depth:
+    two counts give the line)."""
+    def flops(depth: int) -> float:
         with torch.device("meta"):
-            flops = forward_flops(DiT(dit_config(width, depth, latent)), latent)
-        if best is None or abs(flops - target) < abs(best[1] - target):
-            best = (depth, flops)
-        if flops > target:
-            break
-    return dit_config(width, best[0], latent)
+            return forward_flops(DiT(dit_config(width, depth, latent)), latent)
+
+    one, per_block = flops(1), flops(2) - flops(1)
+    depth = max(1, round((target - one) / per_block) + 1)
+    return dit_config(width, depth, latent)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -116,6 +116,7 @@ def main() -> int:
     p.add_argument("--latent", type=int, default=16)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--width", type=int, default=384)
+    p.add_argument("--unet-channels", type=int, default=128, help="the UNet's base channels (mid_unet: 128)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
@@ -126,7 +127,7 @@ def main() -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
 
-    unet_cfg = mid_unet()
+    unet_cfg = dataclasses.replace(mid_unet(), model_channels=args.unet_channels)
     with torch.device("meta"):
         unet_flops = forward_flops(UNetModel(unet_cfg), args.latent)
     dit_cfg = matched_dit(args.width, args.latent, unet_flops)

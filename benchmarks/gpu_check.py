@@ -536,6 +536,21 @@ def phase_kl8_train(ctx: Context, limit_s: float) -> Dict[str, Any]:
     return details
 
 
+# bench_dit.py on the GPU: a PixArt-style DiT of DiT-XL width at the UNet's FLOPs, bf16, 32x32 latents.
+DIT_BENCH_ARGS = ("--device", "cuda", "--dtype", "bf16", "--latent", "32", "--batch", "64", "--width", "1152",
+                  "--rounds", "3", "--steps", "3", "--peak-tflops", "989")
+
+
+def phase_dit_bench(ctx: Context, limit_s: float) -> Dict[str, Any]:
+    out = ctx.work / "dit_bench.json"
+    cmd = [ctx.python, str(REPO / "benchmarks" / "bench_dit.py"), *DIT_BENCH_ARGS, "--json", str(out)]
+    details = child_outcome(run_child(cmd, limit_s=limit_s, log_path=ctx.work / "dit_bench.log", env=ctx.env),
+                            "benchmarks/bench_dit.py")
+    if not out.exists():
+        raise PhaseFailed("bench_dit.py exited 0 without its JSON", details)
+    return {**details, **json.loads(out.read_text())}
+
+
 PHASES: Tuple[Phase, ...] = (
     Phase("wheelhouse", 45, (), phase_wheelhouse, "pip install --no-index --no-deps --target from benchmarks/wheelhouse "
           "if deepspeed/hydra/omegaconf/open_clip are not importable"),
@@ -549,6 +564,8 @@ PHASES: Tuple[Phase, ...] = (
           f"torchrun launch/train.py experiment=quickstart bf16 ZeRO-2 + checkpointing, {QUICKSTART_STEPS} steps"),
     Phase("quickstart_zero3", 60, ("wheelhouse", "data"), phase_quickstart(3),
           f"torchrun launch/train.py experiment=quickstart bf16 ZeRO-3 + checkpointing, {QUICKSTART_STEPS} steps"),
+    Phase("dit_bench", 60, (), phase_dit_bench,
+          "benchmarks/bench_dit.py: DiT vs UNet training step at equal FLOPs, bf16, images/s and MFU"),
 )
 PHASE_NAMES = tuple(p.name for p in PHASES)
 

@@ -577,3 +577,15 @@ def test_summary_puts_the_doc_next_to_the_measurements(tmp_path, gpu_check):
     assert kl8["micro_batch"] == 32 and kl8["measured_images_per_s_per_gpu"] == 200.0 and kl8["device"] == "NVIDIA H200"
     assert summary["kl8_top_kernels"] == [{"name": "k", "self_us": 1.0}]
     assert summary["phases"] == {"kl8_probe": "ok", "kl8_train": "ok", "gpu_tests": "failed"}
+
+
+def test_dit_bench_runs_here_and_reports_the_ratio_and_mfu(tmp_path):
+    """The dit_bench phase's script, shrunk to seconds on CPU: matched FLOPs, both timings, MFU."""
+    out = tmp_path / "dit.json"
+    run_python(["benchmarks/bench_dit.py", "--latent", "8", "--batch", "2", "--unet-channels", "32", "--width", "128",
+                "--rounds", "2", "--steps", "1", "--warmup", "1", "--json", str(out)], timeout=300).check()
+    record = json.loads(out.read_text())
+    unet, dit = record["forward_gflop_per_image"]["unet"], record["forward_gflop_per_image"]["dit"]
+    assert abs(dit - unet) / unet < 0.1  # the depth search matched the UNet's FLOPs
+    assert record["dit_over_unet_images_per_s"] > 0 and all(0 < v < 1.5 for v in record["mfu"].values())
+    assert len(record["per_round_step_s"]["dit"]) == 2
