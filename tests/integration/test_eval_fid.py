@@ -66,8 +66,8 @@ def test_single_process_record(single_run, setup):
     assert record["checkpoint"]["url"].endswith("runs/checkpoints/quickstart-ldm/export.pt")
     assert record["checkpoint"]["step"] == 5 and record["checkpoint"]["weights"] == "ema"
     assert len(record["checkpoint"]["config_hash"]) == 12
-    assert record["sampler"] == {"name": "ddim", "steps": 2, "eta": 0.0, "spacing": "uniform", "guidance_scale": 2.0, "seed": 0,
-                                 "chunk_size": 4, "use_ema": True, "condition_kind": "text"}
+    assert record["sampler"] == {"name": "ddim", "steps": 2, "eta": 0.0, "spacing": "uniform", "guidance_scale": 2.0,
+                                 "shift": 1.0, "seed": 0, "chunk_size": 4, "use_ema": True, "condition_kind": "text"}
     assert record["generation"]["per_rank"][0]["images_made"] == 12
     assert record["generation"]["per_rank"][0]["images_per_second"] > 0
     samples = load_samples(str(setup / "run1" / "samples"), 12, 4)
