@@ -418,18 +418,10 @@ class DiT(nn.Module):
             nn.init.zeros_(linear.bias)
 
     # ------------------------------------------------------------------ structure
-    def blocks_list(self) -> List[nn.Module]:
-        return list(self.blocks)
-
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each transformer block's activations in backward instead of storing them."""
         for block in self.blocks:
             block.checkpointing = enabled
-
-    @property
-    def size_multiple(self) -> int:
-        """Latent sides must be multiples of the patch size."""
-        return self.cfg.patch_size
 
     def positions(self, grid_h: int, grid_w: int, like: torch.Tensor) -> torch.Tensor:
         """[1, h*w, D] positions for a grid: the stored table at the training grid, the sin-cos rule
