@@ -54,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    dist.run_entry_point(main)  # exits without the teardown that can abort a gloo/NCCL process

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldm_scale import dist  # noqa: E402
 from ldm_scale.cli import config_from_argv, report_input_errors, start_command  # noqa: E402
 from ldm_scale.evaluation.features import check_extractor_weights  # noqa: E402
 from ldm_scale.evaluation.recon import ReconEvalConfig, run_recon_eval  # noqa: E402
@@ -39,4 +40,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    dist.run_entry_point(main)  # exits without the teardown that can abort a gloo/NCCL process

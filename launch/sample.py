@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldm_scale import dist  # noqa: E402
 from ldm_scale.cli import compose_command, report_input_errors, start_command  # noqa: E402
 from ldm_scale.sampling import SampleConfig, run  # noqa: E402
 
@@ -39,4 +40,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    dist.run_entry_point(lambda: main(sys.argv[1:]))  # exits without the teardown that can abort a gloo/NCCL process

@@ -68,7 +68,11 @@ if __name__ == "__main__":
     # Hydra would print a composition error (a typo in an override or an experiment file) over
     # several lines itself and exit 1; with HYDRA_FULL_ERROR it raises it here instead.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    try:
-        main()
-    except HydraException as exc:
-        config_error(config_lib.describe_composition_error(exc))
+
+    def run() -> None:
+        try:
+            main()
+        except HydraException as exc:
+            config_error(config_lib.describe_composition_error(exc))
+
+    dist.run_entry_point(run)  # exits without the teardown that can abort a gloo/NCCL process

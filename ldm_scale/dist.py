@@ -13,9 +13,12 @@ import datetime
 import logging
 import os
 import socket
+import sys
+import threading
 import time
+import traceback
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -134,13 +137,83 @@ def init_distributed(timeout_s: float = 1800.0, init_timeout_s: float | None = N
     # threads are joined and before that teardown; destroying the group is local (no collective),
     # so it is safe when a peer is already gone.
     atexit.register(shutdown)
+    global _GROUP_WAS_UP
+    _GROUP_WAS_UP = True
     return info
+
+
+_GROUP_WAS_UP = False  # set by init_distributed: this process has run gloo/NCCL threads
 
 
 def shutdown() -> None:
     """Destroy the default process group if it is up (idempotent; registered at exit by init)."""
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+def exit_code_of(main: Callable[[], Any]) -> int:
+    """Run an entry point's ``main`` and return its exit status the way ``sys.exit`` would set it:
+    a return value or ``SystemExit`` code (None: 0; an int; anything else is printed, status 1); an
+    uncaught exception prints its traceback, status 1; Ctrl-C 130."""
+    try:
+        result = main()
+    except SystemExit as exc:
+        result = exc.code
+    except KeyboardInterrupt:
+        return 130
+    except Exception:  # noqa: BLE001 - an entry point's last resort, as the interpreter's own
+        traceback.print_exc()
+        return 1
+    if result is None:
+        return 0
+    if isinstance(result, int):
+        return result
+    print(result, file=sys.stderr)
+    return 1
+
+
+def exit_process(code: int) -> NoReturn:
+    """Leave an entry point with status ``code``, skipping interpreter finalisation when this
+    process ran a process group.
+
+    Why: gloo (and NCCL) keep C++ worker threads and pending work objects that hold tensors. When
+    they are destroyed during interpreter finalisation or static teardown, a still-joinable
+    ``std::thread`` or a GIL acquisition from a dying interpreter aborts the process ("terminate
+    called without an active exception", SIGABRT) after the run has finished and written
+    everything: the launcher then reports the job as failed and kills its peers. Destroying the
+    group at exit (``shutdown``, registered by ``init_distributed``) made this rare but did not end
+    it: a CI run lost a passing 2-rank resume test to it again, after ``finished at step 120`` and
+    the run report. Libraries that keep references to groups (DeepSpeed's) keep the C++ objects
+    alive past ``destroy_process_group``, so their destructors still run in finalisation. pytorch
+    #179291 tried a fix inside c10d and was abandoned.
+
+    So: every Python-level exit step runs here, in the order the interpreter would run it (the
+    ``threading`` shutdown joins non-daemon threads and runs ``concurrent.futures``' joins, then
+    the ``atexit`` handlers: the group's destruction, logging's flush, W&B's, multiprocessing's
+    child cleanup), the standard streams are flushed, and ``os._exit`` ends the process without
+    running finalisers or C++ static destructors, the one stage where the abort happens. A process
+    that never initialised a group exits through ``sys.exit`` as usual.
+    """
+    if not _GROUP_WAS_UP:
+        sys.exit(code)
+    try:
+        # The interpreter's own first exit step (joins non-daemon threads, runs the hooks that
+        # concurrent.futures registers with threading); private, present in every CPython >= 3.9.
+        threading_shutdown = getattr(threading, "_shutdown", None)
+        if threading_shutdown is not None:
+            threading_shutdown()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def run_entry_point(main: Callable[[], Any]) -> NoReturn:
+    """``raise SystemExit(main())`` for entry points that may run a process group: the status of
+    :func:`exit_code_of`, left through :func:`exit_process`."""
+    exit_process(exit_code_of(main))
 
 
 def _init_timeout_s(explicit: float | None) -> float:
