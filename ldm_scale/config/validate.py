@@ -130,6 +130,12 @@ def _check_ldm(cfg: Config, problems: List[str]) -> Optional[LDMSpec]:
     if cfg.data.conditioning != conditioning:
         problems.append(f"data.conditioning={cfg.data.conditioning!r} but model {spec.name} is conditioned on "
                         f"{conditioning!r}: set data.conditioning={conditioning} or choose another model=<flavour>")
+    if cfg.data.text_embeddings and spec.cond_stage.kind != "openclip":
+        problems.append(f"data.text_embeddings=true but model {spec.name}'s text encoder (cond_stage.kind="
+                        f"{spec.cond_stage.kind}) is "
+                        + ("trained jointly with the denoiser, so its outputs change every step: set "
+                           "data.text_embeddings=false" if spec.cond_stage.kind == "text" else
+                           "not a frozen text encoder: set data.text_embeddings=false"))
     if cfg.data.input == "image" and cfg.data.resolution != spec.image_size:
         problems.append(f"data.resolution={cfg.data.resolution} but model {spec.name} is built for "
                         f"{spec.image_size}px images: set data.resolution={spec.image_size} or "
@@ -311,6 +317,23 @@ def check_first_stage_ckpt(url: str, spec: LDMSpec, storage_cfg: Optional[Storag
     return None
 
 
+def check_text_embeddings(cfg: Config, spec: LDMSpec) -> Optional[str]:
+    """The problem with ``data.text_embeddings=true`` for these shards and this model, or None: every
+    set has a ``text_encoder`` record, all from one encoder, and it is the experiment's (by its
+    configuration; the weights' fingerprint is checked once the encoder is built, in the task)."""
+    from ldm_scale.data import text_embeddings
+
+    shard_storage = storage.resolve(cfg.data.storage, cfg.storage, key="data.storage")
+    try:
+        # Held-out shards are read with the same data settings, so they need the same embeddings.
+        record, where = text_embeddings.read_text_record(list(cfg.data.urls) + list(cfg.eval.val_data), shard_storage)
+    except text_embeddings.TextEmbeddingError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"data.text_embeddings=true but the shard sets' dataset.json cannot be read: {storage.redact(exc)}"
+    return text_embeddings.identity_problem(record, spec.cond_stage, where)
+
+
 def validate(cfg: Config, world_size: Optional[int] = None, *, check_files: bool = True) -> Plan:
     """Check the whole configuration and derive the plan; raise :class:`ConfigError` listing every problem.
 
@@ -393,6 +416,10 @@ def validate(cfg: Config, world_size: Optional[int] = None, *, check_files: bool
     # Reads storage, so only once the configuration itself is consistent (and the spec resolved).
     if not problems and check_files and spec is not None and _is_url_set(cfg.model.first_stage_ckpt):
         problem = check_first_stage_ckpt(cfg.model.first_stage_ckpt, spec, cfg.storage)
+        if problem:
+            problems.append(problem)
+    if not problems and check_files and spec is not None and cfg.data.text_embeddings:
+        problem = check_text_embeddings(cfg, spec)
         if problem:
             problems.append(problem)
     if problems:

@@ -15,6 +15,7 @@ from typing import List, Optional
 from ldm_scale.choices import Choice
 from ldm_scale.data.caption_vocab import MAX_TOKENS, MAX_UNSEEN
 from ldm_scale.data.download import DownloadConfig
+from ldm_scale.models.conditioners import ConditionerConfig
 from ldm_scale.storage import URL_LIST_SEPARATOR, StorageConfig, is_local
 
 
@@ -123,6 +124,18 @@ class LatentDtype(Choice):
     float32 = "float32"
 
 
+class TextDtype(Choice):
+    """Storage dtype of precomputed text embeddings (``data/text_embeddings.py``)."""
+
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+def _no_text_encoder() -> ConditionerConfig:
+    return ConditionerConfig(kind="none")
+
+
 @dataclass
 class PrecomputeLatentsConfig(ShardInput):
     """``torchrun ... data_tools/precompute_latents.py data='s3://b/laion/{00000..41407}.tar'
@@ -137,10 +150,19 @@ class PrecomputeLatentsConfig(ShardInput):
     resolution: Optional[int] = None  # image side the shards are resized / cropped to before encoding
     batch_size: int = 32
     dtype: LatentDtype = "float16"  # type: ignore[assignment]
+    # Also store a frozen text encoder's outputs per caption (kind=openclip, with the training
+    # experiment's model.ldm.cond_stage.openclip fields), for data.text_embeddings=true.
+    text_encoder: ConditionerConfig = field(default_factory=_no_text_encoder)
+    text_dtype: TextDtype = "float16"  # type: ignore[assignment]
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def check(self) -> None:
         from ldm_scale.models import AUTOENCODERS
+
+        if self.text_encoder.kind not in ("none", "openclip"):
+            raise ValueError(f"text_encoder.kind={self.text_encoder.kind!r}: only a frozen encoder can be precomputed "
+                             "(openclip); the paper's text transformer (kind=text) is trained with the UNet, so its "
+                             "outputs change every step: leave text_encoder.kind=none")
 
         self.require_data()
         _require_out(self.out, "a directory or URL for the latent shards, e.g. out=data/mine_latents")

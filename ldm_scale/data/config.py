@@ -77,6 +77,10 @@ class DataConfig:
     samples_per_epoch: Optional[int] = None  # default: total of sizes.json / _stats.json counts
     input: DataInput = "image"
     conditioning: Conditioning = "text"  # type: ignore[valid-type]
+    # Read the frozen text encoder's outputs from the shards (``<key>.text.npy`` and ``pooled.npy``,
+    # written by data_tools/precompute_latents.py text_encoder.kind=...): batches carry
+    # ``text_context`` [B, L, D] (and ``text_pooled`` [B, P]) and the step never runs the encoder.
+    text_embeddings: bool = False
     resolution: int = 256
     crop: Crop = "center"
     flip: bool = False  # random horizontal flip (p=0.5)
@@ -119,6 +123,9 @@ class DataConfig:
             raise ValueError(f"data.crop={self.crop!r}; expected 'center' or 'random'")
         if self.decoder not in ("auto", "pil"):
             raise ValueError(f"data.decoder={self.decoder!r}; expected 'auto' or 'pil'")
+        if self.text_embeddings and self.conditioning != "text":
+            raise ValueError(f"data.text_embeddings=true needs data.conditioning=text (got {self.conditioning!r}): "
+                             "precomputed embeddings are of captions")
         if self.resolution <= 0:
             raise ValueError("data.resolution must be positive")
         if self.num_workers < 0 or self.shuffle_buffer < 0 or self.shards_per_block < 1:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ldm_scale import storage
+from ldm_scale.data import text_embeddings
 from ldm_scale.data.config import DataConfig
 from ldm_scale.data.filters import check_sample, image_member
 from ldm_scale.data.shard_writer import write_shard, write_sizes
@@ -90,15 +91,31 @@ def _latent_bytes(moments: torch.Tensor, dtype: str) -> bytes:
     return buf.getvalue()
 
 
+@torch.no_grad()
+def text_outputs(encoder: nn.Module, captions: List[str], device: torch.device):
+    """(context [B, L, D], pooled [B, P]) of a frozen text encoder for cleaned captions."""
+    tokens = encoder.caption_tokenizer(list(captions)).to(device)
+    return encoder.encode_tokens_and_pooled(tokens)
+
+
 def _encode_into(pending: List[Dict[str, Any]], samples: List[Dict[str, Any]], model: nn.Module,
-                 device: torch.device, dtype: str) -> None:
-    """Encode the images of ``pending`` in one batch, move the samples (now with latents) to ``samples``."""
+                 device: torch.device, dtype: str, text_encoder: Optional[nn.Module] = None,
+                 text_dtype: str = "float16") -> None:
+    """Encode the images (and captions) of ``pending`` in one batch, move the samples (now with
+    latents and text members) to ``samples``."""
     if not pending:
         return
     images = torch.stack([p.pop("image") for p in pending]).to(device)
     for p, m in zip(pending, posterior_moments(model, images)):
         p["latent.npy"] = _latent_bytes(m, dtype)
-        samples.append(p)
+    if text_encoder is not None:
+        context, pooled = text_outputs(text_encoder, [p.pop("caption") for p in pending], device)
+        for p, c, v in zip(pending, context, pooled):
+            name, data = text_embeddings.member_bytes(c, text_dtype, "text")
+            p[name] = data
+            name, data = text_embeddings.member_bytes(v, text_dtype, "pooled")
+            p[name] = data
+    samples.extend(pending)
     pending.clear()
 
 
@@ -114,17 +131,24 @@ def precompute_latents(
     dtype: str = "float16",
     device: Optional[torch.device] = None,
     cfg: Optional[storage.StorageConfig] = None,
+    text_encoder: Optional[nn.Module] = None,
+    text_dtype: str = "float16",
 ) -> PrecomputeResult:
     """Encode this rank's share of ``src_urls`` into latent shards under ``out_url``.
 
     Images get the training pipeline's centre crop at ``resolution`` (no flip). Samples whose image
-    is missing or undecodable are skipped and counted in the shard's ``_stats.json``."""
+    is missing or undecodable are skipped and counted in the shard's ``_stats.json``. With a frozen
+    ``text_encoder`` each sample also gets its caption's outputs (``data/text_embeddings.py``) of
+    the caption exactly as the loader cleans it; samples without a caption are then skipped."""
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype={dtype!r}; expected 'float16' or 'float32'")
     urls = storage.expand_urls(src_urls, cfg)
     device = device or torch.device("cpu")
     model = model.to(device)
-    check_cfg = DataConfig(urls=["-"], input="image", conditioning="none", resolution=resolution)
+    if text_encoder is not None:
+        text_encoder = text_encoder.to(device)
+    check_cfg = DataConfig(urls=["-"], input="image", conditioning="none" if text_encoder is None else "text",
+                           resolution=resolution)
     result = PrecomputeResult([], [], {})
     total: Counter = Counter()
     for i, src in enumerate(urls):
@@ -153,13 +177,15 @@ def precompute_latents(
                 counters["skip/decode_error"] += 1
                 continue
             out = {"__key__": raw["__key__"], "image": image}
+            if text_encoder is not None:
+                out["caption"] = raw["caption"]  # cleaned by check_sample, as the loader would
             for ext in ("txt", "cls", "json"):
                 if ext in raw:
                     out[ext] = raw[ext]
             pending.append(out)
             if len(pending) == batch_size:
-                _encode_into(pending, samples, model, device, dtype)
-        _encode_into(pending, samples, model, device, dtype)
+                _encode_into(pending, samples, model, device, dtype, text_encoder, text_dtype)
+        _encode_into(pending, samples, model, device, dtype, text_encoder, text_dtype)
         digits = len(stem) if stem.isdigit() else 5
         shard_id = int(stem) if stem.isdigit() else i
         # The tar is written before _stats.json: _stats.json marks the shard complete.
@@ -173,9 +199,21 @@ def precompute_latents(
     return result
 
 
+def text_record(text_encoder: nn.Module, cond_stage: Any, text_dtype: str) -> Dict[str, Any]:
+    """The ``dataset.json`` ``text_encoder`` entry (``data/text_embeddings.py``)."""
+    return {**text_embeddings.encoder_identity(cond_stage), "width": int(text_encoder.output_dim),
+            "pooled_dim": int(text_encoder.pooled_dim), "dtype": text_dtype,
+            "weights_sha256": text_embeddings.weights_fingerprint(text_encoder),
+            "members": {"context": "text" + ("_bf16" if text_dtype == "bfloat16" else "") + ".npy",
+                        "pooled": "pooled" + ("_bf16" if text_dtype == "bfloat16" else "") + ".npy",
+                        "null": text_embeddings.NULL_FILE}}
+
+
 def finalize_latent_dataset(src_urls: Sequence[str] | str, out_url: str, model: nn.Module, resolution: int,
-                            cfg: Optional[storage.StorageConfig] = None, **info: Any) -> Dict[str, Any]:
-    """Write ``sizes.json`` and ``dataset.json`` once every shard is complete (rank 0, after a barrier)."""
+                            cfg: Optional[storage.StorageConfig] = None, *, text_encoder: Optional[nn.Module] = None,
+                            text_cond_stage: Any = None, text_dtype: str = "float16", **info: Any) -> Dict[str, Any]:
+    """Write ``sizes.json`` and ``dataset.json`` once every shard is complete (rank 0, after a
+    barrier); with a text encoder also its record and the empty prompt's outputs (``null_text.npz``)."""
     urls = storage.expand_urls(src_urls, cfg)
     sizes = {}
     for src in urls:
@@ -191,5 +229,12 @@ def finalize_latent_dataset(src_urls: Sequence[str] | str, out_url: str, model: 
     meta = {"kind": "latent", "source": list(urls), "resolution": resolution,
             "latent_shape": [int(getattr(model, "latent_channels", 0)), resolution // f, resolution // f],
             "num_samples": sum(sizes.values()), **info}
+    if text_encoder is not None:
+        device = next(text_encoder.parameters()).device
+        context, pooled = text_outputs(text_encoder, [""], device)
+        storage.write_bytes(storage.join(out_url, text_embeddings.NULL_FILE),
+                            text_embeddings.null_bytes(context[0], pooled[0]), cfg)
+        meta["text_encoder"] = {**text_record(text_encoder, text_cond_stage, text_dtype),
+                                "context_shape": list(context.shape[1:])}
     storage.write_text(storage.join(out_url, "dataset.json"), json.dumps(meta, indent=1), cfg)
     return meta

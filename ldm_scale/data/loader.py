@@ -18,7 +18,9 @@ How a batch is made (each step a pure function of (seed, epoch, position)):
    or leaves them uint8 for the device to normalise (``uint8_images``, see ``data/device.py``).
 6. Captions are tokenised in the workers when the trainer hands the loader its text encoder's
    tokenizer (``tokenize=``): the batch then also carries ``tokens`` [B, L] (int64), so the main
-   process never runs the tokenizer's Python loop between two steps.
+   process never runs the tokenizer's Python loop between two steps. With ``data.text_embeddings``
+   the shards hold the frozen encoder's outputs instead (``data/text_embeddings.py``): batches carry
+   ``text_context`` [B, L, D] (and ``text_pooled`` [B, P]) in their stored dtype, and no tokens.
 
 Workers persist across epochs (``data.persistent_workers``, default on): a worker's stream goes on
 into the next epoch by itself (the next epoch's plan is a pure function of the current one), so
@@ -63,6 +65,7 @@ import torch
 
 from ldm_scale import dist, storage
 from ldm_scale.data import shards as shard_lib
+from ldm_scale.data import text_embeddings
 from ldm_scale.data.config import DataConfig, worker_start_method
 from ldm_scale.data.filters import check_sample, image_member
 from ldm_scale.data.tar_stream import iter_tar_samples
@@ -200,7 +203,9 @@ def _collate(samples: List[Dict], cfg: DataConfig,
         batch["latent_logvar"] = torch.stack([s["latent_logvar"] for s in samples])
     if cfg.conditioning == "text":
         batch["caption"] = [s["caption"] for s in samples]
-        if tokenize is not None:
+        if cfg.text_embeddings:
+            text_embeddings.collate_into(batch, samples)
+        elif tokenize is not None:
             batch["tokens"] = tokenize(batch["caption"]).to(torch.long)
     elif cfg.conditioning == "class":
         batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
@@ -218,6 +223,8 @@ def _process(raw: Dict, plan: _Plan, block: int, counters: "_Counters") -> Optio
             raw["image"] = resize_crop_flip(img, cfg.resolution, cfg.crop, cfg.flip, rng)
         else:
             raw["latent_mean"], raw["latent_logvar"] = decode_latent(raw["latent.npy"])
+        if cfg.text_embeddings:
+            text_embeddings.decode_into(raw)
     except Exception as exc:  # noqa: BLE001 - any undecodable payload is a skipped sample, by design
         counters["skip/decode_error"] += 1
         log.debug("undecodable sample %s in %s: %s", raw.get("__key__"), storage.redact(raw.get("__url__")), exc)
@@ -436,8 +443,10 @@ class ShardLoader:
         ``data.device.unit_range`` gives the same values); page-locked when ``data.pin_memory`` is
         set and CUDA is there (pinned here rather than by DataLoader, which would pin the uint8)."""
         pin = self.cfg.pin_memory and torch.cuda.is_available()
-        if pin and "tokens" in batch:
-            batch["tokens"] = batch["tokens"].pin_memory()
+        if pin:
+            for key in ("tokens", "text_context", "text_pooled"):
+                if key in batch:
+                    batch[key] = batch[key].pin_memory()
         if "image" in batch and self.uint8_images:
             if pin:
                 batch["image"] = batch["image"].pin_memory()

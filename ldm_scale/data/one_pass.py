@@ -32,6 +32,7 @@ import torch
 
 from ldm_scale import dist, storage
 from ldm_scale.data import shards as shard_lib
+from ldm_scale.data import text_embeddings
 from ldm_scale.data.config import DataConfig, worker_start_method
 from ldm_scale.data.filters import LATENT_EXT, check_sample, image_member
 from ldm_scale.data.tar_stream import iter_tar_samples
@@ -95,6 +96,8 @@ def _collate(samples: List[Dict], cfg: DataConfig) -> Dict[str, Any]:
         batch["latent_logvar"] = torch.stack([s["latent_logvar"] for s in samples])
     if cfg.conditioning == "text":
         batch["caption"] = [s["caption"] for s in samples]
+        if cfg.text_embeddings:
+            text_embeddings.collate_into(batch, samples)
     elif cfg.conditioning == "class":
         batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
     return batch
@@ -102,6 +105,8 @@ def _collate(samples: List[Dict], cfg: DataConfig) -> Dict[str, Any]:
 
 def _decode(raw: Dict, cfg: DataConfig) -> Optional[Any]:
     try:
+        if cfg.text_embeddings:
+            text_embeddings.decode_into(raw)
         if cfg.input == "latent":  # (mean, logvar) of a pre-encoded shard
             return decode_latent(raw[LATENT_EXT])
         img = decode_image(raw[image_member(raw)], cfg.resolution, cfg.decoder)

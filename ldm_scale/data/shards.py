@@ -143,3 +143,15 @@ def resampled_blocks(shards: ShardSet, weights: Sequence[float], seed: int, epoc
             d = int(rng.choice(len(per_dataset), p=w))
             block.append(per_dataset[d][int(rng.integers(len(per_dataset[d])))])
         yield block
+
+
+def read_dataset_card(shard_dir: str, cfg: Optional[storage.StorageConfig] = None) -> Optional[Dict]:
+    """The ``dataset.json`` our tools write beside a shard set (what made it: the synthetic
+    generator, the latent encoder, the text encoder), or None when there is none."""
+    url = storage.join(shard_dir, "dataset.json")
+    try:
+        card = json.loads(storage.read_text(url, cfg))
+    except (OSError, ValueError):  # absent, unreadable, or not JSON: no card our tools wrote
+        return None
+    return card if isinstance(card, dict) else None
+

@@ -24,6 +24,7 @@ import numpy as np
 
 from ldm_scale import storage
 from ldm_scale.data.shard_writer import write_shard, write_sizes
+from ldm_scale.data.shards import read_dataset_card
 
 COLOURS: Dict[str, Tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -193,17 +194,6 @@ def write_synthetic_dataset(
     return shard_urls
 
 
-def _dataset_card(shard_dir: str, cfg: Optional[storage.StorageConfig]) -> Optional[Dict]:
-    import json
-
-    url = storage.join(shard_dir, "dataset.json")
-    try:
-        card = json.loads(storage.read_text(url, cfg))
-    except (OSError, ValueError):  # absent, unreadable, or not JSON: no card our tools wrote
-        return None
-    return card if isinstance(card, dict) else None
-
-
 def not_synthetic_reason(urls: Sequence[str], cfg: Optional[storage.StorageConfig] = None) -> Optional[str]:
     """None when every shard set in ``urls`` (``data.urls`` entries) is this synthetic dataset, else
     why not, naming the set: the scores of this module mean something only on it.
@@ -215,10 +205,10 @@ def not_synthetic_reason(urls: Sequence[str], cfg: Optional[storage.StorageConfi
     for entry in urls:
         dirs = dict.fromkeys(storage.parent(u) for u in storage.expand_urls(entry, cfg))
         for shard_dir in dirs:
-            card = _dataset_card(shard_dir, cfg)
+            card = read_dataset_card(shard_dir, cfg)
             if card is not None and card.get("kind") == "latent" and card.get("source"):
                 source = storage.parent(list(card["source"])[0])
-                card = _dataset_card(source, cfg)
+                card = read_dataset_card(source, cfg)
                 shard_dir = f"{shard_dir} (latents of {source})"
             if card is None:
                 return f"{storage.redact(shard_dir)} has no dataset.json from {GENERATOR}"

@@ -24,7 +24,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -227,16 +227,49 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         return self.model.transformer.width
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encode_tokens_and_pooled(tokens, pooled=False)[0]
+
+    @property
+    def pooled_dim(self) -> int:
+        projection = self.model.text_projection
+        if projection is None:
+            return self.output_dim
+        return projection.out_features if isinstance(projection, nn.Linear) else int(projection.shape[1])
+
+    def encode_tokens_and_pooled(self, tokens: torch.Tensor,
+                                 pooled: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(context [B, L, width] of the configured layer, pooled [B, P] or None).
+
+        The pooled vector is open_clip's own ``encode_text`` (unnormalised): the last block's
+        states after ``ln_final``, pooled at the end-of-text token by open_clip's pooling rule, then
+        projected. With ``layer=penultimate`` the context is read one block earlier on the way.
+        """
         model = self.model
         x = model.token_embedding(tokens) + model.positional_embedding
         transformer = model.transformer
-        if not transformer.batch_first:
+        seq_first = not transformer.batch_first
+        if seq_first:
             x = x.transpose(0, 1)
-        for block in transformer.resblocks[: len(transformer.resblocks) - self.layer_idx]:
+        n_context = len(transformer.resblocks) - self.layer_idx
+        blocks = transformer.resblocks if pooled else transformer.resblocks[:n_context]
+        context = x
+        for i, block in enumerate(blocks):
             x = block(x, attn_mask=model.attn_mask)
-        if not transformer.batch_first:
-            x = x.transpose(0, 1)
-        return model.ln_final(x)
+            if i == n_context - 1:
+                context = x
+        if seq_first:
+            context, x = context.transpose(0, 1), x.transpose(0, 1)
+        context = model.ln_final(context)
+        if not pooled:
+            return context, None
+        from open_clip.transformer import text_global_pool
+
+        vector = text_global_pool(model.ln_final(x), tokens, model.text_pool_type,
+                                  eos_token_id=getattr(model, "text_eos_id", None))
+        projection = model.text_projection
+        if projection is not None:
+            vector = projection(vector) if isinstance(projection, nn.Linear) else vector @ projection
+        return context, vector
 
     @property
     def caption_tokenizer(self):
@@ -250,6 +283,40 @@ class FrozenOpenCLIPEmbedder(nn.Module):
 
     def null_raw(self, n: int, tokens: bool = False) -> Union[List[str], torch.Tensor]:
         return _null_tokens(self, n) if tokens else [""] * n
+
+
+class HostConditioner(nn.Module):
+    """A frozen conditioner kept on the host while the rest of the model is on the accelerator.
+
+    For runs that read precomputed text embeddings (``data.text_embeddings``): the training step
+    never calls the encoder, so it stays out of GPU memory; only sample grids and in-training
+    evaluation encode prompts, on the host, and their outputs are moved to ``device``. The encoder
+    is held outside the module tree (``.to()``, ``state_dict()`` and ``parameters()`` skip it), so
+    moving the LatentDiffusion container to the GPU leaves it where it is.
+    """
+
+    trainable = False
+
+    def __init__(self, inner: nn.Module, device: torch.device):
+        super().__init__()
+        self.__dict__["inner"] = inner  # not a registered submodule: see the class doc
+        self.__dict__["device"] = torch.device(device)
+
+    @property
+    def output_dim(self) -> int:
+        return self.inner.output_dim
+
+    @property
+    def caption_tokenizer(self):
+        return self.inner.caption_tokenizer
+
+    def forward(self, raw: Any) -> Dict[str, torch.Tensor]:
+        if isinstance(raw, torch.Tensor):
+            raw = raw.cpu()
+        return {k: v.to(self.device) for k, v in self.inner(raw).items()}
+
+    def null_raw(self, n: int, tokens: bool = False):
+        return self.inner.null_raw(n, tokens=tokens)
 
 
 class ClassEmbedder(nn.Module):

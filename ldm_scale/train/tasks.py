@@ -27,8 +27,11 @@ import torch
 from torch import nn
 
 from ldm_scale import dist
-from ldm_scale.config import Config, EvalConfig, ModelConfig, Plan, TrainConfig
+from ldm_scale import storage as storage_lib
+from ldm_scale.config import Config, ConfigError, EvalConfig, ModelConfig, Plan, TrainConfig
+from ldm_scale.data import text_embeddings
 from ldm_scale.data.device import unit_range
+from ldm_scale.data.text_embeddings import PrecomputedText
 from ldm_scale.diffusion import (
     DiffusionConfig,
     SamplerConfig,
@@ -39,7 +42,7 @@ from ldm_scale.diffusion import (
 )
 from ldm_scale.diffusion.flow import flow_loss
 from ldm_scale.diffusion.noise import PerSampleGenerators, initial_noise
-from ldm_scale.models.conditioners import build_conditioner
+from ldm_scale.models.conditioners import HostConditioner, build_conditioner
 from ldm_scale.models.ldm import LatentDiffusion, apply_denoiser
 from ldm_scale.models.registry import LDMSpec, build_denoiser, denoiser_inputs
 from ldm_scale.storage import StorageConfig
@@ -106,7 +109,9 @@ class DiffusionTrainModule(nn.Module):
 
 
 def _raw_condition(batch: Dict[str, Any], conditioning: str) -> Any:
-    if conditioning == "text":  # tokens when the data workers tokenised the captions
+    if conditioning == "text":  # the precomputed encoder outputs, or tokens when the workers tokenised
+        if "text_context" in batch:
+            return batch["text_context"]
         return batch["tokens"] if "tokens" in batch else list(batch["caption"])
     if conditioning == "class":
         return batch["label"]
@@ -119,9 +124,11 @@ class LDMTask:
     def __init__(self, plan: Plan, *, model: ModelConfig, diffusion: DiffusionConfig,
                  deepspeed: ds_engine.DeepSpeedConfig, optim: ds_engine.OptimConfig, train: TrainConfig,
                  eval_cfg: EvalConfig, conditioning: str, storage: StorageConfig, seed: int, device: torch.device,
-                 total_steps: int):
+                 total_steps: int, precomputed_text: Optional[PrecomputedText] = None):
         """The config slices the task reads (:func:`build_task` passes them from the run's config);
-        ``plan`` is what ``validate()`` derived (the resolved spec, batch plan, sizes)."""
+        ``plan`` is what ``validate()`` derived (the resolved spec, batch plan, sizes);
+        ``precomputed_text``: the shards carry the frozen text encoder's outputs
+        (``data.text_embeddings``)."""
         assert plan.spec is not None, "validate() resolves the LDM spec for task=ldm"
         spec: LDMSpec = plan.spec
         self.plan, self.spec, self.device = plan, spec, device
@@ -136,7 +143,21 @@ class LDMTask:
         first_stage = build_first_stage(model, spec, device, storage)
         joint = spec.cond_stage.kind in JOINTLY_TRAINED_CONDITIONERS
         frozen = precision.frozen_dtype(deepspeed.precision, deepspeed.frozen_precision, device)
-        cond_stage = None if joint else build_conditioner(spec.cond_stage).to(device=device, dtype=frozen)
+        self.frozen_dtype, self.precomputed_text = frozen, precomputed_text
+        if precomputed_text is not None:
+            # The step reads the encoder's outputs from the shards: the encoder stays on the host
+            # (fp32), only for prompt grids and in-training evaluation, and it must be the one that
+            # wrote them (validate() compared the configuration; this compares the weights).
+            host = build_conditioner(spec.cond_stage).float().eval()
+            try:
+                text_embeddings.check_weights(precomputed_text.record, host, precomputed_text.where)
+            except text_embeddings.TextEmbeddingError as exc:  # exit 2 with the fix, as validate()'s problems
+                raise ConfigError.of([str(exc)]) from None
+            cond_stage = HostConditioner(host, device)
+            log.info("text conditioning: precomputed %s outputs from %s (encoder on the host, not in the step)",
+                     precomputed_text.record.get("arch"), precomputed_text.where)
+        else:
+            cond_stage = None if joint else build_conditioner(spec.cond_stage).to(device=device, dtype=frozen)
 
         # 2. Trainable parts; under ZeRO-3 partitioned as they are constructed. Same seed on every
         #    rank so ZeRO-1/2 replicas start equal (DeepSpeed also broadcasts rank 0's weights).
@@ -192,9 +213,28 @@ class LDMTask:
 
     def caption_tokenizer(self) -> Optional[Callable[[List[str]], torch.Tensor]]:
         """The text encoder's tokenizer for the data workers (None: no captions to tokenise)."""
-        if self.conditioning != "text":
+        if self.conditioning != "text" or self.precomputed_text is not None:
             return None
         return getattr(self.ldm.cond_stage, "caption_tokenizer", None)
+
+    def _null_condition(self, raw: Any) -> Callable[[int], Any]:
+        """The raw null condition of ``raw``'s kind, for condition dropout: the precomputed empty
+        prompt's outputs, the empty prompt's tokens, or the conditioner's own."""
+        if self.precomputed_text is not None:
+            return self.precomputed_text.null
+        if self.conditioning == "text" and isinstance(raw, torch.Tensor):
+            return functools.partial(self.ldm.cond_stage.null_raw, tokens=True)
+        return self.ldm.cond_stage.null_raw
+
+    def _condition(self, raw: Any) -> Any:
+        """What the engine's forward takes: the raw condition for a jointly trained conditioner,
+        else the frozen conditioner's output dict (precomputed: the stored outputs, in the dtype the
+        frozen encoder would have produced them in)."""
+        if self.train_module.conditions_inside:
+            return raw
+        if self.precomputed_text is not None:
+            return {"context": raw.to(self.frozen_dtype)}
+        return self.ldm.condition(raw)
 
     def _autocast(self):
         return ds_engine.autocast(self.ds_config, self.device)
@@ -243,15 +283,12 @@ class LDMTask:
                 self.estimate_scale_factor(batch)
             z0 = ds_engine.to_memory_format(self._unscaled_latents(batch) * self.ldm.scale_factor, self.deepspeed)
             raw = _raw_condition(batch, self.conditioning)
-            null = (functools.partial(self.ldm.cond_stage.null_raw, tokens=True)
-                    if self.conditioning == "text" and isinstance(raw, torch.Tensor) else self.ldm.cond_stage.null_raw)
-            raw, _ = drop_conditions(raw, self.diffusion.cond_drop_prob, null)
+            raw, _ = drop_conditions(raw, self.diffusion.cond_drop_prob, self._null_condition(raw))
             if isinstance(raw, torch.Tensor):
-                raw = raw.to(self.device)
+                raw = raw.to(self.device, non_blocking=True)
             with self._autocast():
                 # A frozen conditioner runs here, outside the engine; a joint one inside it.
-                condition = raw if self.train_module.conditions_inside else self.ldm.condition(raw)
-                per_sample, t = self.engine(z0, condition)
+                per_sample, t = self.engine(z0, self._condition(raw))
             per_sample = per_sample.float() * float(batch.get(LOSS_SCALE_KEY, 1.0))
             loss = per_sample.mean()
             self.engine.backward(loss)
@@ -295,8 +332,7 @@ class LDMTask:
         self.engine.eval()
         try:
             with self._autocast():
-                condition = raw if self.train_module.conditions_inside else self.ldm.condition(raw)
-                per_sample, _ = self.engine(z0, condition, t=t.to(self.device),
+                per_sample, _ = self.engine(z0, self._condition(raw), t=t.to(self.device),
                                             noise=ds_engine.to_memory_format(noise.to(self.device), self.deepspeed))
         finally:
             self.engine.train()
@@ -420,9 +456,13 @@ class LDMTask:
 def build_task(cfg: Config, plan: Plan, *, device: torch.device, total_steps: int):
     """The task ``cfg.task`` names, built with its engines (see the module docstring)."""
     if cfg.task == "ldm":
+        precomputed = None
+        if cfg.data.text_embeddings:
+            shard_storage = storage_lib.resolve(cfg.data.storage, cfg.storage, key="data.storage")
+            precomputed = PrecomputedText.load(cfg.data.urls, shard_storage)
         return LDMTask(plan, model=cfg.model, diffusion=cfg.diffusion, deepspeed=cfg.deepspeed, optim=cfg.optim,
                        train=cfg.train, eval_cfg=cfg.eval, conditioning=cfg.data.conditioning, storage=cfg.storage,
-                       seed=cfg.seed, device=device, total_steps=total_steps)
+                       seed=cfg.seed, device=device, total_steps=total_steps, precomputed_text=precomputed)
     if cfg.task == "autoencoder":
         from ldm_scale.train.autoencoder_task import build_autoencoder_task
 

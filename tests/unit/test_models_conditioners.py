@@ -25,6 +25,7 @@ from ldm_scale.models.tokenizers import (
     WordPieceTokenizer,
     build_tokenizer,
 )
+from tests.fixtures.tiny_clip import TINY_CLIP
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "square", "##s", "un", "##aff", "##able",
          ",", "!", "cafe", "the", "blue", "circle", "on", "\u4e2d"]
@@ -134,13 +135,6 @@ def test_null_and_concat_conditioners():
         concat.null_raw(2)
     with pytest.raises(ValueError, match="unknown conditioner kind"):
         build_conditioner(ConditionerConfig(kind="t5"))
-
-
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
-}
 
 
 def test_open_clip_embedder_from_local_checkpoint(tmp_path, caplog):
