@@ -3,6 +3,7 @@
     python data_tools/make_synthetic.py out=s3://bucket/synthetic num_samples=2048 seed=0
     python data_tools/make_synthetic.py out=gs://bucket/synthetic storage.anon=true
     python data_tools/make_synthetic.py out=data/shapes_cls labels=class
+    python data_tools/make_synthetic.py out=data/shapes_wide max_aspect=3   # 1:3 to 3:1 (aspect buckets)
 
 Arguments are Hydra overrides of ``conf/commands/make_synthetic.yaml`` (typed by
 ``ldm_scale.data.commands.MakeSyntheticConfig``; ``--help`` lists the keys). The output is
@@ -29,7 +30,8 @@ def main(argv=None) -> int:
     cfg = start_command(argv, "make_synthetic", MakeSyntheticConfig, program=PROGRAM, doc=__doc__)
     shards = report_input_errors(PROGRAM, lambda: write_synthetic_dataset(
         cfg.out, num_samples=cfg.num_samples, samples_per_shard=cfg.samples_per_shard, seed=cfg.seed,
-        min_size=cfg.min_size, max_size=cfg.max_size, labels=cfg.labels, cfg=cfg.storage))
+        min_size=cfg.min_size, max_size=cfg.max_size, labels=cfg.labels, max_aspect=cfg.max_aspect,
+        cfg=cfg.storage))
     info = json.loads(storage.read_text(storage.join(cfg.out, "dataset.json"), cfg.storage))
     print(json.dumps({"shards": len(shards), "samples": cfg.num_samples, "urls": info["shards"]}))
     return 0

@@ -55,6 +55,9 @@ class MakeSyntheticConfig:
     seed: int = 0
     min_size: int = 48  # smallest original image side (px)
     max_size: int = 96  # largest original image side (px)
+    # Widest width/height (and height/width) ratio, log-uniform (aspect-ratio buckets); null: the
+    # near-square default (0.75-1.33, sides clipped to [min_size, max_size]).
+    max_aspect: Optional[float] = None
     labels: SyntheticLabels = "text"  # type: ignore[assignment]
     storage: StorageConfig = field(default_factory=StorageConfig)
 
@@ -65,6 +68,8 @@ class MakeSyntheticConfig:
                              f"{self.samples_per_shard}")
         if not 8 <= self.min_size <= self.max_size:
             raise ValueError(f"need 8 <= min_size <= max_size, got min_size={self.min_size} max_size={self.max_size}")
+        if self.max_aspect is not None and self.max_aspect < 1:
+            raise ValueError(f"max_aspect={self.max_aspect} must be >= 1 (e.g. max_aspect=3 for 1:3 to 3:1), or null")
 
 
 @dataclass

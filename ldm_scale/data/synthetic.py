@@ -102,13 +102,22 @@ def random_attributes(rng: np.random.Generator) -> Attributes:
     return Attributes(colour, SHAPES[rng.integers(len(SHAPES))], others[rng.integers(len(others))])
 
 
-def make_sample(seed: int, index: int, *, min_size: int = 48, max_size: int = 96,
-                jpeg_quality: int = 90) -> Tuple[Attributes, str, bytes, Dict]:
-    """Sample ``index`` of the dataset with ``seed``: (attributes, caption, jpeg bytes, metadata)."""
+def make_sample(seed: int, index: int, *, min_size: int = 48, max_size: int = 96, jpeg_quality: int = 90,
+                max_aspect: Optional[float] = None) -> Tuple[Attributes, str, bytes, Dict]:
+    """Sample ``index`` of the dataset with ``seed``: (attributes, caption, jpeg bytes, metadata).
+
+    Sizes: the width is uniform in [min_size, max_size]; the height is the width times a ratio in
+    [0.75, 1.33] clipped to the same range (the default, which the recorded quickstart figures
+    used), or, with ``max_aspect``, times a log-uniform ratio in [1/max_aspect, max_aspect], unclipped
+    (wide and tall images for aspect-ratio buckets)."""
     rng = np.random.default_rng([seed, index])
     attrs = random_attributes(rng)
     width = int(rng.integers(min_size, max_size + 1))
-    height = int(np.clip(width * rng.uniform(0.75, 1.33), min_size, max_size))
+    if max_aspect is None:
+        height = int(np.clip(width * rng.uniform(0.75, 1.33), min_size, max_size))
+    else:
+        log_ratio = float(np.log(max_aspect))
+        height = max(8, int(round(width * float(np.exp(rng.uniform(-log_ratio, log_ratio))))))
     pixels = render(attrs, width, height, rng)
     from PIL import Image
 
@@ -148,6 +157,7 @@ def write_synthetic_dataset(
     max_size: int = 96,
     labels: str = "text",
     jpeg_quality: int = 90,
+    max_aspect: Optional[float] = None,
     cfg: Optional[storage.StorageConfig] = None,
 ) -> List[str]:
     """Write a deterministic synthetic dataset to ``url`` (any storage URL); returns the shard URLs.
@@ -155,7 +165,10 @@ def write_synthetic_dataset(
     ``labels``: ``"text"`` writes ``.txt`` captions, ``"class"`` writes ``.cls`` class ids (see
     :data:`CLASS_NAMES`), ``"both"`` writes both. Every shard also has ``.json`` metadata per sample,
     ``.parquet`` and ``_stats.json``; ``sizes.json`` and ``dataset.json`` describe the whole set.
+    ``max_aspect``: see :func:`make_sample` (None: the near-square default).
     """
+    if max_aspect is not None and max_aspect < 1:
+        raise ValueError(f"max_aspect={max_aspect} must be >= 1 (the widest width/height or height/width)")
     if labels not in ("text", "class", "both"):
         raise ValueError(f"labels={labels!r}; expected 'text', 'class' or 'both'")
     if num_samples <= 0 or samples_per_shard <= 0:
@@ -169,7 +182,7 @@ def write_synthetic_dataset(
             if index >= num_samples:
                 break
             attrs, caption, jpg, meta = make_sample(seed, index, min_size=min_size, max_size=max_size,
-                                                    jpeg_quality=jpeg_quality)
+                                                    jpeg_quality=jpeg_quality, max_aspect=max_aspect)
             key = f"{shard:05d}{i:04d}"
             meta = dict(meta, key=key, shard_id=shard)
             sample = {"__key__": key, "jpg": jpg, "json": meta}
@@ -187,7 +200,7 @@ def write_synthetic_dataset(
 
     storage.write_text(storage.join(url, "dataset.json"), json.dumps({
         "generator": GENERATOR, "seed": seed, "num_samples": num_samples,
-        "samples_per_shard": samples_per_shard, "labels": labels, "colours": list(COLOUR_NAMES),
+        "samples_per_shard": samples_per_shard, "labels": labels, "max_aspect": max_aspect, "colours": list(COLOUR_NAMES),
         "shapes": list(SHAPES), "class_names": list(CLASS_NAMES),
         "shards": f"{url.rstrip('/')}/{{{0:05d}..{num_shards - 1:05d}}}.tar",
     }, indent=1), cfg)

@@ -44,26 +44,37 @@ def decode_image(data: bytes, resolution: int, decoder: str = "auto"):
 def resize_crop_flip(img, resolution: int, crop: str, flip: bool, rng: Optional[random.Random]) -> torch.Tensor:
     """Resize the short side to ``resolution`` (bicubic, antialiased), crop a square (centre, or at
     a random offset), optionally flip horizontally with p=0.5; return [3, R, R] uint8."""
+    return resize_crop_to(img, resolution, resolution, crop, flip, rng)[0]
+
+
+def resize_crop_to(img, width: int, height: int, crop: str, flip: bool,
+                   rng: Optional[random.Random]) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """Resize (bicubic, antialiased) by the smallest scale that covers ``width`` x ``height``, crop
+    that size (centre, or at a random offset), optionally flip horizontally with p=0.5; return
+    ([3, height, width] uint8, (top, left) of the crop in the resized image, as the output shows it:
+    after a flip, left is measured from the flipped image's left edge). The crop offset is SDXL's
+    crop micro-conditioning (Podell et al. 2023, Sec. 2.2)."""
     from PIL import Image
 
     w, h = img.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    scale = max(width / w, height / h)
+    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BICUBIC)
     if crop == "random":
-        left = rng.randint(0, nw - resolution)
-        top = rng.randint(0, nh - resolution)
+        left = rng.randint(0, nw - width)
+        top = rng.randint(0, nh - height)
     else:
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+        left, top = (nw - width) // 2, (nh - height) // 2
+    img = img.crop((left, top, left + width, top + height))
     if flip and rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        left = nw - width - left
     # Channel planes straight from PIL (its "R"/"G"/"B" raw packers): as cheap as one interleaved
     # copy, and the tensor comes out contiguous, so the later float conversion is a vectorised pass
     # instead of a strided gather.
     planes = bytearray(b"".join(img.tobytes("raw", band) for band in "RGB"))
-    return torch.frombuffer(planes, dtype=torch.uint8).view(3, resolution, resolution)
+    return torch.frombuffer(planes, dtype=torch.uint8).view(3, height, width), (top, left)
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
