@@ -16,7 +16,14 @@ the same sets, assignments and schedules.
   ``width``/``height``): no decode needed.
 - :func:`bucket_schedule`: which bucket each global batch of an epoch holds: ``n_batches`` split over
   the buckets in proportion to their sample counts by largest remainder, in an order seeded by
-  ``(seed, epoch)``.
+  ``(seed, epoch, salt)``.
+- :func:`aspect_bin` / :func:`bucket_counts`: the per-shard aspect histogram of ``aspects.json``
+  (bins of 1/64 octave of width/height, bucket-set independent, so one file serves every bucket
+  config) and the per-shard bucket counts the schedule is made from.
+
+The loader assigns an image to a bucket by its *stored* size (what is resized and cropped: img2dataset
+writes it as ``width``/``height``, and the image header has it); :func:`original_size` is the size
+before any download-time resize, which SDXL's micro-conditioning reports.
 """
 from __future__ import annotations
 
@@ -29,6 +36,9 @@ Bucket = Tuple[int, int]  # (width, height) in pixels
 
 # Salt of the schedule's generator: other seeded streams of the loader use other salts.
 _SCHEDULE_SALT = 0xB0C7
+# aspects.json bins: round(BINS_PER_OCTAVE * log2(width / height)); 1/64 octave is a 1.1% ratio step,
+# finer than any bucket set's spacing (64 px steps at 1024 px are ~6%).
+BINS_PER_OCTAVE = 64
 
 
 def make_buckets(resolution: int, step: int = 64, max_aspect: float = 2.0) -> List[Bucket]:
@@ -80,17 +90,38 @@ def original_size(meta: Dict) -> Optional[Tuple[float, float]]:
     return None
 
 
-def bucket_schedule(counts: Sequence[int], n_batches: int, seed: int, epoch: int) -> List[int]:
+def aspect_bin(width: float, height: float) -> int:
+    """The ``aspects.json`` bin of an image of ``width`` x ``height``."""
+    return int(round(BINS_PER_OCTAVE * math.log2(width / height)))
+
+
+def bucket_counts(aspects: Sequence[Dict[str, int]], buckets: Sequence[Bucket]) -> np.ndarray:
+    """[shards, buckets] int64: each shard's samples per bucket from its aspect histogram (a bin's
+    samples go to the bucket of the bin's centre ratio: exact except for images within 1/128 octave
+    of a boundary between two buckets, and the counts only set the schedule's proportions)."""
+    out = np.zeros((len(aspects), len(buckets)), dtype=np.int64)
+    of_bin: Dict[int, int] = {}
+    for s, histogram in enumerate(aspects):
+        for key, n in histogram.items():
+            b = int(key)
+            if b not in of_bin:
+                of_bin[b] = assign_bucket(2.0 ** (b / BINS_PER_OCTAVE), 1.0, buckets)
+            out[s, of_bin[b]] += int(n)
+    return out
+
+
+def bucket_schedule(counts: Sequence[float], n_batches: int, seed: int, epoch: int, salt: int = 0) -> List[int]:
     """The bucket index of each of an epoch's ``n_batches`` global batches.
 
     Batches are shared out in proportion to ``counts`` (samples per bucket) by largest remainder
     (ties: the lower index), so a bucket holding a fraction p of the data gets floor or ceil of
-    p * n_batches batches; the order is a permutation seeded by ``(seed, epoch)``. The same on every
-    rank: it depends on nothing else.
+    p * n_batches batches; the order is a permutation seeded by ``(seed, epoch, salt)`` (``salt``
+    changes when an elastic resume re-splits an epoch). The same on every rank: it depends on
+    nothing else. ``counts`` may be fractional (a weighted mixture's expected counts).
     """
     if n_batches < 0:
         raise ValueError("n_batches must be >= 0")
-    total = int(sum(counts))
+    total = float(sum(counts))
     if total <= 0:
         raise ValueError("bucket counts are all zero: no sample has a bucket")
     exact = [n_batches * c / total for c in counts]
@@ -99,5 +130,5 @@ def bucket_schedule(counts: Sequence[int], n_batches: int, seed: int, epoch: int
     for i in by_remainder[: n_batches - sum(shares)]:
         shares[i] += 1
     order = np.repeat(np.arange(len(counts)), shares)
-    rng = np.random.default_rng([int(seed), int(epoch), _SCHEDULE_SALT])
+    rng = np.random.default_rng([int(seed) % (1 << 64), int(epoch), int(salt), _SCHEDULE_SALT])
     return [int(b) for b in rng.permutation(order)]

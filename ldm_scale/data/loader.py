@@ -56,7 +56,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -64,13 +64,14 @@ import numpy as np
 import torch
 
 from ldm_scale import dist, storage
+from ldm_scale.data import buckets as bucket_lib
 from ldm_scale.data import shards as shard_lib
 from ldm_scale.data import text_embeddings
 from ldm_scale.data.config import DataConfig, worker_start_method
 from ldm_scale.data.filters import check_sample, image_member
 from ldm_scale.data.tar_stream import iter_tar_samples
-from ldm_scale.data.transforms import (batch_to_unit_range, decode_image, decode_latent, resize_crop_flip, sample_rng,
-                                       stack_uint8)
+from ldm_scale.data.transforms import (batch_to_unit_range, decode_image, decode_latent, image_header_size,
+                                       resize_crop_flip, resize_crop_to, sample_rng, stack_uint8)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,11 @@ class _Plan:
     start: Dict[int, Dict[str, Any]] = field(default_factory=dict)
     persistent: bool = False  # go on into the following epochs (data.persistent_workers)
     tokenize: Optional[Callable[[List[str]], torch.Tensor]] = None  # captions -> tokens, in the worker
+    # data.buckets: the bucket set, each shard's samples per bucket, and the bucket of each of the
+    # epoch's global batches (empty lists: square batches).
+    buckets: List[bucket_lib.Bucket] = field(default_factory=list)
+    bucket_counts: Optional[np.ndarray] = None
+    schedule: List[int] = field(default_factory=list)
 
     def next_epoch(self) -> "_Plan":
         """The plan of the following epoch, as the main process would make it after rolling over: a
@@ -107,8 +113,10 @@ class _Plan:
         epoch_shards = shard_lib.epoch_order(len(self.urls), self.seed, epoch) if self.cfg.mode == "epoch" else []
         total = epoch_batches(self.cfg, self.shard_set, self.world_size, self.batch_size, epoch_shards,
                               resumed_epoch_shards=False, remaining_samples=None)
+        schedule = epoch_schedule(self.cfg, self.shard_set, self.bucket_counts, epoch_shards, total, self.seed, epoch,
+                                  self.salt)
         return dataclasses.replace(self, epoch_shards=epoch_shards, epoch=epoch, batches_done=0,
-                                   batches_total=total, start={})
+                                   batches_total=total, start={}, schedule=schedule)
 
     def assigned(self, worker: int) -> List[int]:
         return shard_lib.split(self.epoch_shards, self.rank, self.world_size, worker, self.num_workers)
@@ -147,6 +155,25 @@ def epoch_batches(cfg: DataConfig, shard_set: shard_lib.ShardSet, world_size: in
         raise ValueError(f"an epoch of {samples} samples is less than one global batch of {per_step} "
                          f"({world_size} ranks x batch {batch_size})")
     return max(n, 1)
+
+
+def epoch_schedule(cfg: DataConfig, shard_set: shard_lib.ShardSet, counts: Optional[np.ndarray],
+                   epoch_shards: List[int], n_batches: int, seed: int, epoch: int, salt: int) -> List[int]:
+    """The bucket of each of the epoch's ``n_batches`` global batches (``buckets.bucket_schedule``
+    over the bucket counts of the shards this epoch reads: the epoch's shards, or in resampled mode
+    each dataset's share by its weight); [] without buckets. A pure function of global facts, so
+    every rank computes the same list."""
+    if counts is None:
+        return []
+    if cfg.mode == "epoch":
+        expected = counts[epoch_shards].sum(axis=0).astype(np.float64)
+    else:
+        weights = np.asarray(cfg.weights or [1.0] * shard_set.num_datasets, dtype=np.float64)
+        expected = np.zeros(counts.shape[1])
+        for d, w in enumerate(weights / weights.sum()):
+            of_d = counts[shard_set.of_dataset(d)].sum(axis=0)
+            expected += w * of_d / max(1, of_d.sum())
+    return bucket_lib.bucket_schedule(expected.tolist(), n_batches, seed, epoch, salt)
 
 
 def _interleave(iterators: List[Iterator[Dict]]) -> Iterator[Dict]:
@@ -193,11 +220,19 @@ class _Counters:
         self.current[key] = value
 
 
+# SDXL's micro-conditioning (Podell et al. 2023, Sec. 2.2), (height, width) / (top, left) pixels
+# per sample, in bucketed batches: the size before any resize, the crop offset, the bucket.
+MICRO_CONDITIONING = ("original_size", "crop_top_left", "target_size")
+
+
 def _collate(samples: List[Dict], cfg: DataConfig,
              tokenize: Optional[Callable[[List[str]], torch.Tensor]] = None) -> Dict[str, Any]:
     batch: Dict[str, Any] = {"key": [s["__key__"] for s in samples]}
     if cfg.input == "image":
         batch["image"] = stack_uint8([s["image"] for s in samples])  # made float by _finish
+        if cfg.buckets.enabled:
+            for name in MICRO_CONDITIONING:
+                batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.long)
     else:
         batch["latent_mean"] = torch.stack([s["latent_mean"] for s in samples])
         batch["latent_logvar"] = torch.stack([s["latent_logvar"] for s in samples])
@@ -212,15 +247,25 @@ def _collate(samples: List[Dict], cfg: DataConfig,
     return batch
 
 
-def _process(raw: Dict, plan: _Plan, block: int, counters: "_Counters") -> Optional[Dict]:
-    """Decode one popped raw sample; None (counted) if its bytes do not decode."""
+def _process(raw: Dict, plan: _Plan, block: int, counters: "_Counters",
+             bucket: Optional[bucket_lib.Bucket] = None) -> Optional[Dict]:
+    """Decode one popped raw sample (to a ``bucket`` (width, height) when given, else the square);
+    None (counted) if its bytes do not decode."""
     cfg = plan.cfg
     try:
         if cfg.input == "image":
-            img = decode_image(raw[image_member(raw)], cfg.resolution, cfg.decoder)
             rng = sample_rng(plan.seed, plan.epoch, raw["__shard__"], raw["__index__"], block) \
                 if (cfg.crop == "random" or cfg.flip) else None
-            raw["image"] = resize_crop_flip(img, cfg.resolution, cfg.crop, cfg.flip, rng)
+            if bucket is None:
+                img = decode_image(raw[image_member(raw)], cfg.resolution, cfg.decoder)
+                raw["image"] = resize_crop_flip(img, cfg.resolution, cfg.crop, cfg.flip, rng)
+            else:
+                width, height = bucket
+                img = decode_image(raw[image_member(raw)], bucket, cfg.decoder)
+                original = bucket_lib.original_size(raw["meta"]) or raw["__size__"]
+                raw["image"], raw["crop_top_left"] = resize_crop_to(img, width, height, cfg.crop, cfg.flip, rng)
+                raw["original_size"] = (int(original[1]), int(original[0]))
+                raw["target_size"] = (height, width)
         else:
             raw["latent_mean"], raw["latent_logvar"] = decode_latent(raw["latent.npy"])
         if cfg.text_embeddings:
@@ -230,6 +275,30 @@ def _process(raw: Dict, plan: _Plan, block: int, counters: "_Counters") -> Optio
         log.debug("undecodable sample %s in %s: %s", raw.get("__key__"), storage.redact(raw.get("__url__")), exc)
         return None
     return raw
+
+
+def _block_samples(plan: _Plan, worker: int, block: int, shard_ids: List[int], counters: "_Counters") -> Iterator[Dict]:
+    """The raw samples of one block that pass the checks, interleaved over its shards, through the
+    shuffle buffer seeded by (seed, epoch, salt, rank, worker, block); reads and drops are counted."""
+    cfg = plan.cfg
+
+    def checked(shard_id: int) -> Iterator[Dict]:
+        for raw in iter_tar_samples(plan.urls[shard_id], shard_id, counters, plan.storage):
+            counters["samples_read"] += 1
+            reason = check_sample(raw, cfg)
+            if reason is not None:
+                counters["skip/" + reason if not reason.startswith("filter/") else reason] += 1
+                continue
+            yield raw
+
+    rng = np.random.default_rng([plan.seed, plan.epoch, plan.salt, plan.rank, worker, block, 0x5B0F])
+    return _shuffle(_interleave([checked(s) for s in shard_ids]), cfg.shuffle_buffer, rng)
+
+
+def _no_usable_samples(plan: _Plan, worker: int, blocks: int, counters: "_Counters", why: str = "") -> RuntimeError:
+    return RuntimeError(
+        f"rank {plan.rank} worker {worker} read {blocks} blocks of shards without one usable sample{why} "
+        f"(counts: {dict(counters.live)}); check data.urls, data.input / data.conditioning and data.filters")
 
 
 def _worker_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any], Dict[str, Any]]]:
@@ -255,18 +324,7 @@ def _worker_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any], D
         if skip:
             counters.current = Counter()  # replaying already-counted reads
         produced = 0
-
-        def checked(shard_id: int) -> Iterator[Dict]:
-            for raw in iter_tar_samples(plan.urls[shard_id], shard_id, counters, plan.storage):
-                counters["samples_read"] += 1
-                reason = check_sample(raw, cfg)
-                if reason is not None:
-                    counters["skip/" + reason if not reason.startswith("filter/") else reason] += 1
-                    continue
-                yield raw
-
-        rng = np.random.default_rng([plan.seed, plan.epoch, plan.salt, plan.rank, worker, block, 0x5B0F])
-        stream = _shuffle(_interleave([checked(s) for s in shard_ids]), cfg.shuffle_buffer, rng)
+        stream = _block_samples(plan, worker, block, shard_ids, counters)
         emitted = 0
         for raw in stream:
             emitted += 1
@@ -295,10 +353,91 @@ def _worker_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any], D
         block += 1
         fruitless_blocks = 0 if produced else fruitless_blocks + 1
         if fruitless_blocks >= guard:
-            raise RuntimeError(
-                f"rank {plan.rank} worker {worker} read {fruitless_blocks} blocks of shards without one "
-                f"usable sample (counts: {dict(counters.live)}); check data.urls, data.input / "
-                f"data.conditioning and data.filters")
+            raise _no_usable_samples(plan, worker, fruitless_blocks, counters)
+
+
+def _bucketed_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any], Dict[str, Any]]]:
+    """:func:`_worker_stream` with buckets: the same positioned sample stream, each sample queued
+    (still undecoded) by the bucket of its stored size; the worker's next batch, of the bucket the
+    epoch's schedule gives its global index, takes the oldest samples of that bucket's queue.
+
+    Exact resume without storing samples: the queues are FIFO in stream order, so a queue holds
+    exactly the samples of its bucket from its oldest queued position up to the stream position.
+    The state records, besides the position, each non-empty queue's oldest position; a restart
+    replays the stream from the earliest of them (``origin``: a block, since a block's shuffle is
+    seeded by the block alone), re-queueing without decoding, and goes on. Shards before
+    ``origin`` are the finished ones an elastic resume may drop.
+    """
+    cfg = plan.cfg
+    width = plan.num_workers
+    due = [g for g in range(plan.batches_done, plan.batches_total) if g % width == worker]
+    if not due:
+        return
+    start = plan.start.get(worker)
+    counters = _Counters(Counter(start["counters"]) if start else Counter())
+    position = (start["block"], start["emitted"]) if start else (0, 0)  # last sample taken from the stream
+    oldest = {int(b): tuple(p) for b, p in start["queued"].items()} if start else {}
+    origin = min([p[0] for p in oldest.values()] + [position[0]])
+    queues: Dict[int, deque] = {b: deque() for b in range(len(plan.buckets))}
+    guard = 2 * len(plan.urls) + 2
+
+    def positioned() -> Iterator[Tuple[Tuple[int, int], Dict]]:
+        blocks = plan.blocks(worker)
+        for _ in range(origin):
+            next(blocks)
+        block, empty_blocks = origin, 0
+        while True:
+            emitted = 0
+            for raw in _block_samples(plan, worker, block, next(blocks), counters):
+                emitted += 1
+                yield (block, emitted), raw
+            if block == position[0] and emitted < position[1]:
+                raise RuntimeError(f"cannot resume worker {worker}: block {block} now has {emitted} samples, "
+                                   f"the saved position says {position[1]}; were the shards changed?")
+            empty_blocks = 0 if emitted else empty_blocks + 1
+            if empty_blocks >= guard:
+                raise _no_usable_samples(plan, worker, empty_blocks, counters)
+            block += 1
+
+    def enqueue(pos: Tuple[int, int], raw: Dict) -> int:
+        raw["__size__"] = image_header_size(raw[image_member(raw)])
+        b = bucket_lib.assign_bucket(*raw["__size__"], plan.buckets)
+        queues[b].append((pos, raw))
+        return b
+
+    stream = positioned()
+    if start is not None:  # replay what the saved queues held, without decoding; counted already
+        counters.current = Counter()
+        for pos, raw in stream:
+            b = enqueue(pos, raw)
+            if b not in oldest or pos < oldest[b]:
+                queues[b].pop()
+            if pos == position:
+                break
+        counters.current = counters.live
+    last_decoded_block = position[0]
+    for g in due:
+        bucket = plan.schedule[g]
+        samples: List[Dict] = []
+        while len(samples) < plan.batch_size:
+            if not queues[bucket]:
+                position, raw = next(stream)
+                enqueue(position, raw)
+                if position[0] - last_decoded_block >= guard:
+                    w, h = plan.buckets[bucket]
+                    raise _no_usable_samples(plan, worker, position[0] - last_decoded_block, counters,
+                                             f" of bucket {w}x{h}")
+                continue
+            pos, raw = queues[bucket].popleft()
+            sample = _process(raw, plan, pos[0], counters, plan.buckets[bucket])
+            if sample is not None:
+                counters["samples_yielded"] += 1
+                samples.append(sample)
+                last_decoded_block = position[0]
+        queued = {str(b): list(q[0][0]) for b, q in queues.items() if q}
+        yield _collate(samples, cfg, plan.tokenize), {
+            "block": position[0], "emitted": position[1], "counters": dict(counters.live), "queued": queued,
+            "origin": min([p[0] for p in queued.values()] + [position[0]])}
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):
@@ -320,7 +459,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         while True:
             worker = (physical - first_fetch + plan.batches_done) % width
             index = plan.batches_done + (worker - plan.batches_done) % width
-            for batch, state in _worker_stream(plan, worker):
+            for batch, state in (_bucketed_stream if plan.buckets else _worker_stream)(plan, worker):
                 yield batch, worker, state, plan.epoch, index
                 index += width
             if not plan.persistent:
@@ -363,6 +502,16 @@ class ShardLoader:
                 f"{len(self.shard_set.urls)} shards cannot feed {dist_info.world_size} ranks x {self.num_workers} "
                 f"workers = {needed} readers in epoch mode: use more (smaller) shards, fewer data.num_workers, "
                 "or data.mode=resampled")
+        self.buckets: List[bucket_lib.Bucket] = []
+        self.bucket_counts: Optional[np.ndarray] = None
+        if cfg.buckets.enabled:
+            self.buckets = bucket_lib.make_buckets(cfg.resolution, cfg.buckets.step, cfg.buckets.max_aspect)
+            self.bucket_counts = bucket_lib.bucket_counts(
+                shard_lib.load_aspects(self.shard_set.urls, self.storage_cfg), self.buckets)
+            held = self.bucket_counts.sum(axis=0)
+            log.info("%d aspect buckets of ~%d^2 px (step %d, aspect <= %g); samples per bucket: %s", len(self.buckets),
+                     cfg.resolution, cfg.buckets.step, cfg.buckets.max_aspect,
+                     ", ".join(f"{w}x{h}: {int(n)}" for (w, h), n in zip(self.buckets, held) if n))
         self.epoch = 0
         self.batches_done = 0  # handed out in the current epoch
         self._salt = 0
@@ -416,8 +565,16 @@ class ShardLoader:
             world_size=self.dist_info.world_size, num_workers=self.num_workers, batch_size=self.batch_size,
             batches_done=self.batches_done, batches_total=self.batches_per_epoch,
             start=copy.deepcopy(self._worker_states), persistent=self.cfg.persistent_workers,
-            tokenize=self.tokenize,
+            tokenize=self.tokenize, buckets=self.buckets, bucket_counts=self.bucket_counts,
+            schedule=self.bucket_schedule(),
         )
+
+    def bucket_schedule(self) -> List[int]:
+        """The bucket index (into :attr:`buckets`) of each global batch of the current epoch ([]
+        without buckets): the same on every rank."""
+        return epoch_schedule(self.cfg, self.shard_set, self.bucket_counts,
+                              self._current_epoch_shards() if self.cfg.mode == "epoch" else [],
+                              self.batches_per_epoch, self.seed, self.epoch, self._salt)
 
     # ------------------------------------------------------------------ iteration
     def _source(self, plan: _Plan) -> Iterator[Tuple[Dict[str, Any], int, Dict[str, Any], int, int]]:
@@ -533,7 +690,9 @@ class ShardLoader:
         done: List[int] = []
         for worker, state in self._worker_states.items():
             assigned = plan.assigned(worker)
-            done.extend(assigned[: min(len(assigned), state["block"] * self.cfg.shards_per_block)])
+            # "origin": with buckets, the block of the oldest sample still queued (read, not trained)
+            finished = state.get("origin", state["block"])
+            done.extend(assigned[: min(len(assigned), finished * self.cfg.shards_per_block)])
         return done
 
     def state_dict(self) -> Dict[str, Any]:
@@ -569,6 +728,7 @@ class ShardLoader:
             "done_shards_global": done_global,
             "samples_consumed_global": int(self.batches_done) * self.dist_info.world_size * self.batch_size,
             "batches_per_epoch": self.batches_per_epoch,
+            "buckets": [list(b) for b in self.buckets],
         }
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
@@ -580,6 +740,11 @@ class ShardLoader:
             if sd[key] != mine:
                 raise ValueError(f"loader state was saved with {key}={sd[key]!r} but this loader has {mine!r}; "
                                  "resume with the same data.urls / data.mode / seed (or start a fresh run)")
+        saved_buckets = [tuple(b) for b in sd.get("buckets", [])]
+        if saved_buckets != list(self.buckets):
+            raise ValueError(f"loader state was saved with {len(saved_buckets)} aspect buckets {saved_buckets[:4]}... but "
+                             f"this loader has {len(self.buckets)} {self.buckets[:4]}...: resume with the same "
+                             "data.resolution / data.buckets.* (or start a fresh run)")
         self.epoch = int(sd["epoch"])
         self._metrics_base = Counter(sd["metrics_base"])
         same = all(sd[k] == v for k, v in (

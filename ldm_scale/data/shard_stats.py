@@ -21,7 +21,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 from ldm_scale import storage
 from ldm_scale.data.filters import IMAGE_EXTS, LATENT_EXT, clean_caption
 from ldm_scale.data.shards import _stats_url as stats_url_of  # the one place the naming rule lives
-from ldm_scale.data.shard_writer import write_sizes
+from ldm_scale.data.buckets import aspect_bin
+from ldm_scale.data.shard_writer import write_aspects, write_sizes
 from ldm_scale.data.tar_stream import iter_tar_samples
 
 CAPTION_BINS = [0, 1, 10, 20, 40, 80, 160, 320]
@@ -148,8 +149,9 @@ def inspect_shard(url: str, cfg: Optional[storage.StorageConfig] = None) -> Dict
 
 def inspect_shards(urls: Sequence[str] | str, cfg: Optional[storage.StorageConfig] = None, *,
                    threads: int = 8, write_sizes_json: bool = True) -> Dict[str, Any]:
-    """Inspect every shard (in parallel threads) and summarise; writes ``sizes.json`` into each shard
-    directory when ``write_sizes_json`` (merging with an existing one).
+    """Inspect every shard (in parallel threads) and summarise; writes ``sizes.json`` and
+    ``aspects.json`` (the per-shard aspect histogram of the image headers, for ``data.buckets``) into
+    each shard directory when ``write_sizes_json`` (merging with existing ones).
 
     ``status`` counts the JSON ``status`` of the samples found (written samples only); ``downloads``
     sums the img2dataset stats files of the shards (:func:`summarise_download_stats`, plus
@@ -195,12 +197,19 @@ def inspect_shards(urls: Sequence[str] | str, cfg: Optional[storage.StorageConfi
     }
     if write_sizes_json:
         by_dir: Dict[str, Dict[str, int]] = defaultdict(dict)
+        aspects_by_dir: Dict[str, Dict[str, Dict[int, int]]] = defaultdict(dict)
         for s in per_shard:
-            by_dir[storage.parent(s["url"])][s["url"].rsplit("/", 1)[-1]] = s["samples"]
+            name = s["url"].rsplit("/", 1)[-1]
+            by_dir[storage.parent(s["url"])][name] = s["samples"]
+            aspects_by_dir[storage.parent(s["url"])][name] = dict(Counter(
+                aspect_bin(w, h) for w, h in zip(s["widths"], s["heights"])))
         for d, sizes in by_dir.items():
-            existing_url = storage.join(d, "sizes.json")
-            merged = json.loads(storage.read_text(existing_url, cfg)) if storage.exists(existing_url, cfg) else {}
-            merged.update(sizes)
-            write_sizes(d, merged, cfg)
+            for file_name, table, write in (("sizes.json", sizes, write_sizes),
+                                            ("aspects.json", aspects_by_dir[d], write_aspects)):
+                existing_url = storage.join(d, file_name)
+                merged = json.loads(storage.read_text(existing_url, cfg)) if storage.exists(existing_url, cfg) else {}
+                merged.update(table)
+                write(d, merged, cfg)
         report["sizes_json"] = sorted(storage.join(d, "sizes.json") for d in by_dir)
+        report["aspects_json"] = sorted(storage.join(d, "aspects.json") for d in by_dir)
     return report

@@ -3,7 +3,9 @@
 One shard is ``<dir>/<id>.tar`` (members ``<key>.<ext>`` grouped by key, in key order) plus
 ``<id>.parquet`` (one row per sample: key, caption, metadata, status) and ``<id>_stats.json``
 (counts). :func:`write_sizes` writes ``sizes.json`` ({shard file name: samples}) next to the shards,
-which the loader reads to know how many batches an epoch has without opening every shard.
+which the loader reads to know how many batches an epoch has without opening every shard;
+:func:`write_aspects` writes ``aspects.json`` ({tar file name: {aspect bin: samples}}, bins of
+``data/buckets.aspect_bin``), from which a bucketed loader plans its epochs.
 
 Tar members are written with fixed mode / owner / mtime so that the same samples give the same bytes
 (datasets are reproducible artefacts, and checksums stay stable across re-runs).
@@ -91,4 +93,14 @@ def write_sizes(url_dir: str, sizes: Mapping[str, int], cfg: Optional[storage.St
     """Write ``sizes.json`` ({tar file name: number of samples}) into ``url_dir``."""
     url = storage.join(url_dir, "sizes.json")
     storage.write_text(url, json.dumps(dict(sorted(sizes.items())), indent=1), cfg)
+    return url
+
+
+def write_aspects(url_dir: str, aspects: Mapping[str, Mapping[int, int]],
+                  cfg: Optional[storage.StorageConfig] = None) -> str:
+    """Write ``aspects.json`` ({tar file name: {aspect bin: samples}}) into ``url_dir``."""
+    url = storage.join(url_dir, "aspects.json")
+    table = {name: {str(b): int(n) for b, n in sorted(hist.items(), key=lambda kv: int(kv[0]))}
+             for name, hist in sorted(aspects.items())}
+    storage.write_text(url, json.dumps(table, indent=1), cfg)
     return url

@@ -80,6 +80,27 @@ def load_sizes(urls: Sequence[str], cfg: Optional[storage.StorageConfig] = None)
     return [int(n) for n in out]  # type: ignore[arg-type]
 
 
+def load_aspects(urls: Sequence[str], cfg: Optional[storage.StorageConfig] = None) -> List[Dict[str, int]]:
+    """Each shard's aspect histogram ({bin: samples}, ``data/buckets.aspect_bin``) from the
+    ``aspects.json`` of its directory; FileNotFoundError naming the file and the fix when a shard
+    has none."""
+    by_dir: Dict[str, Optional[dict]] = {}
+    out: List[Dict[str, int]] = []
+    for url in urls:
+        d = storage.parent(url)
+        if d not in by_dir:
+            aspects_url = storage.join(d, "aspects.json")
+            by_dir[d] = json.loads(storage.read_text(aspects_url, cfg)) if storage.exists(aspects_url, cfg) else None
+        table, name = by_dir[d], url.rsplit("/", 1)[-1]
+        if table is None or name not in table:
+            raise FileNotFoundError(
+                f"no aspect histogram for shard {storage.redact(url)} in {storage.redact(storage.join(d, 'aspects.json'))}, "
+                "which data.buckets needs to plan its epochs: run `python data_tools/inspect_shards.py data=<urls>` "
+                "(writes aspects.json from the image headers) or set data.buckets.enabled=false")
+        out.append({str(k): int(v) for k, v in table[name].items()})
+    return out
+
+
 def resolve_shards(url_patterns: Sequence[str], cfg: Optional[storage.StorageConfig] = None,
                    need_sizes: bool = True) -> ShardSet:
     """Expand every dataset's pattern; check the first shard of each exists (a clear error naming the

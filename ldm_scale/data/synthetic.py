@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ldm_scale import storage
-from ldm_scale.data.shard_writer import write_shard, write_sizes
+from ldm_scale.data.buckets import aspect_bin
+from ldm_scale.data.shard_writer import write_aspects, write_shard, write_sizes
 from ldm_scale.data.shards import read_dataset_card
 
 COLOURS: Dict[str, Tuple[int, int, int]] = {
@@ -164,7 +165,8 @@ def write_synthetic_dataset(
 
     ``labels``: ``"text"`` writes ``.txt`` captions, ``"class"`` writes ``.cls`` class ids (see
     :data:`CLASS_NAMES`), ``"both"`` writes both. Every shard also has ``.json`` metadata per sample,
-    ``.parquet`` and ``_stats.json``; ``sizes.json`` and ``dataset.json`` describe the whole set.
+    ``.parquet`` and ``_stats.json``; ``sizes.json``, ``aspects.json`` and ``dataset.json`` describe the
+    whole set.
     ``max_aspect``: see :func:`make_sample` (None: the near-square default).
     """
     if max_aspect is not None and max_aspect < 1:
@@ -173,10 +175,10 @@ def write_synthetic_dataset(
         raise ValueError(f"labels={labels!r}; expected 'text', 'class' or 'both'")
     if num_samples <= 0 or samples_per_shard <= 0:
         raise ValueError("num_samples and samples_per_shard must be positive")
-    shard_urls, sizes = [], {}
+    shard_urls, sizes, aspects = [], {}, {}
     num_shards = -(-num_samples // samples_per_shard)
     for shard in range(num_shards):
-        samples, rows = [], []
+        samples, rows, histogram = [], [], {}
         for i in range(samples_per_shard):
             index = shard * samples_per_shard + i
             if index >= num_samples:
@@ -192,10 +194,14 @@ def write_synthetic_dataset(
                 sample["cls"] = class_index(attrs.colour, attrs.shape)
             samples.append(sample)
             rows.append({k: v for k, v in meta.items() if k != "exif"})
+            b = aspect_bin(meta["width"], meta["height"])
+            histogram[b] = histogram.get(b, 0) + 1
         tar_url = write_shard(url, shard, samples, parquet_rows=rows, cfg=cfg)
         shard_urls.append(tar_url)
         sizes[tar_url.rsplit("/", 1)[-1]] = len(samples)
+        aspects[tar_url.rsplit("/", 1)[-1]] = histogram
     write_sizes(url, sizes, cfg)
+    write_aspects(url, aspects, cfg)
     import json
 
     storage.write_text(storage.join(url, "dataset.json"), json.dumps({

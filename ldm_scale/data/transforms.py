@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import random
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,23 +22,33 @@ def sample_rng(seed: int, epoch: int, shard: int, index: int, salt: int = 0) -> 
     return random.Random(f"ldm_scale/{seed}/{epoch}/{shard}/{index}/{salt}")
 
 
-def decode_image(data: bytes, resolution: int, decoder: str = "auto"):
+def decode_image(data: bytes, resolution: Union[int, Tuple[int, int]], decoder: str = "auto"):
     """PIL RGB image. With ``decoder="auto"`` a JPEG larger than needed is decoded at a reduced
-    DCT scale (1/2, 1/4, 1/8) that still leaves the short side >= ``resolution``: libjpeg then skips
-    most of the work, which is where decoding time goes for web-sized images."""
+    DCT scale (1/2, 1/4, 1/8) that still covers the target: a ``resolution`` square, or a
+    ``(width, height)`` bucket. libjpeg then skips most of the work, which is where decoding time
+    goes for web-sized images."""
     from PIL import Image
 
     img = Image.open(io.BytesIO(data))
     if decoder == "auto" and img.format == "JPEG":
         w, h = img.size
-        scale = resolution / min(w, h)
+        tw, th = (resolution, resolution) if isinstance(resolution, int) else resolution
+        scale = max(tw / w, th / h)  # for a square: resolution / min(w, h), the same float
         # draft() keeps each dimension >= the requested one; ask for the size that the final
-        # resize would produce so the short side stays >= resolution.
+        # resize would produce so the target stays covered.
         img.draft("RGB", (max(1, int(np.ceil(w * scale))), max(1, int(np.ceil(h * scale)))))
     if img.mode != "RGB":
         img = img.convert("RGB")  # (converting an RGB image would be a full copy)
     img.load()
     return img
+
+
+def image_header_size(data: bytes) -> Tuple[int, int]:
+    """(width, height) of an encoded image from its header (PIL parses no pixels)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
 
 
 def resize_crop_flip(img, resolution: int, crop: str, flip: bool, rng: Optional[random.Random]) -> torch.Tensor:

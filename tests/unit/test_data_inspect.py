@@ -40,6 +40,19 @@ def test_inspect_counts_damage_and_writes_sizes(tmp_path, capsys):
     assert sizes["00000.tar"] == 8 and sizes["00002.tar"] == 4 and sizes["00003.tar"] == 2
 
 
+def test_inspect_writes_the_aspect_histogram_make_synthetic_wrote(tmp_path):
+    """aspects.json (data.buckets' epoch plan) from the image headers equals the one the generator
+    wrote from the sizes it rendered."""
+    root = str(tmp_path)
+    write_synthetic_dataset(root, num_samples=30, samples_per_shard=8, seed=2, min_size=32, max_size=80,
+                            max_aspect=3.0)
+    written = json.loads(storage.read_text(root + "/aspects.json"))
+    storage.rm(root + "/aspects.json")
+    assert _cli().main([f"data={root}/{{00000..00003}}.tar", "threads=2"]) == 0
+    assert json.loads(storage.read_text(root + "/aspects.json")) == written
+    assert sum(sum(h.values()) for h in written.values()) == 30 and len({b for h in written.values() for b in h}) > 10
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_inspect_reports_failed_downloads_from_the_stats_files(where, tmp_path, capsys, request):
     root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_server").url("set")

@@ -1,0 +1,169 @@
+"""The shard loader with aspect-ratio buckets (data.buckets): one bucket per batch, the same bucket
+on every rank at every step, SDXL's micro-conditioning, and exact resume including the queued
+samples of every bucket."""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import pytest
+import torch
+
+from ldm_scale.data import DataConfig, build_loader
+from ldm_scale.data.buckets import assign_bucket
+from ldm_scale.data.config import BucketConfig
+from ldm_scale.data.synthetic import write_synthetic_dataset
+from ldm_scale.data.tar_stream import iter_tar_samples
+from ldm_scale.data.transforms import decode_image, resize_crop_to
+from ldm_scale.dist import DistInfo
+
+ONE = DistInfo()
+MICRO = ("original_size", "crop_top_left", "target_size")
+
+
+@pytest.fixture(scope="module")
+def wide_and_tall(tmp_path_factory):
+    """16 shards of 12 images, 48-96 px wide, aspect ratios log-uniform in [1/2.5, 2.5]."""
+    root = str(tmp_path_factory.mktemp("aspects"))
+    write_synthetic_dataset(root, num_samples=192, samples_per_shard=12, seed=4, min_size=48, max_size=96,
+                            max_aspect=2.5)
+    return root
+
+
+def _cfg(root: str, **kw) -> DataConfig:
+    """64^2-px buckets in 8 px steps up to 2:1 (64x64, 72x56, 80x48 and transposes), 2 workers."""
+    base = {"urls": [root + "/{00000..00015}.tar"], "resolution": 64, "num_workers": 2, "shuffle_buffer": 6,
+            "crop": "random", "flip": True, "buckets": BucketConfig(enabled=True, step=8, max_aspect=2.0)}
+    return DataConfig(**{**base, **kw})
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(
+        x["key"] == y["key"] and torch.equal(x["image"], y["image"])
+        and all(torch.equal(x[m], y[m]) for m in MICRO) for x, y in zip(a, b))
+
+
+def _shards(root):
+    meta = {}
+    for shard in range(16):
+        for raw in iter_tar_samples(f"{root}/{shard:05d}.tar", shard, Counter()):
+            meta[raw["__key__"]] = (json.loads(raw["json"]), raw["jpg"])
+    return meta
+
+
+def test_every_batch_holds_the_bucket_the_schedule_gives_its_step(wide_and_tall):
+    loader = build_loader(_cfg(wide_and_tall), ONE, batch_size=4, seed=1)
+    assert loader.buckets == [(48, 80), (56, 72), (64, 64), (72, 56), (80, 48)]
+    schedule = loader.bucket_schedule()
+    batches = list(loader)
+    assert len(batches) == len(schedule) == 192 // 4
+    meta = _shards(wide_and_tall)
+    for b, bucket in zip(batches, schedule):
+        w, h = loader.buckets[bucket]
+        assert b["image"].shape == (4, 3, h, w)
+        assert b["target_size"].tolist() == [[h, w]] * 4
+        for key, original, (top, left) in zip(b["key"], b["original_size"].tolist(), b["crop_top_left"].tolist()):
+            m = meta[key][0]
+            assert original == [m["original_height"], m["original_width"]]
+            # the image went to the bucket nearest its own aspect ratio, and the crop lies inside
+            # the resized image (scale that covers the bucket)
+            assert assign_bucket(m["width"], m["height"], loader.buckets) == bucket
+            scale = max(w / m["width"], h / m["height"])
+            assert 0 <= top <= max(h, round(m["height"] * scale)) - h
+            assert 0 <= left <= max(w, round(m["width"] * scale)) - w
+    # the schedule shares the batches out by the buckets' sample counts (largest remainder: within
+    # one batch of the exact share), counted from the images themselves
+    held = Counter(assign_bucket(m["width"], m["height"], loader.buckets) for m, _ in meta.values())
+    per_bucket = Counter(schedule)
+    assert all(abs(per_bucket[b] - held[b] * len(schedule) / 192) < 1 for b in range(5)), (per_bucket, held)
+    assert len(per_bucket) >= 3
+
+
+def test_a_bucketed_image_is_the_crop_of_its_decoded_jpeg(wide_and_tall):
+    loader = build_loader(_cfg(wide_and_tall, crop="center", flip=False, num_workers=0), ONE, batch_size=4, seed=1)
+    meta = _shards(wide_and_tall)
+    batch = next(iter(loader))
+    h, w = batch["target_size"][0].tolist()
+    for key, image, (top, left) in zip(batch["key"], batch["image"], batch["crop_top_left"].tolist()):
+        expected, offset = resize_crop_to(decode_image(meta[key][1], (w, h)), w, h, "center", False, None)
+        assert offset == (top, left)
+        assert torch.equal(image, expected.float() / 127.5 - 1.0)
+
+
+def test_ranks_share_the_bucket_of_every_step(wide_and_tall):
+    shapes, keys = [], []
+    for rank in range(2):
+        loader = build_loader(_cfg(wide_and_tall), DistInfo(rank=rank, world_size=2), batch_size=4, seed=2)
+        batches = [b for _ in range(2) for b in loader]  # two epochs: the schedule changes per epoch
+        shapes.append([tuple(b["image"].shape) for b in batches])
+        keys.append({k for b in batches[:192 // 8] for k in b["key"]})
+    assert shapes[0] == shapes[1] and len(shapes[0]) == 2 * (192 // 8)
+    assert len(set(shapes[0])) >= 3
+    assert not keys[0] & keys[1]  # in an epoch, each rank reads its own shards only
+
+
+@pytest.mark.parametrize("workers,stop,mode,persistent", [(2, 7, "epoch", True), (0, 13, "epoch", True),
+                                                          (2, 30, "epoch", True), (2, 9, "resampled", True),
+                                                          (2, 30, "epoch", False)])
+def test_bucketed_exact_resume_is_bitwise(wide_and_tall, workers, stop, mode, persistent):
+    cfg = _cfg(wide_and_tall, num_workers=workers, mode=mode, persistent_workers=persistent)
+    if mode == "resampled":
+        cfg.samples_per_epoch = 96
+    ref_loader = build_loader(cfg, ONE, batch_size=4, seed=5)
+    reference = list(ref_loader) + list(ref_loader)  # two epochs uninterrupted
+
+    first = build_loader(cfg, ONE, batch_size=4, seed=5)
+    stream = first.infinite()
+    consumed = [next(stream) for _ in range(stop)]
+    state = first.state_dict()
+    metrics_at_stop = first.metrics()
+    del stream
+    if stop < first.batches_per_epoch:
+        # the queues are not empty mid-epoch: the state must carry them
+        assert any(w["queued"] for w in state["workers"].values())
+
+    resumed = build_loader(cfg, ONE, batch_size=4, seed=5)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    assert resumed.metrics() == metrics_at_stop
+    rest = []
+    for batch in resumed.infinite():
+        rest.append(batch)
+        if len(consumed) + len(rest) == len(reference):
+            break
+    assert _same(consumed + rest, reference)
+    assert resumed.metrics() == ref_loader.metrics()
+
+
+def test_buckets_change_nothing_of_the_square_loader_when_off(wide_and_tall):
+    square = _cfg(wide_and_tall, buckets=BucketConfig(enabled=False))
+    batches = list(build_loader(square, ONE, batch_size=4, seed=0))
+    assert all(b["image"].shape == (4, 3, 64, 64) and not any(m in b for m in MICRO) for b in batches)
+
+
+def test_a_resume_with_other_buckets_is_refused(wide_and_tall):
+    loader = build_loader(_cfg(wide_and_tall), ONE, batch_size=4, seed=0)
+    next(iter(loader))
+    state = loader.state_dict()
+    other = build_loader(_cfg(wide_and_tall, buckets=BucketConfig(enabled=True, step=8, max_aspect=1.5)), ONE,
+                         batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="data.buckets"):
+        other.load_state_dict(state)
+    square = build_loader(_cfg(wide_and_tall, buckets=BucketConfig(enabled=False)), ONE, batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="data.buckets"):
+        square.load_state_dict(state)
+
+
+def test_missing_aspect_histogram_names_the_fix(tmp_path):
+    write_synthetic_dataset(str(tmp_path), num_samples=24, samples_per_shard=12, seed=0, min_size=48, max_size=64)
+    os.remove(tmp_path / "aspects.json")
+    with pytest.raises(FileNotFoundError, match="inspect_shards.py"):
+        build_loader(_cfg(str(tmp_path), urls=[str(tmp_path) + "/{00000..00001}.tar"], num_workers=1), ONE,
+                     batch_size=4, seed=0)
+
+
+def test_bucket_config_errors_name_the_field(wide_and_tall):
+    with pytest.raises(ValueError, match="data.input=image"):
+        _cfg(wide_and_tall, input="latent").validate()
+    with pytest.raises(ValueError, match="data.buckets.step"):
+        _cfg(wide_and_tall, buckets=BucketConfig(enabled=True, step=24)).validate()
