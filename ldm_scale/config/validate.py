@@ -140,6 +140,11 @@ def _check_ldm(cfg: Config, problems: List[str]) -> Optional[LDMSpec]:
         problems.append(f"data.resolution={cfg.data.resolution} but model {spec.name} is built for "
                         f"{spec.image_size}px images: set data.resolution={spec.image_size} or "
                         f"model.ldm.image_size={cfg.data.resolution}")
+    multiple = spec.first_stage.downsample_factor * spec.denoiser_downsampling
+    if cfg.data.buckets.enabled and cfg.data.buckets.step % multiple:
+        problems.append(f"data.buckets.step={cfg.data.buckets.step} but model {spec.name}'s image sides must be "
+                        f"multiples of {multiple} (first stage f={spec.first_stage.downsample_factor} x denoiser "
+                        f"{spec.denoiser_downsampling}): set data.buckets.step to a multiple of {multiple}")
     try:
         d.validate()
     except ValueError as exc:
@@ -228,6 +233,9 @@ def _check_autoencoder(cfg: Config, problems: List[str]) -> Optional[FirstStageC
         check_autoencoder_plan(ae, cfg.autoencoder_loss, cfg.deepspeed.zero.stage, cfg.data.resolution)
     except ValueError as exc:
         problems.append(str(exc))
+    if cfg.data.buckets.enabled and cfg.data.buckets.step % ae.downsample_factor:
+        problems.append(f"data.buckets.step={cfg.data.buckets.step} is not a multiple of the autoencoder's factor "
+                        f"f={ae.downsample_factor}: set data.buckets.step to a multiple of {ae.downsample_factor}")
     return ae
 
 
