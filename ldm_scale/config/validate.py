@@ -426,6 +426,15 @@ def validate(cfg: Config, world_size: Optional[int] = None, *, check_files: bool
         problem = check_first_stage_ckpt(cfg.model.first_stage_ckpt, spec, cfg.storage)
         if problem:
             problems.append(problem)
+    if not problems and check_files and cfg.data.input == "latent":
+        from ldm_scale.data.latents import bucket_record_problem
+
+        try:
+            problem = bucket_record_problem(cfg.data, storage.resolve(cfg.data.storage, cfg.storage, key="data.storage"))
+        except OSError:  # an unlistable glob: the loader reports it, naming the URL and the fix
+            problem = None
+        if problem:
+            problems.append(problem)
     if not problems and check_files and spec is not None and cfg.data.text_embeddings:
         problem = check_text_embeddings(cfg, spec)
         if problem:

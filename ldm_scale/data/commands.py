@@ -14,6 +14,7 @@ from typing import List, Optional
 
 from ldm_scale.choices import Choice
 from ldm_scale.data.caption_vocab import MAX_TOKENS, MAX_UNSEEN
+from ldm_scale.data.config import BucketConfig
 from ldm_scale.data.download import DownloadConfig
 from ldm_scale.models.conditioners import ConditionerConfig
 from ldm_scale.storage import URL_LIST_SEPARATOR, StorageConfig, is_local
@@ -159,6 +160,9 @@ class PrecomputeLatentsConfig(ShardInput):
     # experiment's model.ldm.cond_stage.openclip fields), for data.text_embeddings=true.
     text_encoder: ConditionerConfig = field(default_factory=_no_text_encoder)
     text_dtype: TextDtype = "float16"  # type: ignore[assignment]
+    # Aspect-ratio buckets of about resolution^2 pixels: each image is encoded at its bucket's size
+    # (train on the result with the same data.resolution and data.buckets.*).
+    buckets: BucketConfig = field(default_factory=BucketConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def check(self) -> None:
@@ -182,3 +186,4 @@ class PrecomputeLatentsConfig(ShardInput):
                              f"{self.resolution}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.buckets.validate(self.resolution, prefix="buckets", resolution_key="resolution")

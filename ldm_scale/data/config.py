@@ -68,22 +68,20 @@ class BucketConfig:
     pixels per image, sides in multiples of ``step``, aspect ratios up to ``max_aspect``; each batch
     holds one bucket, the same on every rank at every step; batches carry SDXL's micro-conditioning
     (``original_size``, ``crop_top_left``, ``target_size``). Needs ``aspects.json`` next to the
-    shards (written by make_synthetic and inspect_shards)."""
+    shards (written by make_synthetic and inspect_shards; for latent shards by precompute_latents
+    with the same ``buckets.*``, whose latents already have their bucket's shape)."""
 
     enabled: bool = False
     step: int = 64  # pixels; a multiple of the first stage's downsampling x the denoiser's
     max_aspect: float = 2.0
 
-    def validate(self, resolution: int, image_input: bool) -> None:
+    def validate(self, resolution: int, prefix: str = "data.buckets", resolution_key: str = "data.resolution") -> None:
         if not self.enabled:
             return
-        if not image_input:
-            raise ValueError("data.buckets.enabled=true needs data.input=image: latent shards hold one size "
-                             "(bucketed latents are not written by precompute_latents yet)")
         if self.step < 8 or resolution % self.step:
-            raise ValueError(f"data.buckets.step={self.step} must be >= 8 and divide data.resolution={resolution}")
+            raise ValueError(f"{prefix}.step={self.step} must be >= 8 and divide {resolution_key}={resolution}")
         if self.max_aspect < 1:
-            raise ValueError(f"data.buckets.max_aspect={self.max_aspect} must be >= 1")
+            raise ValueError(f"{prefix}.max_aspect={self.max_aspect} must be >= 1")
 
 
 @dataclass
@@ -158,7 +156,7 @@ class DataConfig:
             raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0, data.shards_per_block >= 1")
         if self.samples_per_epoch is not None and self.samples_per_epoch <= 0:
             raise ValueError("data.samples_per_epoch must be positive")
-        self.buckets.validate(self.resolution, self.input == "image")
+        self.buckets.validate(self.resolution)
 
 
 def worker_start_method(configured: Optional[str]) -> Optional[str]:

@@ -1,7 +1,7 @@
 """Per-sample checks before decoding: required members present, caption cleanup, metadata filters.
 
 :func:`check_sample` returns the reason a raw sample is dropped (a metric name) or None. Reasons:
-``missing_image`` / ``missing_latent`` / ``missing_text_embedding`` / ``missing_caption`` / ``missing_label`` / ``bad_metadata``
+``missing_image`` / ``missing_latent`` / ``missing_text_embedding`` / ``missing_micro_conditioning`` / ``missing_caption`` / ``missing_label`` / ``bad_metadata``
 (damaged data) and ``filter/<name>`` (the sample is fine but the config excludes it).
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from ldm_scale.data.config import DataConfig, FilterConfig
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LATENT_EXT = "latent.npy"
+MICRO_MEMBER = "micro.json"  # bucketed latent shards: the crop's micro-conditioning (data/latents.py)
 # The precomputed text members (ldm_scale/data/text_embeddings.py, which imports this module's config).
 CONTEXT_MEMBERS = ("text.npy", "text_bf16.npy")
 
@@ -85,6 +86,8 @@ def check_sample(raw: Dict, cfg: DataConfig) -> Optional[str]:
         return "missing_latent"
     if cfg.text_embeddings and not any(m in raw for m in CONTEXT_MEMBERS):
         return "missing_text_embedding"
+    if cfg.input == "latent" and cfg.buckets.enabled and MICRO_MEMBER not in raw:
+        return "missing_micro_conditioning"
     meta: Dict = {}
     if "json" in raw:
         try:

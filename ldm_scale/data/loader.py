@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -68,10 +69,10 @@ from ldm_scale.data import buckets as bucket_lib
 from ldm_scale.data import shards as shard_lib
 from ldm_scale.data import text_embeddings
 from ldm_scale.data.config import DataConfig, worker_start_method
-from ldm_scale.data.filters import check_sample, image_member
+from ldm_scale.data.filters import LATENT_EXT, check_sample, image_member
 from ldm_scale.data.tar_stream import iter_tar_samples
 from ldm_scale.data.transforms import (batch_to_unit_range, decode_image, decode_latent, image_header_size,
-                                       resize_crop_flip, resize_crop_to, sample_rng, stack_uint8)
+                                       latent_header_size, resize_crop_flip, resize_crop_to, sample_rng, stack_uint8)
 
 log = logging.getLogger(__name__)
 
@@ -230,12 +231,12 @@ def _collate(samples: List[Dict], cfg: DataConfig,
     batch: Dict[str, Any] = {"key": [s["__key__"] for s in samples]}
     if cfg.input == "image":
         batch["image"] = stack_uint8([s["image"] for s in samples])  # made float by _finish
-        if cfg.buckets.enabled:
-            for name in MICRO_CONDITIONING:
-                batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.long)
     else:
         batch["latent_mean"] = torch.stack([s["latent_mean"] for s in samples])
         batch["latent_logvar"] = torch.stack([s["latent_logvar"] for s in samples])
+    if cfg.buckets.enabled:
+        for name in MICRO_CONDITIONING:
+            batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.long)
     if cfg.conditioning == "text":
         batch["caption"] = [s["caption"] for s in samples]
         if cfg.text_embeddings:
@@ -268,6 +269,10 @@ def _process(raw: Dict, plan: _Plan, block: int, counters: "_Counters",
                 raw["target_size"] = (height, width)
         else:
             raw["latent_mean"], raw["latent_logvar"] = decode_latent(raw["latent.npy"])
+            if bucket is not None:  # encoded at its bucket's size by precompute_latents, which recorded the crop
+                micro = json.loads(raw["micro.json"])
+                for name in MICRO_CONDITIONING:
+                    raw[name] = tuple(int(v) for v in micro[name])
         if cfg.text_embeddings:
             text_embeddings.decode_into(raw)
     except Exception as exc:  # noqa: BLE001 - any undecodable payload is a skipped sample, by design
@@ -400,8 +405,18 @@ def _bucketed_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any],
             block += 1
 
     def enqueue(pos: Tuple[int, int], raw: Dict) -> int:
-        raw["__size__"] = image_header_size(raw[image_member(raw)])
-        b = bucket_lib.assign_bucket(*raw["__size__"], plan.buckets)
+        if cfg.input == "image":
+            raw["__size__"] = image_header_size(raw[image_member(raw)])
+            b = bucket_lib.assign_bucket(*raw["__size__"], plan.buckets)
+        else:  # a latent has its bucket's aspect ratio exactly
+            width, height = latent_header_size(raw[LATENT_EXT])
+            b = bucket_lib.assign_bucket(width, height, plan.buckets)
+            if width * plan.buckets[b][1] != height * plan.buckets[b][0]:
+                raise RuntimeError(
+                    f"latent {raw['__key__']} in {storage.redact(raw.get('__url__'))} is {width}x{height}, the shape "
+                    f"of no bucket of data.resolution={cfg.resolution} data.buckets.step={cfg.buckets.step} "
+                    f"max_aspect={cfg.buckets.max_aspect}: train with the resolution and buckets.* the shards were "
+                    "precomputed with (their dataset.json)")
         queues[b].append((pos, raw))
         return b
 

@@ -166,6 +166,15 @@ def resampled_blocks(shards: ShardSet, weights: Sequence[float], seed: int, epoc
         yield block
 
 
+def shard_set_dirs(urls: Sequence[str], cfg: Optional[storage.StorageConfig] = None) -> List[str]:
+    """The directories of the shards of ``urls`` (data.urls entries), each once, in order."""
+    dirs: Dict[str, None] = {}
+    for entry in urls:  # brace expansion only for local/brace patterns; globs list the bucket
+        for url in storage.expand_urls(entry, cfg):
+            dirs.setdefault(storage.parent(url))
+    return list(dirs)
+
+
 def read_dataset_card(shard_dir: str, cfg: Optional[storage.StorageConfig] = None) -> Optional[Dict]:
     """The ``dataset.json`` our tools write beside a shard set (what made it: the synthetic
     generator, the latent encoder, the text encoder), or None when there is none."""

@@ -32,7 +32,7 @@ from torch import nn
 
 from ldm_scale import storage
 from ldm_scale.data.filters import CONTEXT_MEMBERS
-from ldm_scale.data.shards import read_dataset_card
+from ldm_scale.data.shards import read_dataset_card, shard_set_dirs
 
 TEXT_DTYPES = ("float16", "bfloat16", "float32")
 NULL_FILE = "null_text.npz"
@@ -130,14 +130,6 @@ class TextEmbeddingError(ValueError):
     """Shards whose precomputed text embeddings are missing or made by another encoder."""
 
 
-def _set_dirs(urls: Sequence[str], cfg: Optional[storage.StorageConfig]) -> List[str]:
-    dirs: Dict[str, None] = {}
-    for entry in urls:  # brace expansion only for local/brace patterns; globs list the bucket
-        for url in storage.expand_urls(entry, cfg):
-            dirs.setdefault(storage.parent(url))
-    return list(dirs)
-
-
 def read_text_record(urls: Sequence[str], cfg: Optional[storage.StorageConfig] = None) -> Tuple[Dict[str, Any], str]:
     """The ``text_encoder`` record all shard sets of ``data.urls`` share, and the first set's
     directory (where ``null_text.npz`` is); :class:`TextEmbeddingError` when a set has none or two
@@ -146,7 +138,7 @@ def read_text_record(urls: Sequence[str], cfg: Optional[storage.StorageConfig] =
            "text_encoder.openclip.arch=<the experiment's> text_encoder.openclip.pretrained=<its file>, "
            "or set data.text_embeddings=false to run the encoder in the step")
     found: Optional[Tuple[str, Dict[str, Any]]] = None
-    for shard_dir in _set_dirs(urls, cfg):
+    for shard_dir in shard_set_dirs(urls, cfg):
         card = read_dataset_card(shard_dir, cfg)
         record = (card or {}).get("text_encoder")
         if not isinstance(record, dict):

@@ -116,6 +116,17 @@ def batch_to_unit_range(images: torch.Tensor, pin_memory: bool = False) -> torch
     return out
 
 
+def latent_header_size(data: bytes) -> Tuple[int, int]:
+    """(width, height) of a ``.latent.npy`` member ([2, C, h, w]) from its header (no array read)."""
+    buf = io.BytesIO(data)
+    major, _ = np.lib.format.read_magic(buf)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape = read_header(buf)[0]
+    if len(shape) != 4:
+        raise ValueError(f"latent member has shape {shape}; expected [2, C, h, w] (mean, logvar)")
+    return int(shape[3]), int(shape[2])
+
+
 def decode_latent(data: bytes) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean, logvar) float32 [C, h, w] from a ``.latent.npy`` member holding [2, C, h, w]."""
     arr = np.load(io.BytesIO(data), allow_pickle=False)

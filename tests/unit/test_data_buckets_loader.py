@@ -163,7 +163,91 @@ def test_missing_aspect_histogram_names_the_fix(tmp_path):
 
 
 def test_bucket_config_errors_name_the_field(wide_and_tall):
-    with pytest.raises(ValueError, match="data.input=image"):
-        _cfg(wide_and_tall, input="latent").validate()
+    with pytest.raises(ValueError, match="data.buckets.max_aspect"):
+        _cfg(wide_and_tall, buckets=BucketConfig(enabled=True, max_aspect=0.5)).validate()
     with pytest.raises(ValueError, match="data.buckets.step"):
         _cfg(wide_and_tall, buckets=BucketConfig(enabled=True, step=24)).validate()
+
+
+@pytest.fixture(scope="module")
+def bucketed_latents(wide_and_tall, tmp_path_factory):
+    """wide_and_tall's first 8 shards encoded in their buckets by a random kl_tiny (f=4) through
+    data_tools/precompute_latents.py."""
+    import dataclasses
+    import importlib.util
+
+    from ldm_scale.models import AUTOENCODERS, build_autoencoder
+
+    out = tmp_path_factory.mktemp("bucketed_latents")
+    torch.manual_seed(0)
+    ckpt = str(out / "ae.pt")
+    torch.save({"format": "ldm_scale/autoencoder-v1", "model_config": dataclasses.asdict(AUTOENCODERS["kl_tiny"]),
+                "state_dict": build_autoencoder("kl_tiny").state_dict(), "ema_state_dict": None, "scale_factor": 1.0,
+                "step": 0, "config": {}}, ckpt)
+    spec = importlib.util.spec_from_file_location("precompute_cli", os.path.join(
+        os.path.dirname(__file__), "..", "..", "data_tools", "precompute_latents.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    latents = str(out / "lat")
+    args = [f"data={wide_and_tall}/{{00000..00007}}.tar", f"out={latents}", f"ckpt={ckpt}", "resolution=64",
+            "batch_size=5", "dtype=float32", "buckets.enabled=true", "buckets.step=8", "buckets.max_aspect=2"]
+    assert cli.main(args) == 0
+    return latents
+
+
+def _latent_cfg(latents: str, **kw) -> DataConfig:
+    return _cfg(latents, **{"urls": [latents + "/{00000..00007}.tar"], "input": "latent", **kw})
+
+
+def test_bucketed_latents_have_their_bucket_shape_and_the_image_path_micro_conditioning(wide_and_tall,
+                                                                                       bucketed_latents):
+    card = json.loads(open(os.path.join(bucketed_latents, "dataset.json")).read())
+    assert card["buckets"] == {"step": 8, "max_aspect": 2.0,
+                               "sizes": [[48, 80], [56, 72], [64, 64], [72, 56], [80, 48]]}
+    loader = build_loader(_latent_cfg(bucketed_latents), ONE, batch_size=4, seed=3)
+    schedule = loader.bucket_schedule()
+    micro = {}
+    for batch, bucket in zip(loader, schedule):
+        w, h = loader.buckets[bucket]
+        assert batch["latent_mean"].shape == (4, 4, h // 4, w // 4)
+        assert batch["target_size"].tolist() == [[h, w]] * 4
+        for i, key in enumerate(batch["key"]):
+            micro[key] = [batch[m][i].tolist() for m in MICRO]
+    assert len(micro) >= 80 and len(set(schedule)) >= 3
+    # the image loader's centre crop of the same image reports the same crop and sizes
+    images = _cfg(wide_and_tall, urls=[wide_and_tall + "/{00000..00007}.tar"], crop="center", flip=False)
+    for batch in build_loader(images, ONE, batch_size=4, seed=3):
+        for i, key in enumerate(batch["key"]):
+            if key in micro:
+                assert micro[key] == [batch[m][i].tolist() for m in MICRO], key
+
+
+def test_bucketed_latents_resume_exactly(bucketed_latents):
+    cfg = _latent_cfg(bucketed_latents)
+    reference = list(build_loader(cfg, ONE, batch_size=4, seed=5))
+    first = build_loader(cfg, ONE, batch_size=4, seed=5)
+    stream = iter(first)
+    consumed = [next(stream) for _ in range(5)]
+    state = json.loads(json.dumps(first.state_dict()))
+    del stream
+    resumed = build_loader(cfg, ONE, batch_size=4, seed=5)
+    resumed.load_state_dict(state)
+    got = consumed + list(resumed)
+    assert [b["key"] for b in got] == [b["key"] for b in reference]
+    assert all(torch.equal(a["latent_mean"], b["latent_mean"]) for a, b in zip(got, reference))
+
+
+def test_latent_buckets_must_match_the_ones_the_shards_were_encoded_with(bucketed_latents, tmp_path):
+    from ldm_scale.data.latents import bucket_record_problem
+
+    assert bucket_record_problem(_latent_cfg(bucketed_latents)) is None
+    for kw in ({"buckets": BucketConfig(enabled=False)}, {"buckets": BucketConfig(enabled=True, step=16)},
+               {"resolution": 96}):
+        problem = bucket_record_problem(_latent_cfg(bucketed_latents, **kw))
+        assert "data.buckets.enabled=true data.resolution=64 data.buckets.step=8 data.buckets.max_aspect=2.0" in problem
+    # a square latent set cannot be bucketed: its latents are all one shape
+    square = str(tmp_path / "square")
+    write_synthetic_dataset(square, num_samples=8, samples_per_shard=8, seed=0, min_size=32, max_size=40)
+    open(os.path.join(square, "dataset.json"), "w").write(json.dumps({"kind": "latent", "resolution": 64}))
+    problem = bucket_record_problem(_latent_cfg(square, urls=[square + "/00000.tar"]))
+    assert "precompute_latents.py buckets.enabled=true buckets.step=8" in problem
