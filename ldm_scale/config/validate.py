@@ -140,6 +140,10 @@ def _check_ldm(cfg: Config, problems: List[str]) -> Optional[LDMSpec]:
         problems.append(f"data.resolution={cfg.data.resolution} but model {spec.name} is built for "
                         f"{spec.image_size}px images: set data.resolution={spec.image_size} or "
                         f"model.ldm.image_size={cfg.data.resolution}")
+    if spec.micro_conditioned and not cfg.data.buckets.enabled:
+        problems.append(f"model {spec.name} is micro-conditioned (size and crop, SDXL) but data.buckets.enabled=false: "
+                        "only the bucketed loader provides those values; set data.buckets.enabled=true or "
+                        "micro_conditioning=false")
     multiple = spec.first_stage.downsample_factor * spec.denoiser_downsampling
     if cfg.data.buckets.enabled and cfg.data.buckets.step % multiple:
         problems.append(f"data.buckets.step={cfg.data.buckets.step} but model {spec.name}'s image sides must be "

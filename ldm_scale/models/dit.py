@@ -49,6 +49,7 @@ from torch.utils.checkpoint import checkpoint
 from ldm_scale.choices import Choice
 
 from .attention import multihead_attention
+from .micro_conditioning import MicroConditioning
 from .unet import timestep_embedding
 
 FREQUENCY_DIM = 256  # sinusoidal frequencies of the timestep embedding (DiT's frequency_embedding_size)
@@ -98,6 +99,9 @@ class DiTConfig:
     pos_embed: PosEmbed = "sincos"
     # DiT release checkpoints predict a variance too (2C outputs); only the first C are returned.
     learn_sigma: bool = False
+    # SDXL's size and crop conditioning (bucketed training), added to the adaLN vector as PixArt-α
+    # adds its size / aspect embeddings; adds ``micro_embed.*`` weights.
+    micro_conditioning: bool = False
 
     def validate(self) -> None:
         TextMode(self.text), AdaLN(self.adaln), PosEmbed(self.pos_embed)  # noqa: B018 - raise on a bad name
@@ -361,6 +365,8 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(d)
         if cfg.num_classes is not None:
             self.y_embedder = LabelEmbedder(cfg.num_classes, d)
+        if cfg.micro_conditioning:
+            self.micro_embed = MicroConditioning(d)
         if cfg.adaln == "single":
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         if cfg.text == "cross":
@@ -405,6 +411,8 @@ class DiT(nn.Module):
         if hasattr(self, "t_block"):
             nn.init.normal_(self.t_block[1].weight, std=0.02)  # PixArt-α's rule for the shared modulation
         zeros: List[nn.Linear] = [self.final_layer.linear]
+        if hasattr(self, "micro_embed"):
+            zeros.append(self.micro_embed.linear_2)  # a new embedding changes nothing at first
         for block in self.blocks:
             for name in ("adaLN_modulation", "context_adaLN_modulation"):
                 if hasattr(block, name):
@@ -439,8 +447,11 @@ class DiT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
-                y: Optional[torch.Tensor] = None) -> torch.Tensor:
+                y: Optional[torch.Tensor] = None, micro: Optional[torch.Tensor] = None) -> torch.Tensor:
         cfg, p = self.cfg, self.cfg.patch_size
+        if (micro is not None) != cfg.micro_conditioning:
+            raise ValueError("pass micro [B, 6] exactly when the DiT has micro_conditioning set "
+                             f"(micro_conditioning={cfg.micro_conditioning}, micro given: {micro is not None})")
         if x.shape[1] != cfg.in_channels:
             raise ValueError(f"DiT expects {cfg.in_channels} input channels, got {x.shape[1]}")
         if x.shape[-2] % p or x.shape[-1] % p:
@@ -462,6 +473,8 @@ class DiT(nn.Module):
         c = t_emb
         if y is not None:
             c = c + self.y_embedder(y)
+        if micro is not None:
+            c = c + self.micro_embed(micro)
         if context is not None:
             context = context.to(dtype)
             if cfg.text == "joint":

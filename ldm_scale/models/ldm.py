@@ -95,9 +95,12 @@ class LatentDiffusion(nn.Module):
 def apply_denoiser(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
     """``unet``'s prediction under the condition dict of a conditioner (``context`` / ``y`` as UNet
     keywords, ``concat`` concatenated to ``x_t`` along channels)."""
-    unknown = set(cond) - {"context", "y", "concat"}
+    unknown = set(cond) - {"context", "y", "concat", "micro"}
     if unknown:
-        raise ValueError(f"unknown condition keys {sorted(unknown)}; expected context / y / concat")
+        raise ValueError(f"unknown condition keys {sorted(unknown)}; expected context / y / concat / micro")
     if "concat" in cond:
         x_t = torch.cat([x_t, cond["concat"].to(x_t.dtype)], dim=1)
+    if "micro" in cond:  # SDXL's size / crop conditioning (models/micro_conditioning.py); only then passed,
+        # so denoisers without the keyword (reference ports in tests) stay callable
+        return unet(x_t, t, context=cond.get("context"), y=cond.get("y"), micro=cond["micro"])
     return unet(x_t, t, context=cond.get("context"), y=cond.get("y"))

@@ -99,6 +99,11 @@ class LDMSpec:
         return self.backbone == "dit"
 
     @property
+    def micro_conditioned(self) -> bool:
+        """Whether the denoiser takes SDXL's size / crop conditioning (``micro_conditioning``)."""
+        return bool(self.dit.micro_conditioning if self.is_dit else self.unet.micro_conditioning)
+
+    @property
     def denoiser_downsampling(self) -> int:
         """Latent sides must be multiples of this: the UNet's total downsampling or the patch size."""
         return self.dit.patch_size if self.is_dit else 2 ** (len(self.unet.channel_mult) - 1)
@@ -367,7 +372,8 @@ def denoiser_inputs(spec: LDMSpec, latent_size: Optional[int] = None, batch: int
                     requires_grad: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
     """Example ``(x, t, kwargs)`` for the spec's denoiser (FLOP counting, tracing): latents at
     ``latent_size`` (default: the training size), a token context of the conditioner's length and the
-    denoiser's width, labels when it has a label table."""
+    denoiser's width, labels when it has a label table, the six size / crop values when it is
+    micro-conditioned."""
     h = latent_size or spec.latent_size
     channels = spec.dit.in_channels if spec.is_dit else spec.unet.in_channels
     x = torch.empty(batch, channels, h, h, device=device)
@@ -379,6 +385,8 @@ def denoiser_inputs(spec: LDMSpec, latent_size: Optional[int] = None, batch: int
         kwargs["context"] = torch.empty(batch, tokens, spec.context_dim, device=device, requires_grad=requires_grad)
     if spec.denoiser_classes is not None:
         kwargs["y"] = torch.zeros(batch, dtype=torch.long, device=device)
+    if spec.micro_conditioned:
+        kwargs["micro"] = torch.zeros(batch, 6, device=device)
     return x, t, kwargs
 
 

@@ -8,6 +8,8 @@ layers, laid out exactly like CompVis ``ldm/modules/diffusionmodules/openaimodel
 Conditioning paths:
 - cross-attention: ``context`` [B, L, context_dim] (text tokens, or a class embedding [B, 1, D]);
 - class labels: ``y`` LongTensor[B] added to the timestep embedding (``num_classes`` set);
+- SDXL's micro-conditioning: ``micro`` [B, 6] (original size, crop offset, target size), embedded
+  and added to the timestep embedding (``micro_conditioning`` set; ``micro_conditioning.py``);
 - concatenation: extra input channels (``in_channels`` > latent channels, e.g. 9 = 4+1+4 for
   inpainting); the caller concatenates (``LatentDiffusion.apply_model``).
 """
@@ -24,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionBlock, GroupNorm32, SpatialTransformer, reapply_zero_init, zero_module
 from .encoder_decoder import Upsample  # nearest x2 + optional 3x3 conv: the autoencoder's, same keys
+from .micro_conditioning import MicroConditioning
 
 
 @dataclass
@@ -50,6 +53,8 @@ class UNetConfig:
     context_dim: Optional[int] = 1280
     use_linear_in_transformer: bool = False
     num_classes: Optional[int] = None
+    # SDXL's size and crop conditioning (bucketed training); adds ``micro_embed.*`` weights.
+    micro_conditioning: bool = False
 
     def validate(self) -> None:
         if self.use_spatial_transformer and self.context_dim is None:
@@ -166,6 +171,8 @@ class UNetModel(nn.Module):
                                         nn.Linear(time_embed_dim, time_embed_dim))
         if cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes, time_embed_dim)
+        if cfg.micro_conditioning:
+            self.micro_embed = MicroConditioning(time_embed_dim)
 
         def attention(ch: int) -> nn.Module:
             if cfg.num_head_channels == -1:
@@ -233,7 +240,10 @@ class UNetModel(nn.Module):
             block.checkpointing = enabled
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
-                y: Optional[torch.Tensor] = None) -> torch.Tensor:
+                y: Optional[torch.Tensor] = None, micro: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if (micro is not None) != self.cfg.micro_conditioning:
+            raise ValueError("pass micro [B, 6] exactly when the UNet has micro_conditioning set "
+                             f"(micro_conditioning={self.cfg.micro_conditioning}, micro given: {micro is not None})")
         if x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"UNet expects {self.cfg.in_channels} input channels, got {x.shape[1]} "
                              "(concat conditioning is concatenated by LatentDiffusion.apply_model)")
@@ -251,6 +261,8 @@ class UNetModel(nn.Module):
         emb = self.time_embed(t_emb)
         if y is not None:
             emb = emb + self.label_emb(y)
+        if micro is not None:
+            emb = emb + self.micro_embed(micro)
         if context is not None:
             context = context.to(dtype)
         skips = []

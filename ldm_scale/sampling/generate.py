@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ldm_scale.diffusion import SamplerConfig, classifier_free, sample
 from ldm_scale.diffusion.noise import Generator, PerSampleGenerators, randn
+from ldm_scale.models.micro_conditioning import sampling_micro
 from ldm_scale.sampling.checkpoints import LoadedModel
 from ldm_scale.train import precision as precision_policy
 
@@ -140,6 +141,11 @@ def generate(
             cond["concat"] = inpainting.concat
             if uncond is not None:
                 uncond["concat"] = inpainting.concat
+
+    if loaded.spec.micro_conditioned:  # SDXL's sampling default: uncropped, at the size asked for
+        micro = sampling_micro(batch, height, width, device)
+        cond = {**cond, "micro": micro}
+        uncond = None if uncond is None else {**uncond, "micro": micro}
 
     def denoise(x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast:

@@ -44,6 +44,7 @@ from ldm_scale.diffusion.flow import flow_loss
 from ldm_scale.diffusion.noise import PerSampleGenerators, initial_noise
 from ldm_scale.models.conditioners import HostConditioner, build_conditioner
 from ldm_scale.models.ldm import LatentDiffusion, apply_denoiser
+from ldm_scale.models.micro_conditioning import batch_micro, sampling_micro
 from ldm_scale.models.registry import LDMSpec, build_denoiser, denoiser_inputs
 from ldm_scale.storage import StorageConfig
 from ldm_scale.train import compile as compile_lib
@@ -92,9 +93,14 @@ class DiffusionTrainModule(nn.Module):
         return self._schedule
 
     def forward(self, z0: torch.Tensor, condition: Any, t: Optional[torch.Tensor] = None,
-                noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``t`` and ``noise`` are drawn when not given (training); the validation loss fixes both."""
+                noise: Optional[torch.Tensor] = None,
+                micro: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``t`` and ``noise`` are drawn when not given (training); the validation loss fixes both.
+        ``micro``: SDXL's size / crop values [B, 6] for a micro-conditioned denoiser (never dropped
+        with the condition: SDXL trains and samples with them always present)."""
         cond = self.cond_stage(condition) if self.conditions_inside else condition
+        if micro is not None:
+            cond = {**cond, "micro": micro}
         d = self.diffusion
         model_fn = functools.partial(apply_denoiser, self.unet, cond=cond)
         if d.is_flow:
@@ -286,9 +292,10 @@ class LDMTask:
             raw, _ = drop_conditions(raw, self.diffusion.cond_drop_prob, self._null_condition(raw))
             if isinstance(raw, torch.Tensor):
                 raw = raw.to(self.device, non_blocking=True)
+            micro = batch_micro(batch, self.device) if self.spec.micro_conditioned else None
             with self._autocast():
                 # A frozen conditioner runs here, outside the engine; a joint one inside it.
-                per_sample, t = self.engine(z0, self._condition(raw))
+                per_sample, t = self.engine(z0, self._condition(raw), micro=micro)
             per_sample = per_sample.float() * float(batch.get(LOSS_SCALE_KEY, 1.0))
             loss = per_sample.mean()
             self.engine.backward(loss)
@@ -329,11 +336,19 @@ class LDMTask:
         raw = _raw_condition(batch, self.conditioning)
         if isinstance(raw, torch.Tensor):
             raw = raw.to(self.device)
+        micro = None
+        if self.spec.micro_conditioned:
+            # The held-out reader gives square centre crops without the loader's micro values: the
+            # model is told "uncropped at this size", as at sampling.
+            f = self.spec.first_stage.downsample_factor
+            micro = batch_micro(batch, self.device) if "target_size" in batch else \
+                sampling_micro(z0.shape[0], z0.shape[-2] * f, z0.shape[-1] * f, self.device)
         self.engine.eval()
         try:
             with self._autocast():
                 per_sample, _ = self.engine(z0, self._condition(raw), t=t.to(self.device),
-                                            noise=ds_engine.to_memory_format(noise.to(self.device), self.deepspeed))
+                                            noise=ds_engine.to_memory_format(noise.to(self.device), self.deepspeed),
+                                            micro=micro)
         finally:
             self.engine.train()
         return per_sample.float()

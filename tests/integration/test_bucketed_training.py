@@ -1,8 +1,9 @@
 """Aspect-ratio buckets through the real entry point: `torchrun launch/train.py` (tiny text-to-image
-LDM, 2 ranks, ZeRO-2, one data-loader worker process per rank) reading wide and tall synthetic
-shards from a real S3 server and checkpointing there. A run resumed from the uninterrupted run's
-step-4 checkpoint logs the same loss at every later step (the bucket schedule, the queued samples
-and the crops all resume exactly), and the saved loader states hold the bucket set and the queues.
+LDM with SDXL's micro-conditioning, 2 ranks, ZeRO-2, one data-loader worker process per rank)
+reading wide and tall synthetic shards from a real S3 server and checkpointing there. A run
+resumed from the uninterrupted run's step-4 checkpoint logs the same loss at every later step (the
+bucket schedule, the queued samples and the crops all resume exactly), the saved loader states
+hold the bucket set and the queues, and the export samples at every bucket's size.
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def test_bucketed_training_resumes_exactly_from_s3(s3_server, tmp_path):
     # 32^2-px buckets in steps of 16 (the tiny model's f=4 x UNet 4): 16x48, 32x32, 48x16.
     args += ["data.num_workers=1", "train.micro_batch_size=4", "train.log_every=1", "data.buckets.enabled=true",
              "data.buckets.step=16", "data.buckets.max_aspect=3", f"checkpoint.root={root}", "checkpoint.every_steps=4",
-             "checkpoint.keep_last=2",
-             "checkpoint.export_final=false"]
+             "checkpoint.keep_last=2", "model.ldm.unet.micro_conditioning=true",
+             "checkpoint.export_final=true"]
     run_torchrun([TRAIN_SCRIPT, *args, "run_id=ref", f"checkpoint.local_dir={out}/staging_ref"], timeout=900).check()
     run_torchrun([TRAIN_SCRIPT, *args, "run_id=resumed", f"checkpoint.local_dir={out}/staging_resumed",
                   f"checkpoint.resume={root}/ref/step_4"], timeout=900).check()
@@ -54,3 +55,17 @@ def test_bucketed_training_resumes_exactly_from_s3(s3_server, tmp_path):
         assert state["batches_in_epoch"] == 4 and set(state["workers"]) == {"0"}
         queued.append(state["workers"]["0"]["queued"])
     assert any(queued)  # mid-epoch, samples of other buckets wait in a queue: the resume replayed them
+
+    from ldm_scale.diffusion import SamplerConfig
+    from ldm_scale.diffusion.noise import PerSampleGenerators
+    from ldm_scale.sampling import generate, load_checkpoint
+
+    export = tmp_path / "export.pt"
+    export.write_bytes(client.get_object(Bucket=s3_server.bucket, Key="ckpt/resumed/export.pt")["Body"].read())
+    loaded = load_checkpoint(str(export), use_ema=True)
+    assert loaded.spec.micro_conditioned
+    assert any(k.startswith("unet.micro_embed.") for k in loaded.model.state_dict())
+    for width, height in ((16, 48), (32, 32), (48, 16)):
+        images = generate(loaded, ["a red circle on a blue background"] * 2, 2, SamplerConfig(steps=2),
+                          height=height, width=width, generator=PerSampleGenerators(0, [0, 1]))
+        assert images.shape == (2, 3, height, width) and torch.isfinite(images).all()

@@ -91,6 +91,23 @@ def test_validate_reports_every_problem_with_key_and_fix():
         assert expected in message, message
 
 
+def test_bucket_and_micro_conditioning_settings_are_checked_against_the_model():
+    cfg = composed("experiment=quickstart", *URLS, "data.buckets.enabled=true", "data.buckets.step=8",
+                   "model.ldm.unet.micro_conditioning=true")
+    C.validate(composed("experiment=quickstart", *URLS, "data.buckets.enabled=true", "data.buckets.step=16",
+                        "model.ldm.unet.micro_conditioning=true"), world_size=2, check_files=False)
+    with pytest.raises(C.ConfigError) as err:
+        C.validate(cfg, world_size=2, check_files=False)
+    assert "data.buckets.step=8 but model tiny's image sides must be multiples of 16 (first stage f=4 x denoiser 4)" \
+        in str(err.value)
+    cfg = composed("experiment=quickstart", *URLS, "model.ldm.unet.micro_conditioning=true")
+    with pytest.raises(C.ConfigError, match="micro-conditioned .* but data.buckets.enabled=false"):
+        C.validate(cfg, world_size=2, check_files=False)
+    cfg = composed("experiment=autoencoder_tiny", *URLS, "data.buckets.enabled=true", "data.buckets.step=8",
+                   "data.resolution=32")
+    C.validate(cfg, world_size=2, check_files=False)  # f=4 divides 8
+
+
 @pytest.mark.parametrize("override, valid", [
     ("deepspeed.precision=fp8", "[fp32, bf16, fp16]"),
     ("optim.schedule=exponential", "[constant, cosine, linear]"),
