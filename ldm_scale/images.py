@@ -46,6 +46,19 @@ def image_grid(images: torch.Tensor, ncols: int, padding: int = 2) -> torch.Tens
     return grid.permute(1, 2, 0).contiguous()
 
 
+def letterbox(images: Sequence[torch.Tensor], fill: float = 1.0) -> torch.Tensor:
+    """Images of different sizes ([1 or more, 3, h, w] each, in [-1, 1]) centred on one canvas size
+    (the largest height x the largest width), ``fill`` around them (1.0: white): [N, 3, H, W], so
+    samples of every aspect bucket share one grid."""
+    flat = [im for batch in images for im in batch]
+    height, width = max(im.shape[-2] for im in flat), max(im.shape[-1] for im in flat)
+    out = torch.full((len(flat), flat[0].shape[0], height, width), fill, dtype=flat[0].dtype)
+    for slot, im in zip(out, flat):
+        top, left = (height - im.shape[-2]) // 2, (width - im.shape[-1]) // 2
+        slot[:, top:top + im.shape[-2], left:left + im.shape[-1]] = im
+    return out
+
+
 def captioned_grid(images: torch.Tensor, captions: Sequence[str], ncols: int = 4, min_size: int = 192,
                    padding: int = 6, font_size: int = 14) -> torch.Tensor:
     """A grid a person can read: each sample enlarged to at least ``min_size`` pixels and its

@@ -30,6 +30,7 @@ from ldm_scale import dist
 from ldm_scale import storage as storage_lib
 from ldm_scale.config import Config, ConfigError, EvalConfig, ModelConfig, Plan, TrainConfig
 from ldm_scale.data import text_embeddings
+from ldm_scale.data.buckets import make_buckets
 from ldm_scale.data.device import unit_range
 from ldm_scale.data.text_embeddings import PrecomputedText
 from ldm_scale.diffusion import (
@@ -42,6 +43,7 @@ from ldm_scale.diffusion import (
 )
 from ldm_scale.diffusion.flow import flow_loss
 from ldm_scale.diffusion.noise import PerSampleGenerators, initial_noise
+from ldm_scale.images import letterbox
 from ldm_scale.models.conditioners import HostConditioner, build_conditioner
 from ldm_scale.models.ldm import LatentDiffusion, apply_denoiser
 from ldm_scale.models.micro_conditioning import batch_micro, sampling_micro
@@ -130,16 +132,19 @@ class LDMTask:
     def __init__(self, plan: Plan, *, model: ModelConfig, diffusion: DiffusionConfig,
                  deepspeed: ds_engine.DeepSpeedConfig, optim: ds_engine.OptimConfig, train: TrainConfig,
                  eval_cfg: EvalConfig, conditioning: str, storage: StorageConfig, seed: int, device: torch.device,
-                 total_steps: int, precomputed_text: Optional[PrecomputedText] = None):
+                 total_steps: int, precomputed_text: Optional[PrecomputedText] = None,
+                 bucket_sizes: Sequence[Tuple[int, int]] = ()):
         """The config slices the task reads (:func:`build_task` passes them from the run's config);
         ``plan`` is what ``validate()`` derived (the resolved spec, batch plan, sizes);
         ``precomputed_text``: the shards carry the frozen text encoder's outputs
-        (``data.text_embeddings``)."""
+        (``data.text_embeddings``); ``bucket_sizes``: the (width, height) of each aspect bucket the
+        run trains on (``data.buckets``), one grid image each."""
         assert plan.spec is not None, "validate() resolves the LDM spec for task=ldm"
         spec: LDMSpec = plan.spec
         self.plan, self.spec, self.device = plan, spec, device
         self.diffusion, self.deepspeed, self.train_cfg, self.eval_cfg = diffusion, deepspeed, train, eval_cfg
         self.conditioning = conditioning
+        self.bucket_sizes = list(bucket_sizes)
         self.ds_config = ds_engine.build_ds_config(deepspeed, plan.batch)
 
         # 1. Frozen parts, outside DeepSpeed (never sharded, never in the optimizer or checkpoints).
@@ -393,8 +398,9 @@ class LDMTask:
 
     @torch.no_grad()
     def generate(self, conditions: Sequence[Any], *, seed: int, sampler: SamplerConfig,
-                 batch_size: int = 16) -> torch.Tensor:
-        """Images [N,3,H,W] in [-1,1] for ``conditions`` (prompts / labels / None), split over ranks.
+                 batch_size: int = 16, height: Optional[int] = None, width: Optional[int] = None) -> torch.Tensor:
+        """Images [N,3,H,W] in [-1,1] for ``conditions`` (prompts / labels / None), split over ranks;
+        at the training size unless ``height`` / ``width`` are given.
 
         ``sampling.generate`` on the live model, seeded by the one rule of ``diffusion/noise.py``
         (sample i from (seed, i)): the same prompt and seed give the same image here, in
@@ -413,16 +419,17 @@ class LDMTask:
         self.train_module.eval()
         live = LoadedModel(model=self.ldm, spec=self.spec, schedule=self.train_module.schedule(self.device),
                            step=None, used_ema=False)
-        size, h = self.plan.image_size, self.plan.latent_size
+        height, width = height or self.plan.image_size, width or self.plan.image_size
+        f = self.spec.first_stage.downsample_factor
         out: List[torch.Tensor] = []
         for start in range(0, len(mine), batch_size):
             idx = mine[start:start + batch_size]
             out.append(sample_images(
-                live, self._batch_raw([conditions[i] for i in idx]), len(idx), sampler, height=size, width=size,
+                live, self._batch_raw([conditions[i] for i in idx]), len(idx), sampler, height=height, width=width,
                 generator=PerSampleGenerators(seed, idx), precision=self.deepspeed.precision,
-                x_T=initial_noise((self.plan.latent_channels, h, h), idx, seed, self.device)).cpu())
+                x_T=initial_noise((self.plan.latent_channels, height // f, width // f), idx, seed, self.device)).cpu())
         self.train_module.train(was_training)
-        local = torch.cat(out) if out else torch.zeros(0, 3, size, size)
+        local = torch.cat(out) if out else torch.zeros(0, 3, height, width)
         gathered = dist.all_gather_object(local)
         return torch.cat(gathered)[:n]
 
@@ -465,7 +472,13 @@ class LDMTask:
         if not conditions:
             return []
         images = self.generate(conditions, seed=self.eval_cfg.seed, sampler=self.eval_cfg.sampler)
-        return [("samples", images, captions)]
+        grids = [("samples", images, captions)]
+        if self.bucket_sizes:
+            # One image per aspect bucket: the first condition and seed at every size trained on.
+            tiles = [self.generate(conditions[:1], seed=self.eval_cfg.seed, sampler=self.eval_cfg.sampler,
+                                   height=h, width=w) for w, h in self.bucket_sizes]
+            grids.append(("buckets", letterbox(tiles), [f"{w}x{h}: {captions[0]}" for w, h in self.bucket_sizes]))
+        return grids
 
 
 def build_task(cfg: Config, plan: Plan, *, device: torch.device, total_steps: int):
@@ -475,9 +488,12 @@ def build_task(cfg: Config, plan: Plan, *, device: torch.device, total_steps: in
         if cfg.data.text_embeddings:
             shard_storage = storage_lib.resolve(cfg.data.storage, cfg.storage, key="data.storage")
             precomputed = PrecomputedText.load(cfg.data.urls, shard_storage)
+        buckets = cfg.data.buckets
+        sizes = make_buckets(cfg.data.resolution, buckets.step, buckets.max_aspect) if buckets.enabled else []
         return LDMTask(plan, model=cfg.model, diffusion=cfg.diffusion, deepspeed=cfg.deepspeed, optim=cfg.optim,
                        train=cfg.train, eval_cfg=cfg.eval, conditioning=cfg.data.conditioning, storage=cfg.storage,
-                       seed=cfg.seed, device=device, total_steps=total_steps, precomputed_text=precomputed)
+                       seed=cfg.seed, device=device, total_steps=total_steps, precomputed_text=precomputed,
+                       bucket_sizes=sizes)
     if cfg.task == "autoencoder":
         from ldm_scale.train.autoencoder_task import build_autoencoder_task
 

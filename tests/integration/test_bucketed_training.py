@@ -32,12 +32,12 @@ def test_bucketed_training_resumes_exactly_from_s3(s3_server, tmp_path):
                             max_aspect=2.5)
     out, root = tmp_path / "runs", s3_server.url("ckpt")
     args = [a for a in tiny_overrides(f"{data}/{{00000..00003}}.tar", out, STEPS)
-            if not a.startswith(("train.log_every", "checkpoint.", "data.num_workers"))]
+            if not a.startswith(("train.log_every", "checkpoint.", "data.num_workers", "eval.sample_at_end"))]
     # 32^2-px buckets in steps of 16 (the tiny model's f=4 x UNet 4): 16x48, 32x32, 48x16.
     args += ["data.num_workers=1", "train.micro_batch_size=4", "train.log_every=1", "data.buckets.enabled=true",
              "data.buckets.step=16", "data.buckets.max_aspect=3", f"checkpoint.root={root}", "checkpoint.every_steps=4",
              "checkpoint.keep_last=2", "model.ldm.unet.micro_conditioning=true",
-             "checkpoint.export_final=true"]
+             "checkpoint.export_final=true", "eval.sample_at_end=true", "eval.sampler.steps=2"]
     run_torchrun([TRAIN_SCRIPT, *args, "run_id=ref", f"checkpoint.local_dir={out}/staging_ref"], timeout=900).check()
     run_torchrun([TRAIN_SCRIPT, *args, "run_id=resumed", f"checkpoint.local_dir={out}/staging_resumed",
                   f"checkpoint.resume={root}/ref/step_4"], timeout=900).check()
@@ -45,6 +45,13 @@ def test_bucketed_training_resumes_exactly_from_s3(s3_server, tmp_path):
     assert sorted(reference) == list(range(1, STEPS + 1)) and sorted(resumed) == list(range(5, STEPS + 1))
     for step, loss in resumed.items():
         assert loss == reference[step], (step, loss, reference[step])
+    # the end-of-run grids: the prompts at the training size, and the first prompt at every bucket
+    # (3 buckets letterboxed to 48x48, enlarged x4 to 192 px cells with 6 px padding: 6 + 3 x 198)
+    from PIL import Image
+
+    with Image.open(out / "ref" / "samples" / f"buckets_step{STEPS:07d}.png") as grid:
+        assert grid.width == 6 + 3 * (192 + 6)
+    assert (out / "ref" / "samples" / f"samples_step{STEPS:07d}.png").exists()
 
     client = s3_server.client()
     queued = []
