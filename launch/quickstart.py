@@ -19,6 +19,12 @@ same entry points and configs as a cluster job:
    PixArt-style transformer with rectified flow instead (run ``quickstart-dit``, Euler samples), on
    the same autoencoder and latents.
 
+``--buckets`` trains the LDM stage on wide and tall images instead (aspect ratios up to 3:1, a second
+synthetic set): latents encoded in aspect-ratio buckets of ~32^2 px (16x48, 32x32, 48x16:
+``precompute_latents.py buckets.*``), batches of one bucket each, the denoiser micro-conditioned on
+size and crop (SDXL), and a grid of one sample per bucket (run ``quickstart-ldm-buckets`` /
+``quickstart-dit-buckets``; the autoencoder and the held-out set are shared).
+
 Finished stages are skipped when the script is run again (delete ``<workdir>`` to start over).
 """
 from __future__ import annotations
@@ -45,6 +51,10 @@ HELDOUT_SAMPLES = 256
 # The LDM stage's experiment -> its run id (the autoencoder, data and latents are shared).
 LDM_EXPERIMENTS = {"quickstart": "quickstart-ldm", "quickstart_dit": "quickstart-dit"}
 VAL_EVERY = 325  # the validation loss 4 times in the experiment's 1300 steps, and at the end
+# --buckets: images up to 3:1 either way, buckets of ~32^2 px in 16 px steps (the tiny models' size
+# multiple: f=4 x UNet 4 or DiT patch 2 x 2) up to 3:1, i.e. 16x48, 32x32 and 48x16.
+WIDE_MAX_ASPECT = 3.0
+BUCKET_STEP, BUCKET_MAX_ASPECT = 16, 3.0
 
 
 def _env() -> dict[str, str]:
@@ -77,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ldm-steps", type=int, default=None, help="LDM steps (default: the experiment's)")
     p.add_argument("--experiment", default="quickstart", choices=LDM_EXPERIMENTS,
                    help="the LDM stage: the tiny UNet (quickstart) or the tiny DiT trained with rectified flow")
+    p.add_argument("--buckets", action="store_true",
+                   help="train the LDM stage on wide and tall images in aspect-ratio buckets (see above)")
     args = p.parse_args(argv)
     work = Path(args.workdir).resolve()
     runs = work / "runs"
@@ -109,18 +121,26 @@ def main(argv: list[str] | None = None) -> int:
                               *common, *steps])
 
     # 3. Latent shards: the images encoded once by the frozen autoencoder.
-    latents = work / "data" / "latents"
+    latents, bucketing = work / "data" / "latents", []
+    if args.buckets:
+        # Wide and tall images (another synthetic set) encoded at their buckets' sizes.
+        data, latents = work / "data" / "synthetic_wide", work / "data" / "latents_buckets"
+        bucketing = ["buckets.enabled=true", f"buckets.step={BUCKET_STEP}", f"buckets.max_aspect={BUCKET_MAX_ASPECT}"]
+        if not (data / "dataset.json").exists():
+            print(f"      writing {args.num_samples} wide and tall synthetic images to {data}", flush=True)
+            write_synthetic_dataset(str(data), num_samples=args.num_samples, samples_per_shard=per_shard, seed=2,
+                                    max_aspect=WIDE_MAX_ASPECT)
     if not (latents / "dataset.json").exists():
         print(f"[3/4] encoding the images into latent shards under {latents}", flush=True)
         python_tool(["data_tools/precompute_latents.py", f"data={data}/{shards}", f"out={latents}",
-                     f"ckpt={ae_export}", "resolution=32", "batch_size=64"])
+                     f"ckpt={ae_export}", "resolution=32", "batch_size=64", *bucketing])
     heldout_latents = work / "data" / "heldout_latents"
     if not (heldout_latents / "dataset.json").exists():
         python_tool(["data_tools/precompute_latents.py", f"data={heldout}/00000.tar", f"out={heldout_latents}",
                      f"ckpt={ae_export}", "resolution=32", "batch_size=64"])
 
     # 4. The tiny text-to-image LDM, its samples and the prompt-adherence score.
-    ldm_run = LDM_EXPERIMENTS[args.experiment]
+    ldm_run = LDM_EXPERIMENTS[args.experiment] + ("-buckets" if args.buckets else "")
     result_path = runs / ldm_run / "result.json"
     if not result_path.exists():
         print("[4/4] training the tiny text-to-image LDM", flush=True)
@@ -133,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         validation = [f"eval.val_data=['{heldout_latents}/00000.tar']", f"eval.val_samples={HELDOUT_SAMPLES}",
                       f"eval.val_every={VAL_EVERY}"]
         wordpiece = ["++" + o for o in tokenizer_overrides("wordpiece", str(vocab), CAPTION_VOCAB_ROWS)]
+        if args.buckets:
+            backbone = "dit" if args.experiment == "quickstart_dit" else "unet"
+            latent_data += ["data." + o for o in bucketing] + [f"model.ldm.{backbone}.micro_conditioning=true"]
         torchrun(args.nproc, [f"experiment={args.experiment}", f"run_id={ldm_run}", f"model.first_stage_ckpt={ae_export}",
                               *latent_data, *validation, *wordpiece, *common, *steps])
 
@@ -140,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     grids = sorted((runs / ldm_run / "samples").glob("*.png"))
     adherence = result.get("eval/prompt_adherence")
     print("\nquickstart finished in %.1f min" % ((time.time() - t0) / 60))
-    print(f"  sample grid:       {grids[-1] if grids else '(none)'}")
+    samples = [g for g in grids if g.name.startswith("samples_")]
+    print(f"  sample grid:       {samples[-1] if samples else '(none)'}")
+    if args.buckets:
+        per_bucket = [g for g in grids if g.name.startswith("buckets_")]
+        print(f"  one per bucket:    {per_bucket[-1] if per_bucket else '(none)'}")
     if adherence is not None:
         print(f"  prompt adherence:  {adherence:.3f} (chance {CHANCE_ADHERENCE:.3f})")
     print(f"  exported model:    {runs / 'checkpoints' / ldm_run / 'export.pt'}")

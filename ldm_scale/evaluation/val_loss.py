@@ -80,7 +80,10 @@ class FixedTimestepValidation:
 
     def __init__(self, data: DataConfig, urls: List[str], *, n_samples: int, batch_size: int,
                  timesteps: Sequence[int], seed: int, storage_defaults=None):
-        self.data = dataclasses.replace(data, urls=list(urls), num_workers=0)
+        # Square centre crops even when training is bucketed: one batch shape, and the same held-out
+        # inputs for every run (a micro-conditioned model is told "uncropped at this size").
+        self.data = dataclasses.replace(data, urls=list(urls), num_workers=0,
+                                        buckets=dataclasses.replace(data.buckets, enabled=False))
         self.n_samples, self.batch_size = n_samples, batch_size
         self.timesteps, self.seed = [int(t) for t in timesteps], seed
         self.storage_defaults = storage_defaults
