@@ -96,6 +96,15 @@ class ModelConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of ``train.stages`` (``config/stages.py``): from optimizer step ``start_step`` on,
+    the run's configuration with ``overrides`` (Hydra-style ``key=value``) applied."""
+
+    start_step: int = 0
+    overrides: List[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     """The loop: batch arithmetic, length, cadence, failure policy."""
 
@@ -129,6 +138,10 @@ class TrainConfig:
     # torch.compile of the trainable networks (train/compile.py): off | unet (each network as one
     # graph) | blocks (each residual / transformer block as its own graph; use it under ZeRO-3).
     compile: CompileMode = "off"
+    # Training in stages (progressive resolution: 256^2 then 512^2, as Stable Diffusion): each from
+    # its start_step on, with its overrides of data.*, the batch, the learning rate and the model's
+    # image size (config/stages.py). Empty: one stage, the configuration as it is.
+    stages: List[StageConfig] = field(default_factory=list)
 
 
 @dataclass

@@ -349,6 +349,34 @@ def check_text_embeddings(cfg: Config, spec: LDMSpec) -> Optional[str]:
 def validate(cfg: Config, world_size: Optional[int] = None, *, check_files: bool = True) -> Plan:
     """Check the whole configuration and derive the plan; raise :class:`ConfigError` listing every problem.
 
+    With ``train.stages`` every stage's configuration is checked (``config/stages.py``), each
+    problem prefixed by its stage, and the plan is the first stage's (the loop asks for the others).
+    """
+    if not cfg.train.stages:
+        return _validate_one(cfg, world_size, check_files=check_files)
+    from ldm_scale.config.stages import stage_configs
+
+    per_stage: List[List[str]] = []
+    plans = []
+    for _, _, stage_cfg in stage_configs(cfg):
+        try:
+            plans.append(_validate_one(stage_cfg, world_size, check_files=check_files))
+            per_stage.append([])
+        except ConfigError as exc:
+            lines = str(exc).replace("invalid configuration:", "").strip().splitlines()
+            per_stage.append([line.strip().lstrip("- ") for line in lines if line.strip()])
+    # A problem of every stage is the base configuration's: said once, without a stage.
+    common = [p for p in per_stage[0] if all(p in other for other in per_stage[1:])]
+    problems = common + [f"train.stages[{i}]: {p}" for i, found in enumerate(per_stage) for p in found
+                         if p not in common]
+    if problems:
+        raise ConfigError.of(problems)
+    return plans[0]
+
+
+def _validate_one(cfg: Config, world_size: Optional[int] = None, *, check_files: bool = True) -> Plan:
+    """:func:`validate` of one stage's (or an unstaged run's) configuration.
+
     With ``check_files`` (the default), a consistent configuration is then checked against the files
     it names before anything is written: ``model.first_stage_ckpt`` (:func:`check_first_stage_ckpt`).
     Pass False to check the configuration alone (tests with placeholder URLs, offline planning).

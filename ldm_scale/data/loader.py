@@ -527,6 +527,9 @@ class ShardLoader:
             log.info("%d aspect buckets of ~%d^2 px (step %d, aspect <= %g); samples per bucket: %s", len(self.buckets),
                      cfg.resolution, cfg.buckets.step, cfg.buckets.max_aspect,
                      ", ".join(f"{w}x{h}: {int(n)}" for (w, h), n in zip(self.buckets, held) if n))
+        # The training stage this loader feeds (config/stages.py): a state saved in another stage
+        # is not this pipeline's position, and the stage's data starts fresh.
+        self.stage = 0
         self.epoch = 0
         self.batches_done = 0  # handed out in the current epoch
         self._salt = 0
@@ -744,6 +747,7 @@ class ShardLoader:
             "samples_consumed_global": int(self.batches_done) * self.dist_info.world_size * self.batch_size,
             "batches_per_epoch": self.batches_per_epoch,
             "buckets": [list(b) for b in self.buckets],
+            "stage": self.stage,
         }
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
@@ -751,6 +755,10 @@ class ShardLoader:
         self.close()  # the live workers are positioned for the old state
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {sd.get('version')} is not {STATE_VERSION}")
+        if int(sd.get("stage", 0)) != self.stage:
+            log.info("data of training stage %d starts at its epoch 0 (the checkpoint's loader state is stage %s's)",
+                     self.stage, sd.get("stage", 0))
+            return
         for key, mine in (("seed", self.seed), ("mode", self.cfg.mode), ("num_shards", len(self.shard_set.urls))):
             if sd[key] != mine:
                 raise ValueError(f"loader state was saved with {key}={sd[key]!r} but this loader has {mine!r}; "

@@ -532,11 +532,20 @@ def load_engine_checkpoint(engine, load_dir: str, tag: str, *, universal: bool):
     config = engine._config
     previous = config.load_universal_checkpoint
     config.load_universal_checkpoint = universal
+    scheduler = engine.lr_scheduler
+    configured = list(scheduler.base_lrs) if scheduler is not None else None
     try:
         path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
     finally:
         config.load_universal_checkpoint = previous
+    if path is not None and configured is not None and list(scheduler.base_lrs) != configured:
+        # The checkpoint's scheduler state brings the peak rate it was saved with; the schedule is
+        # this configuration's over the restored step (a training stage, config/stages.py, sets
+        # its own optim.lr). Unchanged settings never reach here, so a plain resume stays bitwise.
+        scheduler.base_lrs = configured
+        for group, base, rule in zip(scheduler.optimizer.param_groups, configured, scheduler.lr_lambdas):
+            group["lr"] = base * rule(scheduler.last_epoch)  # LambdaLR's own formula
     return path
 
 

@@ -8,6 +8,7 @@ a step computes lives in the task (``train/tasks.py``), everything DeepSpeed in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import logging
@@ -17,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 
 from ldm_scale import config as config_lib
+from ldm_scale.config import stages as stage_lib
 from ldm_scale import dist, preemption, storage
 from ldm_scale.config import Config
 from ldm_scale.data import build_loader
@@ -105,7 +107,7 @@ def _take_ownership(cfg: Config, checkpoints, run_dir: Path, info: dist.DistInfo
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) one training run; the run lease is held for exactly its lifetime."""
     info = dist.init_distributed(timeout_s=cfg.train.collective_timeout_s)
-    plan = config_lib.validate(cfg, info.world_size)  # before anything is allocated
+    plan = config_lib.validate(cfg, info.world_size)  # before anything is allocated (every stage)
     storage.configure(cfg.storage)
     preemption.install(cfg.preemption)
     run_id = config_lib.resolve_run_id(cfg)
@@ -113,16 +115,47 @@ def train(cfg: Config) -> TrainResult:
     checkpoints = CheckpointManager(cfg.checkpoint, run_id=run_id, storage_cfg=cfg.storage)
     lease = _take_ownership(cfg, checkpoints, run_dir, info)
     try:
-        return _train(cfg, plan, info, run_id, run_dir, checkpoints, lease)
+        if not cfg.train.stages:
+            return _train(cfg, plan, info, run_id, run_dir, checkpoints, lease)
+        return _train_stages(cfg, info, run_id, run_dir, checkpoints, lease)
     finally:
         if lease is not None:
             lease.release()
 
 
+def _train_stages(cfg: Config, info: dist.DistInfo, run_id: str, run_dir: Path, checkpoints,
+                  lease: Optional[RunLease]) -> TrainResult:
+    """``train.stages`` (config/stages.py): the stage the resumed checkpoint is in, then each next
+    one, every stage a :func:`_train` up to its end step over a task and loader built for it, joined
+    by the checkpoint saved at the boundary (resumed with ``resume=auto``, whatever the first
+    stage's ``checkpoint.resume`` said)."""
+    stages = stage_lib.stage_configs(cfg)
+    index = stage_lib.stage_at([start for start, _, _ in stages], checkpoints.resume_step() or 0)
+    while True:
+        start, end, stage_cfg = stages[index]
+        if info.is_main:
+            log.info("training in stages: %s", stage_lib.describe(stages, index))
+        plan = config_lib.validate(stage_cfg, info.world_size, check_files=False)  # checked in train()
+        last = index == len(stages) - 1
+        result = _train(stage_cfg, plan, info, run_id, run_dir, checkpoints, lease,
+                        stage=index, stage_start=start, until=end, last_stage=last)
+        if last or result.stop_reason != STOP_COMPLETED:
+            return result
+        index += 1
+        checkpoints = CheckpointManager(dataclasses.replace(cfg.checkpoint, resume="auto"), run_id=run_id,
+                                        storage_cfg=cfg.storage)
+
+
 def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, checkpoints,
-           lease: Optional[RunLease]) -> TrainResult:
+           lease: Optional[RunLease], *, stage: int = 0, stage_start: int = 0, until: Optional[int] = None,
+           last_stage: bool = True) -> TrainResult:
+    """The run, or with ``train.stages`` one stage of it: optimizer steps up to ``until`` (default
+    ``train.max_steps``); a stage that is not the last ends with its boundary checkpoint only."""
+    until = cfg.train.max_steps if until is None else until
     # --- 1. Data first (unreadable shards fail before anything is written), run identity -------
-    loader = build_loader(cfg.data, info, batch_size=plan.batch.micro_batch_size, seed=cfg.seed, uint8_images=True)
+    loader = build_loader(cfg.data, info, batch_size=plan.batch.micro_batch_size,
+                          seed=stage_lib.stage_data_seed(cfg.seed, stage), uint8_images=True)
+    loader.stage = stage
     if info.is_main:
         config_lib.write_resolved(cfg, plan, run_dir)
         log.info("run %s in %s: %s", run_id, run_dir, plan.describe())
@@ -236,8 +269,9 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
     def _roll_back(spike: Spike) -> None:
         nonlocal step, samples_seen, batches
         checkpoints.wait()
+        # Within this stage: an earlier stage's checkpoint holds another data pipeline's position.
         good = [s for s in dist.broadcast_object(checkpoints.complete_steps() if info.is_main else None)
-                if s < spike.start_step]
+                if stage_start <= s < spike.start_step]
         if not good or spikes.rollbacks >= cfg.train.spike.max_rollbacks:
             why = ("no complete checkpoint precedes it" if not good else
                    f"train.spike.max_rollbacks={cfg.train.spike.max_rollbacks} rollbacks were already made")
@@ -274,7 +308,7 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
     first_step = step
     gc_control = GarbageCollection(cfg.train.gc_every)
     try:
-        while step < cfg.train.max_steps:
+        while step < until:
             out = task.train_step(next_micro_batches(), step)
             verdict = health.decide(out.health, step)  # one collective; raises on a streak
             if step == first_step + 1 and cfg.train.step_collective_timeout_s:
@@ -350,6 +384,18 @@ def _train(cfg: Config, plan, info: dist.DistInfo, run_id: str, run_dir: Path, c
     dist.set_collective_timeout(cfg.train.collective_timeout_s)  # the rest is slow collectives
     if progress is not None:
         progress.close()
+    if stop_reason == STOP_COMPLETED and not last_stage:
+        # A stage boundary: the checkpoint the next stage resumes from, and nothing of a run's end.
+        if checkpoints.last_saved_step != step:
+            save_checkpoint()
+        checkpoints.wait()
+        checkpoints.close()
+        if ema is not None:
+            ema.close()
+        logger.finish()
+        dist.barrier()
+        return TrainResult(run_id=run_id, run_dir=run_dir, step=step, samples_seen=samples_seen, final_metrics={},
+                           stop_reason=stop_reason)
     final: Dict[str, float] = {}
     skipped_evals: Dict[str, str] = {}
     if stop_reason == STOP_COMPLETED:

@@ -183,6 +183,22 @@ class CheckpointManager:
         """Steps of this run's checkpoints that are COMPLETE on storage, ascending (this process)."""
         return publish.complete_steps(self.run_url, self.storage_cfg)
 
+    def resume_step(self) -> Optional[int]:
+        """The step of the checkpoint :meth:`resume` would load (its metadata only), or None; every
+        rank gets rank 0's answer, or the same CheckpointError (a staged run picks its stage by it)."""
+        found: Tuple[Optional[int], Optional[str]] = (None, None)
+        if self.info.rank == 0:
+            try:
+                url = publish.resume_target(self.cfg.resume, self.run_url, self.storage_cfg)
+                if url is not None:
+                    found = (int(publish.read_checkpoint(url, self.storage_cfg)[0]["step"]), None)
+            except (CheckpointError, storage.StorageError) as exc:
+                found = (None, storage.redact(exc))
+        step, error = dist.broadcast_object(found)
+        if error is not None:
+            raise CheckpointError(error)
+        return step
+
     def refuse_lost_history(self, history_step: Optional[int]) -> None:
         """With ``resume=auto``, a run directory that logged steps while storage holds no checkpoint
         of this run means the checkpoints were lost (or ``checkpoint.root`` changed): starting from
