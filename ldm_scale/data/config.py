@@ -74,6 +74,10 @@ class BucketConfig:
     enabled: bool = False
     step: int = 64  # pixels; a multiple of the first stage's downsampling x the denoiser's
     max_aspect: float = 2.0
+    # Undecoded samples a data worker may hold in its bucket queues (a web JPEG is ~30-100 KB);
+    # beyond it a bucket its shards are short of borrows its nearest bucket's samples, cropped to
+    # size (metric bucket_borrowed). The queues' spread grows like sqrt(samples per worker).
+    queue_limit: int = 4096
 
     def validate(self, resolution: int, prefix: str = "data.buckets", resolution_key: str = "data.resolution") -> None:
         if not self.enabled:
@@ -82,6 +86,8 @@ class BucketConfig:
             raise ValueError(f"{prefix}.step={self.step} must be >= 8 and divide {resolution_key}={resolution}")
         if self.max_aspect < 1:
             raise ValueError(f"{prefix}.max_aspect={self.max_aspect} must be >= 1")
+        if self.queue_limit < 1:
+            raise ValueError(f"{prefix}.queue_limit={self.queue_limit} must be >= 1")
 
 
 @dataclass

@@ -57,6 +57,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -366,6 +367,12 @@ def _bucketed_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any],
     (still undecoded) by the bucket of its stored size; the worker's next batch, of the bucket the
     epoch's schedule gives its global index, takes the oldest samples of that bucket's queue.
 
+    A worker whose shards hold few samples of the scheduled bucket would read ahead without end
+    (and hold every other bucket's samples meanwhile): once its queues hold
+    ``data.buckets.queue_limit`` samples, the scheduled bucket's batch takes the oldest samples of the nearest bucket
+    (in log aspect ratio) that has some, cropped to the scheduled size (counted as
+    ``bucket_borrowed``). Every rank still yields the scheduled shape, memory stays bounded.
+
     Exact resume without storing samples: the queues are FIFO in stream order, so a queue holds
     exactly the samples of its bucket from its oldest queued position up to the stream position.
     The state records, besides the position, each non-empty queue's oldest position; a restart
@@ -385,6 +392,11 @@ def _bucketed_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any],
     origin = min([p[0] for p in oldest.values()] + [position[0]])
     queues: Dict[int, deque] = {b: deque() for b in range(len(plan.buckets))}
     guard = 2 * len(plan.urls) + 2
+    cap = max(cfg.buckets.queue_limit, plan.batch_size)
+    ratio = [math.log(w / h) for w, h in plan.buckets]
+    # Where a short bucket borrows from, nearest first (ties: the squarer).
+    nearest = {b: sorted((o for o in queues if o != b), key=lambda o: (abs(ratio[o] - ratio[b]), abs(ratio[o])))
+               for b in queues}
 
     def positioned() -> Iterator[Tuple[Tuple[int, int], Dict]]:
         blocks = plan.blocks(worker)
@@ -435,7 +447,11 @@ def _bucketed_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any],
         bucket = plan.schedule[g]
         samples: List[Dict] = []
         while len(samples) < plan.batch_size:
-            if not queues[bucket]:
+            source = bucket
+            if not queues[bucket] and sum(len(q) for q in queues.values()) >= cap:
+                source = next(o for o in nearest[bucket] if queues[o])
+                counters["bucket_borrowed"] += 1
+            if not queues[source]:
                 position, raw = next(stream)
                 enqueue(position, raw)
                 if position[0] - last_decoded_block >= guard:
@@ -443,7 +459,7 @@ def _bucketed_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any],
                     raise _no_usable_samples(plan, worker, position[0] - last_decoded_block, counters,
                                              f" of bucket {w}x{h}")
                 continue
-            pos, raw = queues[bucket].popleft()
+            pos, raw = queues[source].popleft()
             sample = _process(raw, plan, pos[0], counters, plan.buckets[bucket])
             if sample is not None:
                 counters["samples_yielded"] += 1
@@ -689,7 +705,8 @@ class ShardLoader:
     def metrics(self) -> Dict[str, float]:
         """Cumulative counts for this rank: ``samples_read``, ``samples_yielded``, ``skip/<reason>``
         (corrupt_tar, truncated_member, missing_shard, decode_error, missing_*, bad_metadata), ``filter/<name>``,
-        plus ``epoch`` and ``batches_in_epoch``. Counts cover batches handed out so far."""
+        ``bucket_borrowed`` (samples a short aspect bucket took from its neighbour), plus ``epoch`` and
+        ``batches_in_epoch``. Counts cover batches handed out so far."""
         self._roll_epoch_if_done()
         total = Counter(self._metrics_base)
         for state in self._worker_states.values():

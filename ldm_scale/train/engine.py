@@ -532,7 +532,7 @@ def load_engine_checkpoint(engine, load_dir: str, tag: str, *, universal: bool):
     config = engine._config
     previous = config.load_universal_checkpoint
     config.load_universal_checkpoint = universal
-    scheduler = engine.lr_scheduler
+    scheduler = getattr(engine, "lr_scheduler", None)  # (test doubles of the engine have none)
     configured = list(scheduler.base_lrs) if scheduler is not None else None
     try:
         path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,

@@ -3,20 +3,23 @@ on every rank at every step, SDXL's micro-conditioning, and exact resume includi
 samples of every bucket."""
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import Counter
 
 import pytest
 import torch
+from PIL import Image
 
 from ldm_scale.data import DataConfig, build_loader
 from ldm_scale.data.buckets import assign_bucket
 from ldm_scale.data.config import BucketConfig
-from ldm_scale.data.synthetic import write_synthetic_dataset
+from ldm_scale.data.synthetic import make_sample, write_synthetic_dataset
 from ldm_scale.data.tar_stream import iter_tar_samples
 from ldm_scale.data.transforms import decode_image, resize_crop_to
 from ldm_scale.dist import DistInfo
+from tests.fixtures.loader_resume import stop_and_resume
 
 ONE = DistInfo()
 MICRO = ("original_size", "crop_top_left", "target_size")
@@ -110,29 +113,11 @@ def test_bucketed_exact_resume_is_bitwise(wide_and_tall, workers, stop, mode, pe
     cfg = _cfg(wide_and_tall, num_workers=workers, mode=mode, persistent_workers=persistent)
     if mode == "resampled":
         cfg.samples_per_epoch = 96
-    ref_loader = build_loader(cfg, ONE, batch_size=4, seed=5)
-    reference = list(ref_loader) + list(ref_loader)  # two epochs uninterrupted
-
-    first = build_loader(cfg, ONE, batch_size=4, seed=5)
-    stream = first.infinite()
-    consumed = [next(stream) for _ in range(stop)]
-    state = first.state_dict()
-    metrics_at_stop = first.metrics()
-    del stream
+    reference, resumed, state, first = stop_and_resume(cfg, stop, seed=5)  # two epochs
     if stop < first.batches_per_epoch:
         # the queues are not empty mid-epoch: the state must carry them
         assert any(w["queued"] for w in state["workers"].values())
-
-    resumed = build_loader(cfg, ONE, batch_size=4, seed=5)
-    resumed.load_state_dict(json.loads(json.dumps(state)))
-    assert resumed.metrics() == metrics_at_stop
-    rest = []
-    for batch in resumed.infinite():
-        rest.append(batch)
-        if len(consumed) + len(rest) == len(reference):
-            break
-    assert _same(consumed + rest, reference)
-    assert resumed.metrics() == ref_loader.metrics()
+    assert _same(resumed, reference)
 
 
 def test_buckets_change_nothing_of_the_square_loader_when_off(wide_and_tall):
@@ -251,3 +236,55 @@ def test_latent_buckets_must_match_the_ones_the_shards_were_encoded_with(buckete
     open(os.path.join(square, "dataset.json"), "w").write(json.dumps({"kind": "latent", "resolution": 64}))
     problem = bucket_record_problem(_latent_cfg(square, urls=[square + "/00000.tar"]))
     assert "precompute_latents.py buckets.enabled=true buckets.step=8" in problem
+
+
+def _uniform_shards(root: str, sizes) -> None:
+    """One shard per (width, height): 12 captioned JPEGs of that size, with aspects.json and sizes.json."""
+    from ldm_scale.data.buckets import aspect_bin
+    from ldm_scale.data.shard_writer import write_aspects, write_shard, write_sizes
+
+    aspects, counts = {}, {}
+    for shard, (w, h) in enumerate(sizes):
+        samples = []
+        for i in range(12):
+            _, caption, jpg, meta = make_sample(shard, i, min_size=w, max_size=w)
+            image = Image.open(io.BytesIO(jpg)).convert("RGB").resize((w, h))
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG")
+            samples.append({"__key__": f"{shard:05d}{i:04d}", "jpg": buf.getvalue(), "txt": caption,
+                            "json": {**meta, "width": w, "height": h}})
+        write_shard(root, shard, samples)
+        aspects[f"{shard:05d}.tar"] = {aspect_bin(w, h): 12}
+        counts[f"{shard:05d}.tar"] = 12
+    write_aspects(root, aspects)
+    write_sizes(root, counts)
+
+
+def test_a_rank_short_of_a_bucket_borrows_from_the_nearest_one_and_still_resumes_exactly(tmp_path):
+    """4 ranks, 1 shard each, every shard one shape: rank 0 holds only 64x64 images but the schedule
+    (global) asks it for wide batches too. Its queues fill to the cap and the wide batches take the
+    nearest bucket's samples cropped wide; every batch still has the scheduled shape."""
+    root = str(tmp_path)
+    _uniform_shards(root, [(64, 64), (96, 48), (48, 96), (96, 48)])
+    cfg = _cfg(root, urls=[root + "/{00000..00003}.tar"], num_workers=0,
+               buckets=BucketConfig(enabled=True, step=8, max_aspect=2.0, queue_limit=3))
+    rank0 = DistInfo(rank=0, world_size=4)
+    loader = build_loader(cfg, rank0, batch_size=1, seed=0)
+    schedule = loader.bucket_schedule()
+    assert len(set(schedule)) == 3  # 64x64, 80x48, 48x80 batches for every rank
+    batches = list(loader)
+    assert [tuple(b["image"].shape[2:]) for b in batches] == [loader.buckets[i][::-1] for i in schedule]
+    assert loader.metrics()["bucket_borrowed"] > 0
+    for stop in (3, 7):
+        reference = [b for loader in [build_loader(cfg, rank0, batch_size=1, seed=0)] for _ in range(2)
+                     for b in loader]  # two epochs of one loader
+        first = build_loader(cfg, rank0, batch_size=1, seed=0)
+        stream = first.infinite()
+        consumed = [next(stream) for _ in range(stop)]
+        state = json.loads(json.dumps(first.state_dict()))
+        del stream
+        assert state["workers"]["0"]["queued"]
+        resumed = build_loader(cfg, rank0, batch_size=1, seed=0)
+        resumed.load_state_dict(state)
+        got = consumed + [b for _, b in zip(range(len(reference) - stop), resumed.infinite())]
+        assert _same(got, reference)
