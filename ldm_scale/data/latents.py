@@ -36,8 +36,15 @@ from ldm_scale.data.config import DataConfig
 from ldm_scale.data.filters import check_sample, image_member
 from ldm_scale.data.shard_writer import write_aspects, write_shard, write_sizes
 from ldm_scale.data.tar_stream import iter_tar_samples
-from ldm_scale.data.transforms import decode_image, image_header_size, resize_crop_flip, resize_crop_to, to_unit_range
+from ldm_scale.data.transforms import (
+    decode_image,
+    image_header_size,
+    resize_crop_flip,
+    resize_crop_to,
+    to_unit_range,
+)
 from ldm_scale.formats import AUTOENCODER_FORMAT
+from ldm_scale.models.micro_conditioning import BATCH_KEYS as MICRO_CONDITIONING
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +200,8 @@ def precompute_latents(
                     pixels, (top, left) = resize_crop_to(decode_image(data, (width, height), "auto"), width, height,
                                                          "center", False, None)
                     original = bucket_lib.original_size(raw["meta"]) or stored
-                    micro = {"original_size": [int(original[1]), int(original[0])], "crop_top_left": [top, left],
-                             "target_size": [height, width]}
+                    micro = dict(zip(MICRO_CONDITIONING, ([int(original[1]), int(original[0])], [top, left],
+                                                          [height, width])))
                 else:
                     bucket, micro = 0, None
                     pixels = resize_crop_flip(decode_image(data, resolution, "auto"), resolution, "center", False, None)

@@ -72,8 +72,18 @@ from ldm_scale.data import text_embeddings
 from ldm_scale.data.config import DataConfig, worker_start_method
 from ldm_scale.data.filters import LATENT_EXT, check_sample, image_member
 from ldm_scale.data.tar_stream import iter_tar_samples
-from ldm_scale.data.transforms import (batch_to_unit_range, decode_image, decode_latent, image_header_size,
-                                       latent_header_size, resize_crop_flip, resize_crop_to, sample_rng, stack_uint8)
+from ldm_scale.data.transforms import (
+    batch_to_unit_range,
+    decode_image,
+    decode_latent,
+    image_header_size,
+    latent_header_size,
+    resize_crop_flip,
+    resize_crop_to,
+    sample_rng,
+    stack_uint8,
+)
+from ldm_scale.models.micro_conditioning import BATCH_KEYS as MICRO_CONDITIONING
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +232,9 @@ class _Counters:
         self.current[key] = value
 
 
-# SDXL's micro-conditioning (Podell et al. 2023, Sec. 2.2), (height, width) / (top, left) pixels
-# per sample, in bucketed batches: the size before any resize, the crop offset, the bucket.
-MICRO_CONDITIONING = ("original_size", "crop_top_left", "target_size")
+# SDXL's micro-conditioning (Podell et al. 2023, Sec. 2.2) in bucketed batches: MICRO_CONDITIONING
+# names the [B, 2] (height, width) / (top, left) tensors: the size before any resize, the crop
+# offset, the bucket (the model side reads them by the same names).
 
 
 def _collate(samples: List[Dict], cfg: DataConfig,
@@ -635,7 +645,7 @@ class ShardLoader:
         set and CUDA is there (pinned here rather than by DataLoader, which would pin the uint8)."""
         pin = self.cfg.pin_memory and torch.cuda.is_available()
         if pin:
-            for key in ("tokens", "text_context", "text_pooled"):
+            for key in ("tokens", "text_context", "text_pooled", *MICRO_CONDITIONING):
                 if key in batch:
                     batch[key] = batch[key].pin_memory()
         if "image" in batch and self.uint8_images:

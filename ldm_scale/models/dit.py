@@ -50,7 +50,7 @@ from ldm_scale.choices import Choice
 
 from .attention import multihead_attention
 from .micro_conditioning import MicroConditioning
-from .unet import timestep_embedding
+from .embeddings import timestep_embedding
 
 FREQUENCY_DIM = 256  # sinusoidal frequencies of the timestep embedding (DiT's frequency_embedding_size)
 LN_EPS = 1e-6  # DiT / PixArt / SD3 LayerNorm epsilon

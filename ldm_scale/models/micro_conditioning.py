@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .attention import zero_module
+from .embeddings import timestep_embedding
 
 FEATURES_PER_VALUE = 256  # SDXL's addition_time_embed_dim
 VALUES = 6
@@ -38,8 +39,6 @@ class MicroConditioning(nn.Module):
         self.linear_2 = zero_module(nn.Linear(dim, dim))
 
     def forward(self, micro: torch.Tensor) -> torch.Tensor:
-        from .unet import timestep_embedding  # the one sinusoidal rule (cos | sin, max period 10^4)
-
         if micro.ndim != 2 or micro.shape[1] != VALUES:
             raise ValueError(f"micro-conditioning must be [B, {VALUES}] (original h, w, crop top, left, target h, w); "
                              f"got {tuple(micro.shape)}")

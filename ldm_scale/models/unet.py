@@ -16,7 +16,6 @@ Conditioning paths:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -26,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionBlock, GroupNorm32, SpatialTransformer, reapply_zero_init, zero_module
 from .encoder_decoder import Upsample  # nearest x2 + optional 3x3 conv: the autoencoder's, same keys
+from .embeddings import timestep_embedding  # noqa: F401 - also the DiT's and the micro-conditioning's
 from .micro_conditioning import MicroConditioning
 
 
@@ -66,18 +66,6 @@ class UNetConfig:
                 raise ValueError(
                     f"model_channels*mult = {self.model_channels * mult} must be a multiple of 32 "
                     "(GroupNorm with 32 groups)")
-
-
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
-    """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps (Vaswani et al. 2017)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
-                                                           device=timesteps.device) / half)
-    args = timesteps[:, None].float() * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
 
 
 class Downsample(nn.Module):
