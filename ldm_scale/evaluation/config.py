@@ -84,6 +84,10 @@ class FIDEvalConfig(CheckpointSource):
     out: Optional[str] = None  # run directory for samples, features, result JSON (default ./eval_runs/<tag>)
     n_samples: int = 50000
     batch_size: int = 16  # samples per chunk (one sampler call)
+    # Sample size (e.g. one aspect bucket of a bucketed model); default: the flavour's training size.
+    # The extractor resizes every sample to its own square input, as for the reference.
+    H: Optional[int] = None
+    W: Optional[int] = None
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=200, guidance_scale=1.0))
     seed: int = 0
     write_adm_npz: bool = False  # also write samples as one ADM-style arr_0 .npz

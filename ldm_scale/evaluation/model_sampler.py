@@ -51,6 +51,7 @@ def sampler_of_loaded(loaded, cfg, device: torch.device) -> ModelSampler:
     """The sampler of an already loaded model with ``cfg.sampler`` / ``cfg.precision`` (a guidance
     sweep loads the checkpoint once and samples it with several settings)."""
     from ldm_scale.sampling import condition_kind, generate
+    from ldm_scale.sampling.generate import check_size
 
     spec = loaded.spec
     kind = condition_kind(spec)
@@ -60,10 +61,13 @@ def sampler_of_loaded(loaded, cfg, device: torch.device) -> ModelSampler:
     sampler_cfg.validate()
     sampler_cfg.check_model(spec.parameterization)  # a flow model takes euler/heun: say so before sampling
 
+    height, width = cfg.H or spec.image_size, cfg.W or spec.image_size
+    check_size(loaded, height, width)  # before any sample: a size the denoiser cannot take
+
     def sample_batch(x_T: torch.Tensor, raw: Any, generator) -> torch.Tensor:  # PerSampleGenerators
         if isinstance(raw, torch.Tensor):
             raw = raw.to(device)
-        return generate(loaded, raw, len(x_T), sampler_cfg, height=spec.image_size, width=spec.image_size,
+        return generate(loaded, raw, len(x_T), sampler_cfg, height=height, width=width,
                         generator=generator, precision=cfg.precision, x_T=x_T)
 
     training_sampler = loaded.training_sampler()
@@ -74,5 +78,8 @@ def sampler_of_loaded(loaded, cfg, device: torch.device) -> ModelSampler:
             "ema_coverage": loaded.ema_coverage if loaded.used_ema else None,
             "training_sampler": asdict(training_sampler) if training_sampler is not None else None,
             "precision": cfg.precision}
-    latent = (spec.first_stage.latent_channels, spec.latent_size, spec.latent_size)
+    if (height, width) != (spec.image_size, spec.image_size):
+        info["size"] = [height, width]  # recorded only when it is not the training size
+    f = spec.first_stage.downsample_factor
+    latent = (spec.first_stage.latent_channels, height // f, width // f)
     return ModelSampler(sample_batch, latent, spec.image_size, kind, info)

@@ -66,6 +66,17 @@ def test_exported_checkpoint_sampler_uses_ema_and_guidance(sampler, ckpt):
     assert not torch.allclose(out, raw.sample_batch(x_T, labels, torch.Generator().manual_seed(0)))
 
 
+def test_the_sampler_generates_at_a_bucket_size_and_refuses_one_the_model_cannot_take(ckpt):
+    cfg = FIDEvalConfig(ckpt=ckpt, sampler=SamplerConfig(steps=2, guidance_scale=2.0), H=16, W=48)
+    wide = load_model_sampler(cfg, torch.device("cpu"))
+    assert wide.latent_shape == (4, 4, 12) and wide.checkpoint_info["size"] == [16, 48]
+    out = wide.sample_batch(initial_noise(wide.latent_shape, range(2), seed=0), torch.tensor([1, 2]),
+                            torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 16, 48) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="H=20, W=48: both must be positive multiples of 16"):
+        load_model_sampler(dataclasses.replace(cfg, H=20), torch.device("cpu"))
+
+
 def test_interrupted_and_torn_runs_resume_to_the_same_images(sampler, tmp_path):
     kw = dict(n_samples=10, chunk_size=4, seed=3, latent_shape=sampler.latent_shape, conditions=list(range(10)))
     reference_url = str(tmp_path / "reference")
