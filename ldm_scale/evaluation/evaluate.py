@@ -291,6 +291,8 @@ def run_fid_eval(cfg: FIDEvalConfig, model_sampler=None) -> Optional[Dict[str, A
                 "use_ema": cfg.use_ema, "sampler": asdict(cfg.sampler), "seed": cfg.seed, "n_samples": cfg.n_samples,
                 "chunk_size": cfg.batch_size, "prompts": cfg.prompts,
                 "conditions_hash": settings_hash({"c": [str(c) for c in (conditions or [])]})}
+    if "size" in ms.checkpoint_info:  # only off the training size: the tags of earlier runs stay valid
+        settings["size"] = ms.checkpoint_info["size"]
     tag = settings_hash(settings)
     run_url = cfg.out or str(Path("eval_runs") / f"{_slug(Path(str(cfg.ckpt)).stem) or 'model'}-{tag}")
     samples_url = storage.join(run_url, "samples")
