@@ -22,6 +22,11 @@ How a batch is made (each step a pure function of (seed, epoch, position)):
    the shards hold the frozen encoder's outputs instead (``data/text_embeddings.py``): batches carry
    ``text_context`` [B, L, D] (and ``text_pooled`` [B, P]) in their stored dtype, and no tokens.
 
+With aspect-ratio buckets (``data.buckets``, :func:`_bucketed_stream`) step 4 changes: a popped
+sample waits, undecoded, in its bucket's FIFO queue, and each batch takes the bucket that the epoch's
+schedule (``buckets.bucket_schedule``, the same on every rank) gives its global index; a position
+then also holds each queue's oldest sample, and a restart replays from there.
+
 Workers persist across epochs (``data.persistent_workers``, default on): a worker's stream goes on
 into the next epoch by itself (the next epoch's plan is a pure function of the current one), so
 the DataLoader is started once per run, not once per epoch, and it prefetches the next epoch's
