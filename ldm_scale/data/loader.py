@@ -431,13 +431,18 @@ def _bucketed_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any],
                 raise _no_usable_samples(plan, worker, empty_blocks, counters)
             block += 1
 
-    def enqueue(pos: Tuple[int, int], raw: Dict) -> int:
-        if cfg.input == "image":
-            raw["__size__"] = image_header_size(raw[image_member(raw)])
-            b = bucket_lib.assign_bucket(*raw["__size__"], plan.buckets)
-        else:  # a latent has its bucket's aspect ratio exactly
-            width, height = latent_header_size(raw[LATENT_EXT])
-            b = bucket_lib.assign_bucket(width, height, plan.buckets)
+    def enqueue(pos: Tuple[int, int], raw: Dict) -> Optional[int]:
+        """Queue ``raw`` in its bucket; None (counted as a decode error) when its header is unreadable."""
+        try:
+            if cfg.input == "image":
+                width, height = raw["__size__"] = image_header_size(raw[image_member(raw)])
+            else:
+                width, height = latent_header_size(raw[LATENT_EXT])
+        except Exception:  # noqa: BLE001 - an unreadable image / array header is a skipped sample
+            counters["skip/decode_error"] += 1
+            return None
+        b = bucket_lib.assign_bucket(width, height, plan.buckets)
+        if cfg.input == "latent":  # a latent has its bucket's aspect ratio exactly
             if width * plan.buckets[b][1] != height * plan.buckets[b][0]:
                 raise RuntimeError(
                     f"latent {raw['__key__']} in {storage.redact(raw.get('__url__'))} is {width}x{height}, the shape "
@@ -452,7 +457,7 @@ def _bucketed_stream(plan: _Plan, worker: int) -> Iterator[Tuple[Dict[str, Any],
         counters.current = Counter()
         for pos, raw in stream:
             b = enqueue(pos, raw)
-            if b not in oldest or pos < oldest[b]:
+            if b is not None and (b not in oldest or pos < oldest[b]):
                 queues[b].pop()
             if pos == position:
                 break

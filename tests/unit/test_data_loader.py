@@ -9,7 +9,8 @@ import torch
 
 from ldm_scale import storage
 from ldm_scale.data import DataConfig, FilterConfig, build_loader
-from ldm_scale.data.shard_writer import tar_bytes, write_shard, write_sizes
+from ldm_scale.data.config import BucketConfig
+from ldm_scale.data.shard_writer import tar_bytes, write_aspects, write_shard, write_sizes
 from ldm_scale.data.synthetic import make_sample, write_synthetic_dataset
 from ldm_scale.dist import DistInfo
 from tests.fixtures.loader_resume import stop_and_resume
@@ -112,7 +113,8 @@ def _jpeg(i: int) -> bytes:
     return make_sample(0, i, min_size=32, max_size=40)[2]
 
 
-def test_bad_data_is_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("bucketed", [False, True], ids=["square", "buckets"])
+def test_bad_data_is_skipped_and_counted(tmp_path, bucketed):
     good = [{"__key__": f"g{i:03d}", "jpg": _jpeg(i), "txt": "a red circle on a blue background",
              "json": {"original_width": 64, "original_height": 64, "aesthetic": 6.0}} for i in range(6)]
     bad = [
@@ -134,6 +136,9 @@ def test_bad_data_is_skipped_and_counted(tmp_path):
     write_sizes(root, {"00000.tar": 10, "00001.tar": 3, "00002.tar": 2, "00003.tar": 1})  # 00003.tar is lost
     cfg = DataConfig(urls=[root + "/{00000..00003}.tar"], resolution=32, num_workers=0, shuffle_buffer=0,
                      shards_per_block=4, filters=FilterConfig(min_width=16, min_height=16, min_aesthetic=4.5))
+    if bucketed:  # the same damage with aspect buckets (an unreadable header is a decode error there)
+        write_aspects(root, {f"0000{i}.tar": {0: n} for i, n in enumerate((10, 3, 2, 1))})
+        cfg.buckets = BucketConfig(enabled=True, step=8, max_aspect=2.0)
     loader = build_loader(cfg, ONE, batch_size=1, seed=0)
     keys = [b["key"][0] for b in loader]
     assert sorted(set(keys)) == ["g000", "g001", "g002", "g003", "g004"]
