@@ -36,15 +36,8 @@ from ldm_scale.data.config import DataConfig
 from ldm_scale.data.filters import check_sample, image_member
 from ldm_scale.data.shard_writer import write_aspects, write_shard, write_sizes
 from ldm_scale.data.tar_stream import iter_tar_samples
-from ldm_scale.data.transforms import (
-    decode_image,
-    image_header_size,
-    resize_crop_flip,
-    resize_crop_to,
-    to_unit_range,
-)
+from ldm_scale.data.transforms import crop_to_bucket, decode_image, image_header_size, resize_crop_flip, to_unit_range
 from ldm_scale.formats import AUTOENCODER_FORMAT
-from ldm_scale.models.micro_conditioning import BATCH_KEYS as MICRO_CONDITIONING
 
 log = logging.getLogger(__name__)
 
@@ -196,12 +189,8 @@ def precompute_latents(
                 if buckets:
                     stored = image_header_size(data)
                     bucket = bucket_lib.assign_bucket(*stored, buckets)
-                    width, height = buckets[bucket]
-                    pixels, (top, left) = resize_crop_to(decode_image(data, (width, height), "auto"), width, height,
-                                                         "center", False, None)
-                    original = bucket_lib.original_size(raw["meta"]) or stored
-                    micro = dict(zip(MICRO_CONDITIONING, ([int(original[1]), int(original[0])], [top, left],
-                                                          [height, width])))
+                    pixels, micro = crop_to_bucket(data, buckets[bucket], stored=stored, meta=raw["meta"],
+                                                   crop="center", flip=False, rng=None)
                 else:
                     bucket, micro = 0, None
                     pixels = resize_crop_flip(decode_image(data, resolution, "auto"), resolution, "center", False, None)

@@ -79,12 +79,12 @@ from ldm_scale.data.filters import LATENT_EXT, check_sample, image_member
 from ldm_scale.data.tar_stream import iter_tar_samples
 from ldm_scale.data.transforms import (
     batch_to_unit_range,
+    crop_to_bucket,
     decode_image,
     decode_latent,
     image_header_size,
     latent_header_size,
     resize_crop_flip,
-    resize_crop_to,
     sample_rng,
     stack_uint8,
 )
@@ -277,12 +277,10 @@ def _process(raw: Dict, plan: _Plan, block: int, counters: "_Counters",
                 img = decode_image(raw[image_member(raw)], cfg.resolution, cfg.decoder)
                 raw["image"] = resize_crop_flip(img, cfg.resolution, cfg.crop, cfg.flip, rng)
             else:
-                width, height = bucket
-                img = decode_image(raw[image_member(raw)], bucket, cfg.decoder)
-                original = bucket_lib.original_size(raw["meta"]) or raw["__size__"]
-                raw["image"], raw["crop_top_left"] = resize_crop_to(img, width, height, cfg.crop, cfg.flip, rng)
-                raw["original_size"] = (int(original[1]), int(original[0]))
-                raw["target_size"] = (height, width)
+                raw["image"], micro = crop_to_bucket(raw[image_member(raw)], bucket, stored=raw["__size__"],
+                                                     meta=raw["meta"], crop=cfg.crop, flip=cfg.flip, rng=rng,
+                                                     decoder=cfg.decoder)
+                raw.update(micro)
         else:
             raw["latent_mean"], raw["latent_logvar"] = decode_latent(raw["latent.npy"])
             if bucket is not None:  # encoded at its bucket's size by precompute_latents, which recorded the crop

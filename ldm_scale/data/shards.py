@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -44,25 +44,30 @@ def _stats_url(shard_url: str) -> str:
     return base + "_stats.json"
 
 
+def _directory_entries(urls: Sequence[str], file_name: str, cfg: Optional[storage.StorageConfig]) -> List[Any]:
+    """Each shard's entry in the ``file_name`` table ({tar file name: value}) of its directory, read
+    once per directory; None where the table or the entry is absent."""
+    tables: Dict[str, Optional[dict]] = {}
+    out = []
+    for url in urls:
+        d = storage.parent(url)
+        if d not in tables:
+            table_url = storage.join(d, file_name)
+            tables[d] = json.loads(storage.read_text(table_url, cfg)) if storage.exists(table_url, cfg) else None
+        table = tables[d]
+        out.append(None if table is None else table.get(url.rsplit("/", 1)[-1]))
+    return out
+
+
 def load_sizes(urls: Sequence[str], cfg: Optional[storage.StorageConfig] = None) -> Optional[List[int]]:
     """Samples per shard from ``sizes.json`` in each shard directory (written by make_synthetic,
     precompute_latents and inspect), else each shard's img2dataset ``_stats.json`` ("successes").
     None when neither exists for some shard."""
-    by_dir: Dict[str, Optional[dict]] = {}
-    for url in urls:
-        d = storage.parent(url)
-        if d not in by_dir:
-            sizes_url = storage.join(d, "sizes.json")
-            by_dir[d] = json.loads(storage.read_text(sizes_url, cfg)) if storage.exists(sizes_url, cfg) else None
     out: List[Optional[int]] = []
     missing = []
-    for i, url in enumerate(urls):
-        table = by_dir[storage.parent(url)]
-        name = url.rsplit("/", 1)[-1]
-        if table is not None and name in table:
-            out.append(int(table[name]))
-        else:
-            out.append(None)
+    for i, entry in enumerate(_directory_entries(urls, "sizes.json", cfg)):
+        out.append(None if entry is None else int(entry))
+        if entry is None:
             missing.append(i)
     if missing:
         def stats(i: int) -> Optional[int]:
@@ -84,20 +89,15 @@ def load_aspects(urls: Sequence[str], cfg: Optional[storage.StorageConfig] = Non
     """Each shard's aspect histogram ({bin: samples}, ``data/buckets.aspect_bin``) from the
     ``aspects.json`` of its directory; FileNotFoundError naming the file and the fix when a shard
     has none."""
-    by_dir: Dict[str, Optional[dict]] = {}
     out: List[Dict[str, int]] = []
-    for url in urls:
-        d = storage.parent(url)
-        if d not in by_dir:
-            aspects_url = storage.join(d, "aspects.json")
-            by_dir[d] = json.loads(storage.read_text(aspects_url, cfg)) if storage.exists(aspects_url, cfg) else None
-        table, name = by_dir[d], url.rsplit("/", 1)[-1]
-        if table is None or name not in table:
+    for url, entry in zip(urls, _directory_entries(urls, "aspects.json", cfg)):
+        if entry is None:
             raise FileNotFoundError(
-                f"no aspect histogram for shard {storage.redact(url)} in {storage.redact(storage.join(d, 'aspects.json'))}, "
+                f"no aspect histogram for shard {storage.redact(url)} in "
+                f"{storage.redact(storage.join(storage.parent(url), 'aspects.json'))}, "
                 "which data.buckets needs to plan its epochs: run `python data_tools/inspect_shards.py data=<urls>` "
                 "(writes aspects.json from the image headers) or set data.buckets.enabled=false")
-        out.append({str(k): int(v) for k, v in table[name].items()})
+        out.append({str(k): int(v) for k, v in entry.items()})
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import random
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -85,6 +85,23 @@ def resize_crop_to(img, width: int, height: int, crop: str, flip: bool,
     # instead of a strided gather.
     planes = bytearray(b"".join(img.tobytes("raw", band) for band in "RGB"))
     return torch.frombuffer(planes, dtype=torch.uint8).view(3, height, width), (top, left)
+
+
+def crop_to_bucket(data: bytes, bucket: Tuple[int, int], *, stored: Tuple[int, int], meta: Dict, crop: str,
+                   flip: bool, rng: Optional[random.Random], decoder: str = "auto"
+                   ) -> Tuple[torch.Tensor, Dict[str, Tuple[int, int]]]:
+    """An encoded image cropped to its aspect ``bucket`` (width, height), with SDXL's
+    micro-conditioning of that crop: ([3, h, w] uint8, {original_size, crop_top_left, target_size}
+    as (height, width) / (top, left)). ``stored``: the image's (width, height) from its header; the
+    original size is the metadata's (before any download-time resize), else ``stored``. The one
+    rule the bucketed loader and bucketed latent precomputation share."""
+    from ldm_scale.data.buckets import original_size
+    from ldm_scale.models.micro_conditioning import BATCH_KEYS
+
+    width, height = bucket
+    image, (top, left) = resize_crop_to(decode_image(data, bucket, decoder), width, height, crop, flip, rng)
+    ow, oh = original_size(meta) or stored
+    return image, dict(zip(BATCH_KEYS, ((int(oh), int(ow)), (top, left), (height, width))))
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
