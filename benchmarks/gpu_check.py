@@ -381,7 +381,9 @@ def phase_gpu_tests(ctx: Context, limit_s: float) -> Dict[str, Any]:
     files = gpu_test_files()
     junit = ctx.work / "gpu_tests.xml"
     per_test = int(max(min(limit_s - 10, 240), 30))
-    cmd = [ctx.python, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", f"--timeout={per_test}",
+    # ``-o addopts=``: the project's addopts spread tests over xdist workers (one per core); the GPU
+    # tests share one device and run in this one process, with or without pytest-xdist installed.
+    cmd = [ctx.python, "-m", "pytest", "-o", "addopts=", "-m", "gpu", "-v", "-p", "no:cacheprovider", f"--timeout={per_test}",
            f"--junitxml={junit}", f"--basetemp={ctx.work / 'pytest'}", *map(str, files)]
     result = run_child(cmd, limit_s=limit_s, log_path=ctx.work / "gpu_tests.log", env=ctx.env)
     details: Dict[str, Any] = {"files": [str(f.relative_to(REPO)) for f in files], "per_test_timeout_s": per_test}
