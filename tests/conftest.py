@@ -33,6 +33,7 @@ LONGEST_MODULES = (
 )
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: pytest without xdist loaded (the GPU check) must not reject it
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one worker per core this process may use, at most 4: a worker's test may itself
     start a 2-rank torchrun job and inductor's compile workers, so more workers than cores only
