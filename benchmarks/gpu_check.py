@@ -377,14 +377,17 @@ def parse_junit(path: Path) -> Dict[str, Any]:
     return {"passed": passed, "failed": failed, "skipped": skipped}
 
 
+# ``-o addopts=``: the project's addopts spread tests over xdist workers (one per core); the GPU
+# tests share one device and run in one process, with or without pytest-xdist installed.
+GPU_PYTEST_ARGS = ["-m", "pytest", "-o", "addopts=", "-m", "gpu", "-p", "no:cacheprovider"]
+
+
 def phase_gpu_tests(ctx: Context, limit_s: float) -> Dict[str, Any]:
     files = gpu_test_files()
     junit = ctx.work / "gpu_tests.xml"
     per_test = int(max(min(limit_s - 10, 240), 30))
-    # ``-o addopts=``: the project's addopts spread tests over xdist workers (one per core); the GPU
-    # tests share one device and run in this one process, with or without pytest-xdist installed.
-    cmd = [ctx.python, "-m", "pytest", "-o", "addopts=", "-m", "gpu", "-v", "-p", "no:cacheprovider", f"--timeout={per_test}",
-           f"--junitxml={junit}", f"--basetemp={ctx.work / 'pytest'}", *map(str, files)]
+    cmd = [ctx.python, *GPU_PYTEST_ARGS, "-v", f"--timeout={per_test}", f"--junitxml={junit}",
+           f"--basetemp={ctx.work / 'pytest'}", *map(str, files)]
     result = run_child(cmd, limit_s=limit_s, log_path=ctx.work / "gpu_tests.log", env=ctx.env)
     details: Dict[str, Any] = {"files": [str(f.relative_to(REPO)) for f in files], "per_test_timeout_s": per_test}
     if junit.exists():

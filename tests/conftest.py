@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 
 
 # The modules that take minutes, longest first (seconds per module, both tiers, ``--durations=0`` on
-# 2 cores under xdist, 2026-12-04; test_slurm's job is not installed on every machine, ~2 min in CI).
+# 2 cores under xdist, 2026-12-04; test_slurm's, ~2 min in CI, needs SLURM, which not every machine has).
 # pyproject's addopts run the tests on xdist workers with ``--dist loadscope``: a module stays on one
 # worker (its module-scoped fixtures, e.g. the quickstart run, are built once) and modules are handed
 # out in collection order. Starting the longest first (list scheduling, longest job first) keeps one

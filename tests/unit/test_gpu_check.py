@@ -370,8 +370,8 @@ def test_kl8_probe_process_on_the_tiny_flavour_with_only_the_gpu_image(tmp_path,
 def test_gpu_tests_collect_with_only_the_gpu_image(tmp_path, gpu_check, blocklist):
     files = [str(f) for f in gpu_check.gpu_test_files()]
     assert str(REPO_ROOT / "tests" / "gpu" / "test_cuda_paths.py") in files
-    result = image_only(blocklist, ["-m", "pytest", "-o", "addopts=", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                                    *files], tmp_path / "blocked.log", timeout=180,
+    result = image_only(blocklist, [*gpu_check.GPU_PYTEST_ARGS, "--collect-only", "-q", *files], tmp_path / "blocked.log",
+                        timeout=180,
                         env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTEST_ADDOPTS": "-p pytest_timeout"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.search(r"(\d+) tests? collected", result.stdout) or "test_cuda_paths.py::" in result.stdout
